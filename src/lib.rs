@@ -2,6 +2,9 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the code map and the invariants.
 
+pub mod api;
 pub mod config;
+pub mod error;
+pub mod oci;
 
 pub use config::Config;

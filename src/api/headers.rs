@@ -1,0 +1,175 @@
+//! Header rules: merging `Accept`, parsing `Range`, building `Content-Range`.
+
+use http::HeaderMap;
+use http::header::ACCEPT;
+
+/// All media types a client accepts, merged from every `Accept` header line (Go's client,
+/// skopeo and podman send several), in first-seen order, without duplicates or parameters.
+pub fn merged_accept(headers: &HeaderMap) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for value in headers.get_all(ACCEPT) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let essence = item.split(';').next().unwrap_or("").trim();
+            if !essence.is_empty() && !out.iter().any(|m| m.eq_ignore_ascii_case(essence)) {
+                out.push(essence.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// A canonical key for an Accept set: the same tag can resolve to different manifests for
+/// different Accept sets, so tag answers are cached per set.
+pub fn accept_key(accept: &[String]) -> String {
+    let mut v: Vec<String> = accept.iter().map(|m| m.to_ascii_lowercase()).collect();
+    v.sort();
+    v.join(",")
+}
+
+/// What a `Range` header asks of a body of `size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// No usable single range: serve the whole body with 200 (RFC 9110 lets a server ignore
+    /// malformed or multi-part ranges).
+    Full,
+    /// Serve bytes `start..end` (end exclusive) with 206.
+    Partial { start: u64, end: u64 },
+    /// 416 with `Content-Range: bytes */size`.
+    Unsatisfiable,
+}
+
+/// The syntax of a single `bytes=` range, before the body size is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=a-` or `bytes=a-b` (b inclusive).
+    From { start: u64, last: Option<u64> },
+    /// `bytes=-n`: the last n bytes.
+    Suffix { len: u64 },
+}
+
+/// Parses a `Range` header. `None` means "ignore it" (absent, malformed, not bytes, or several
+/// ranges).
+pub fn parse_range(value: &str) -> Option<ByteRange> {
+    let spec = value.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    if a.is_empty() {
+        return Some(ByteRange::Suffix { len: num(b)? });
+    }
+    let start = num(a)?;
+    let last = if b.is_empty() { None } else { Some(num(b)?) };
+    if let Some(last) = last
+        && last < start
+    {
+        return None;
+    }
+    Some(ByteRange::From { start, last })
+}
+
+impl ByteRange {
+    /// Resolves the range against a body of `size` bytes.
+    pub fn resolve(self, size: u64) -> RangeRequest {
+        match self {
+            ByteRange::From { start, last } => {
+                if start >= size {
+                    return RangeRequest::Unsatisfiable;
+                }
+                let end = last.map_or(size, |l| l.saturating_add(1).min(size));
+                RangeRequest::Partial { start, end }
+            }
+            ByteRange::Suffix { len } => {
+                if len == 0 || size == 0 {
+                    return RangeRequest::Unsatisfiable;
+                }
+                RangeRequest::Partial {
+                    start: size.saturating_sub(len),
+                    end: size,
+                }
+            }
+        }
+    }
+}
+
+/// `Content-Range` for a 206: `bytes start-last/size`.
+pub fn content_range(start: u64, end: u64, size: u64) -> String {
+    format!("bytes {start}-{}/{size}", end - 1)
+}
+
+/// `Content-Range` for a 416: `bytes */size`.
+pub fn unsatisfied_range(size: u64) -> String {
+    format!("bytes */{size}")
+}
+
+/// The total size from a `Content-Range: bytes a-b/size` header (some upstreams answer a blob
+/// HEAD without a length; a 1-byte range GET tells the size this way).
+pub fn content_range_total(value: &str) -> Option<u64> {
+    let (_, total) = value.trim().strip_prefix("bytes ")?.rsplit_once('/')?;
+    total.trim().parse().ok()
+}
+
+/// `Retry-After` in seconds (HTTP dates are rare from registries and fall back to `None`).
+pub fn retry_after_secs(value: &str) -> Option<u64> {
+    value.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn merges_accept_lines() {
+        let mut h = HeaderMap::new();
+        h.append(ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json;q=0.9"));
+        h.append(ACCEPT, HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"));
+        h.append(ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+        let m = merged_accept(&h);
+        assert_eq!(
+            m,
+            vec![
+                "application/vnd.oci.image.index.v1+json",
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.docker.distribution.manifest.v2+json"
+            ]
+        );
+        let mut reversed = m.clone();
+        reversed.reverse();
+        assert_eq!(accept_key(&m), accept_key(&reversed));
+    }
+
+    #[test]
+    fn ranges() {
+        let r = |s: &str, size| parse_range(s).map(|r| r.resolve(size));
+        assert_eq!(r("bytes=0-9", 100), Some(RangeRequest::Partial { start: 0, end: 10 }));
+        assert_eq!(r("bytes=90-", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
+        assert_eq!(r("bytes=90-1000", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
+        assert_eq!(r("bytes=-10", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
+        assert_eq!(r("bytes=-1000", 100), Some(RangeRequest::Partial { start: 0, end: 100 }));
+        assert_eq!(r("bytes=100-", 100), Some(RangeRequest::Unsatisfiable));
+        assert_eq!(r("bytes=-0", 100), Some(RangeRequest::Unsatisfiable));
+        assert_eq!(r("bytes=0-", 0), Some(RangeRequest::Unsatisfiable));
+        for ignored in ["", "bytes=", "bytes=5-1", "items=0-1", "bytes=0-1,3-4", "bytes=a-b", "bytes=--1", "bytes=+1-2"] {
+            assert_eq!(parse_range(ignored), None, "{ignored}");
+        }
+        assert_eq!(content_range(90, 100, 100), "bytes 90-99/100");
+        assert_eq!(unsatisfied_range(100), "bytes */100");
+    }
+
+    #[test]
+    fn content_range_totals() {
+        assert_eq!(content_range_total("bytes 0-0/12345"), Some(12345));
+        assert_eq!(content_range_total("bytes 0-0/*"), None);
+        assert_eq!(content_range_total("garbage"), None);
+    }
+}

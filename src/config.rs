@@ -88,7 +88,9 @@ pub struct LogConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             shutdown_grace: Duration::from_secs(30),
             upstream: UpstreamConfig::default(),
@@ -139,7 +141,10 @@ pub enum ConfigError {
     #[error("{0}")]
     Parse(String),
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl Config {
@@ -201,7 +206,11 @@ fn validate_upstream_url(url: &str) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     match parsed.scheme() {
         "http" | "https" => {}
-        other => return Err(format!("scheme {other:?} is not supported (use http or https)")),
+        other => {
+            return Err(format!(
+                "scheme {other:?} is not supported (use http or https)"
+            ));
+        }
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{url:?} has no host"));

@@ -18,7 +18,9 @@ pub enum ErrorKind {
     /// A write (push, delete) or an endpoint cistern does not serve.
     Unsupported,
     /// A `Range` that lies outside the blob; carries the blob's size for `Content-Range`.
-    RangeNotSatisfiable { size: u64 },
+    RangeNotSatisfiable {
+        size: u64,
+    },
     // --- The content does not exist upstream.
     NameUnknown,
     ManifestUnknown,
@@ -31,7 +33,9 @@ pub enum ErrorKind {
     /// The upstream refused access (401/403) with the credentials cistern has.
     UpstreamDenied,
     /// The upstream rate-limited us; `Retry-After` is passed on when it gave one.
-    TooManyRequests { retry_after: Option<Duration> },
+    TooManyRequests {
+        retry_after: Option<Duration>,
+    },
     /// The upstream sent content that fails verification: wrong digest, wrong length, a
     /// manifest over the size cap.
     UpstreamInvalid,

@@ -1,10 +1,106 @@
 //! cistern: a pull-through caching proxy for OCI / Docker container registries.
 //!
-//! See `docs/ARCHITECTURE.md` for the code map and the invariants.
+//! # Layout
+//! Dependencies point one way: `server → cache → {upstream, storage}`; `api`, `oci`, `config`
+//! and `error` are pure and used from anywhere.
+//!
+//! - [`config`]: TOML → validated [`Config`] with defaults.
+//! - [`oci`]: digests, names, references, media types (pure).
+//! - [`api`]: routes, header rules, OCI error bodies (pure).
+//! - [`server`]: the accept loop, graceful shutdown, request handlers.
+//! - [`cache`]: blob fills owned by the cache, readers that follow them, manifests.
+//! - [`upstream`]: the upstream registry client.
+//! - [`storage`]: content-addressed files, temp files, atomic commits.
+//!
+//! `docs/ARCHITECTURE.md` states the invariants.
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod oci;
+pub mod server;
+pub mod storage;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+
+/// Runs the registry mirror on `listener` until `shutdown` is cancelled, then shuts down
+/// gracefully: stop accepting, let in-flight responses and cache fills finish for
+/// `config.shutdown_grace`, then cancel what is left (cancelled fills remove their partial
+/// files). Returns when everything has stopped. `config.listen` is not used: the caller binds.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || storage::DiskStore::open(&data_dir))
+        .await?
+        .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
+    let store = Arc::new(store);
+    let upstream = Arc::new(upstream::Upstream::new(&config.upstream)?);
+
+    // Fills outlive the requests that start them: their own tracker, and a token that only
+    // the end of the grace period cancels.
+    let fills = TaskTracker::new();
+    let cancel_fills = CancellationToken::new();
+    let app = Arc::new(server::App {
+        blobs: cache::BlobCache::new(
+            store.clone(),
+            upstream.clone(),
+            fills.clone(),
+            cancel_fills.clone(),
+        ),
+        manifests: cache::ManifestCache::new(store.clone(), upstream.clone(), &config.cache),
+        upstream,
+    });
+
+    let connections = TaskTracker::new();
+    let abort_connections = CancellationToken::new();
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        upstream = %config.upstream.url,
+        data_dir = %config.data_dir.display(),
+        "cistern serving"
+    );
+    server::accept_loop(
+        listener,
+        app,
+        shutdown,
+        abort_connections.clone(),
+        connections.clone(),
+    )
+    .await;
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining responses and fills");
+    connections.close();
+    fills.close();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        connections.wait().await;
+        fills.wait().await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        tracing::warn!(
+            connections = connections.len(),
+            fills = fills.len(),
+            "grace period over: cancelling what is left"
+        );
+        abort_connections.cancel();
+        cancel_fills.cancel();
+        connections.wait().await;
+        fills.wait().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

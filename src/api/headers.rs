@@ -132,8 +132,14 @@ mod tests {
     fn merges_accept_lines() {
         let mut h = HeaderMap::new();
         h.append(ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json;q=0.9"));
-        h.append(ACCEPT, HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"));
-        h.append(ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"),
+        );
+        h.append(
+            ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
         let m = merged_accept(&h);
         assert_eq!(
             m,
@@ -151,15 +157,48 @@ mod tests {
     #[test]
     fn ranges() {
         let r = |s: &str, size| parse_range(s).map(|r| r.resolve(size));
-        assert_eq!(r("bytes=0-9", 100), Some(RangeRequest::Partial { start: 0, end: 10 }));
-        assert_eq!(r("bytes=90-", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
-        assert_eq!(r("bytes=90-1000", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
-        assert_eq!(r("bytes=-10", 100), Some(RangeRequest::Partial { start: 90, end: 100 }));
-        assert_eq!(r("bytes=-1000", 100), Some(RangeRequest::Partial { start: 0, end: 100 }));
+        assert_eq!(
+            r("bytes=0-9", 100),
+            Some(RangeRequest::Partial { start: 0, end: 10 })
+        );
+        assert_eq!(
+            r("bytes=90-", 100),
+            Some(RangeRequest::Partial {
+                start: 90,
+                end: 100
+            })
+        );
+        assert_eq!(
+            r("bytes=90-1000", 100),
+            Some(RangeRequest::Partial {
+                start: 90,
+                end: 100
+            })
+        );
+        assert_eq!(
+            r("bytes=-10", 100),
+            Some(RangeRequest::Partial {
+                start: 90,
+                end: 100
+            })
+        );
+        assert_eq!(
+            r("bytes=-1000", 100),
+            Some(RangeRequest::Partial { start: 0, end: 100 })
+        );
         assert_eq!(r("bytes=100-", 100), Some(RangeRequest::Unsatisfiable));
         assert_eq!(r("bytes=-0", 100), Some(RangeRequest::Unsatisfiable));
         assert_eq!(r("bytes=0-", 0), Some(RangeRequest::Unsatisfiable));
-        for ignored in ["", "bytes=", "bytes=5-1", "items=0-1", "bytes=0-1,3-4", "bytes=a-b", "bytes=--1", "bytes=+1-2"] {
+        for ignored in [
+            "",
+            "bytes=",
+            "bytes=5-1",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=a-b",
+            "bytes=--1",
+            "bytes=+1-2",
+        ] {
             assert_eq!(parse_range(ignored), None, "{ignored}");
         }
         assert_eq!(content_range(90, 100, 100), "bytes 90-99/100");

@@ -235,14 +235,26 @@ mod tests {
     #[test]
     fn bad_input_is_rejected() {
         assert_eq!(kind(get("/v2/../etc/manifests/x")), ErrorKind::NameInvalid);
-        assert_eq!(kind(get("/v2/a/%2e%2e/manifests/x")), ErrorKind::NameInvalid);
+        assert_eq!(
+            kind(get("/v2/a/%2e%2e/manifests/x")),
+            ErrorKind::NameInvalid
+        );
         assert_eq!(kind(get("/v2//manifests/x")), ErrorKind::NameInvalid);
         assert_eq!(kind(get("/v2/a/manifests/")), ErrorKind::TagInvalid);
         assert_eq!(kind(get("/v2/a/manifests/../x")), ErrorKind::TagInvalid);
-        assert_eq!(kind(get("/v2/a/manifests/sha256:zz")), ErrorKind::DigestInvalid);
-        assert_eq!(kind(get("/v2/a/blobs/sha256:../../x")), ErrorKind::DigestInvalid);
+        assert_eq!(
+            kind(get("/v2/a/manifests/sha256:zz")),
+            ErrorKind::DigestInvalid
+        );
+        assert_eq!(
+            kind(get("/v2/a/blobs/sha256:../../x")),
+            ErrorKind::DigestInvalid
+        );
         assert_eq!(kind(get("/v2/a/blobs/latest")), ErrorKind::DigestInvalid);
-        assert_eq!(kind(get(&format!("/v2/A/blobs/{D}"))), ErrorKind::NameInvalid);
+        assert_eq!(
+            kind(get(&format!("/v2/A/blobs/{D}"))),
+            ErrorKind::NameInvalid
+        );
         assert_eq!(kind(get("/v3/")), ErrorKind::NameUnknown);
         assert_eq!(kind(get("/")), ErrorKind::NameUnknown);
         assert_eq!(kind(get("/v2/a/b")), ErrorKind::NameUnknown);

@@ -71,7 +71,10 @@ mod tests {
             DOCKER_MANIFEST_V2
         );
         assert_eq!(
-            manifest_media_type(Some("application/vnd.oci.image.index.v1+json; charset=utf-8"), b"{}"),
+            manifest_media_type(
+                Some("application/vnd.oci.image.index.v1+json; charset=utf-8"),
+                b"{}"
+            ),
             OCI_INDEX
         );
     }
@@ -79,7 +82,10 @@ mod tests {
     #[test]
     fn generic_type_falls_back_to_the_document() {
         assert_eq!(
-            manifest_media_type(Some("application/json"), br#"{"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json"}"#),
+            manifest_media_type(
+                Some("application/json"),
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json"}"#
+            ),
             DOCKER_MANIFEST_LIST
         );
         assert_eq!(manifest_media_type(None, br#"{"manifests":[]}"#), OCI_INDEX);

@@ -1,0 +1,188 @@
+//! The blob cache: committed blobs on disk, and at most one running fill per digest.
+//!
+//! Architecture invariants:
+//! - **The cache owns every fill; no request does.** A fill is spawned on the cache's
+//!   `TaskTracker` under a child of the cache's cancellation token (cancelled only at the end
+//!   of a shutdown's grace period). A client that disconnects drops its reader and nothing
+//!   else.
+//! - **At most one fill per digest.** The map is checked and updated under one lock, and the
+//!   disk is re-checked under it, so a fill that commits and leaves the map between a
+//!   caller's disk lookup and its map lookup is not fetched twice.
+//! - A fill leaves the map after it published its final state (see `FillGuard`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::fill::{self, FillGuard, FillState, blocking};
+use crate::error::{Error, ErrorKind, Result};
+use crate::oci::{Digest, RepoName};
+use crate::storage::DiskStore;
+use crate::upstream::Upstream;
+
+pub struct BlobCache {
+    store: Arc<DiskStore>,
+    upstream: Arc<Upstream>,
+    /// Running fills by digest. A std mutex: it is held only for map operations and a `stat`,
+    /// never across an await.
+    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    /// Where fills run, so shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
+    cancel: CancellationToken,
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobSource {
+    /// Committed and verified on disk.
+    Cached { file: Arc<File>, size: u64 },
+    /// A fill in progress (past the upstream's headers); follow its progress.
+    Filling {
+        progress: watch::Receiver<FillState>,
+        size: Option<u64>,
+    },
+}
+
+impl BlobSource {
+    /// The blob's size, if known yet.
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            BlobSource::Cached { size, .. } => Some(*size),
+            BlobSource::Filling { size, .. } => *size,
+        }
+    }
+}
+
+impl BlobCache {
+    pub fn new(
+        store: Arc<DiskStore>,
+        upstream: Arc<Upstream>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BlobCache {
+        BlobCache {
+            store,
+            upstream,
+            fills: Arc::default(),
+            tracker,
+            cancel,
+        }
+    }
+
+    /// Opens a committed blob, if cached.
+    pub async fn open_cached(&self, digest: &Digest) -> Result<Option<BlobSource>> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        let found = blocking(move || store.open_blob(&d), "opening a cached blob").await?;
+        Ok(found.map(|(file, size)| BlobSource::Cached {
+            file: Arc::new(file),
+            size,
+        }))
+    }
+
+    /// The blob from the cache, or from a fill (joined or started) once the upstream has
+    /// answered. Errors before any byte (404, 5xx, timeouts) are returned here, so the
+    /// client gets a proper status.
+    pub async fn open(&self, name: &RepoName, digest: &Digest) -> Result<BlobSource> {
+        if let Some(found) = self.open_cached(digest).await? {
+            return Ok(found);
+        }
+        let mut progress = self.join_or_start(name, digest);
+        loop {
+            let state = progress.borrow_and_update().clone();
+            match state {
+                FillState::Connecting => {}
+                FillState::Streaming { size, .. } => {
+                    return Ok(BlobSource::Filling { progress, size });
+                }
+                FillState::Complete { file, size } => return Ok(BlobSource::Cached { file, size }),
+                FillState::Failed(e) => return Err(e),
+            }
+            if progress.changed().await.is_err() {
+                return Err(Error::internal("the cache fill vanished"));
+            }
+        }
+    }
+
+    /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
+    /// asked of the upstream without downloading (and without caching) the blob.
+    pub async fn size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
+        if let Some(found) = self.open_cached(digest).await? {
+            return Ok(found.size().expect("cached blobs have a size"));
+        }
+        let running = self
+            .fills
+            .lock()
+            .expect("fill map poisoned")
+            .get(digest)
+            .cloned();
+        if let Some(rx) = running {
+            match &*rx.borrow() {
+                FillState::Streaming {
+                    size: Some(size), ..
+                } => return Ok(*size),
+                FillState::Complete { size, .. } => return Ok(*size),
+                _ => {}
+            }
+        }
+        self.upstream.blob_size(name, digest).await
+    }
+
+    /// Subscribes to the running fill for `digest`, starting one if there is none.
+    fn join_or_start(&self, name: &RepoName, digest: &Digest) -> watch::Receiver<FillState> {
+        let mut fills = self.fills.lock().expect("fill map poisoned");
+        if let Some(rx) = fills.get(digest) {
+            return rx.clone();
+        }
+        // A fill may have committed and left the map since our disk lookup. Checking again
+        // under the lock closes that window.
+        if let Ok(Some((file, size))) = self.store.open_blob(digest) {
+            let (_tx, rx) = watch::channel(FillState::Complete {
+                file: Arc::new(file),
+                size,
+            });
+            return rx;
+        }
+        let (tx, rx) = watch::channel(FillState::Connecting);
+        fills.insert(digest.clone(), rx.clone());
+        drop(fills);
+
+        let map = self.fills.clone();
+        let key = digest.clone();
+        let guard = FillGuard::new(
+            tx,
+            Box::new(move || {
+                map.lock().expect("fill map poisoned").remove(&key);
+            }),
+        );
+        let store = self.store.clone();
+        let upstream = self.upstream.clone();
+        let token = self.cancel.child_token();
+        let name = name.clone();
+        let digest = digest.clone();
+        tracing::debug!(%digest, %name, "starting cache fill");
+        self.tracker.spawn(async move {
+            let outcome = tokio::select! {
+                r = fill::run(&guard, &store, &upstream, &name, &digest) => r,
+                () = token.cancelled() => Err(Error::new(
+                    ErrorKind::ShuttingDown,
+                    format!("blob {digest}: fill cancelled by shutdown"),
+                )),
+            };
+            if let Err(e) = &outcome {
+                tracing::warn!(%digest, %name, error = %e, "cache fill failed");
+            }
+            guard.finish(outcome);
+        });
+        rx
+    }
+
+    /// Number of fills running now (for tests and stats).
+    pub fn running_fills(&self) -> usize {
+        self.fills.lock().expect("fill map poisoned").len()
+    }
+}

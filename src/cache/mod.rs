@@ -1,0 +1,10 @@
+//! The cache: blob fills that no request owns, readers that follow them, and manifests.
+
+pub mod blobs;
+pub mod fill;
+pub mod manifests;
+pub mod reader;
+
+pub use blobs::{BlobCache, BlobSource};
+pub use manifests::{Manifest, ManifestCache};
+pub use reader::BlobReader;

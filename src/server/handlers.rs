@@ -1,0 +1,263 @@
+//! Glue between HTTP and the cache: an `api::Route` goes in, a hyper response comes out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HeaderValue, LINK, RANGE,
+    RETRY_AFTER,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use crate::api::errors;
+use crate::api::headers::{
+    self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
+};
+use crate::api::route::{self, Route};
+use crate::cache::{BlobCache, BlobReader, BlobSource, ManifestCache};
+use crate::error::{Error, ErrorKind, Result};
+use crate::oci::{Digest, Reference, RepoName, media_types};
+use crate::upstream::Upstream;
+
+pub type Body = UnsyncBoxBody<Bytes, Error>;
+
+const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+/// Everything a request handler needs.
+pub struct App {
+    pub blobs: BlobCache,
+    pub manifests: ManifestCache,
+    pub upstream: Arc<Upstream>,
+}
+
+impl App {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let response = match self.dispatch(&req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        };
+        let status = response.status();
+        if status.is_server_error() {
+            tracing::warn!(%method, %path, %status, elapsed = ?started.elapsed(), "request failed");
+        } else {
+            tracing::debug!(%method, %path, %status, elapsed = ?started.elapsed(), "request");
+        }
+        response
+    }
+
+    async fn dispatch(&self, req: &Request<Incoming>) -> Result<Response<Body>> {
+        let head = req.method() == Method::HEAD;
+        let query = route::parse_query(req.uri().query())?;
+        match route::route(req.method(), req.uri().path())? {
+            Route::Ping => Ok(with_api_version(Response::builder())
+                .header(CONTENT_TYPE, media_types::JSON)
+                .header(CONTENT_LENGTH, 2)
+                .body(if head {
+                    empty()
+                } else {
+                    full(Bytes::from_static(b"{}"))
+                })
+                .expect("valid response")),
+            Route::Manifest { name, reference } => {
+                let accept = merged_accept(req.headers());
+                self.manifest(&name, &reference, &accept, head).await
+            }
+            Route::Blob { name, digest } => {
+                if head {
+                    self.blob_head(&name, &digest).await
+                } else {
+                    let range = req
+                        .headers()
+                        .get(RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(headers::parse_range);
+                    self.blob_get(&name, &digest, range).await
+                }
+            }
+            Route::TagsList { name, .. } => {
+                let (body, upstream_headers) = self
+                    .upstream
+                    .get_tags(&name, &query.tags.to_query_string())
+                    .await?;
+                let mut b = with_api_version(Response::builder())
+                    .header(CONTENT_TYPE, media_types::JSON)
+                    .header(CONTENT_LENGTH, body.len());
+                if let Some(link) = upstream_headers.get(LINK) {
+                    b = b.header(LINK, link);
+                }
+                Ok(b.body(if head { empty() } else { full(body) })
+                    .expect("valid response"))
+            }
+        }
+    }
+
+    async fn manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+        head: bool,
+    ) -> Result<Response<Body>> {
+        let (info, body) = if head {
+            (self.manifests.head(name, reference, accept).await?, None)
+        } else {
+            let m = self.manifests.get(name, reference, accept).await?;
+            (m.info(), Some(m.bytes.clone()))
+        };
+        let b = with_api_version(Response::builder())
+            .header(CONTENT_TYPE, header_value(&info.media_type)?)
+            .header(CONTENT_LENGTH, info.size)
+            .header("docker-content-digest", info.digest.to_string())
+            .header(ETAG, format!("\"{}\"", info.digest));
+        Ok(b.body(body.map_or_else(empty, full))
+            .expect("valid response"))
+    }
+
+    async fn blob_head(&self, name: &RepoName, digest: &Digest) -> Result<Response<Body>> {
+        let size = self.blobs.size(name, digest).await?;
+        Ok(blob_headers(Response::builder(), digest)
+            .header(CONTENT_LENGTH, size)
+            .body(empty())
+            .expect("valid response"))
+    }
+
+    async fn blob_get(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Response<Body>> {
+        let mut source = self.blobs.open(name, digest).await?;
+        if range.is_some() && source.size().is_none() {
+            // A range needs the size, and this upstream sent none: wait for the fill to end.
+            source = wait_for_size(source).await?;
+        }
+        let builder = blob_headers(Response::builder(), digest);
+        let request = match (range, source.size()) {
+            (Some(r), Some(size)) => r.resolve(size),
+            _ => RangeRequest::Full,
+        };
+        match request {
+            RangeRequest::Unsatisfiable => {
+                let size = source.size().expect("resolved against a size");
+                Err(Error::new(
+                    ErrorKind::RangeNotSatisfiable { size },
+                    format!("range is outside blob {digest} of {size} bytes"),
+                ))
+            }
+            RangeRequest::Partial { start, end } => {
+                let size = source.size().expect("resolved against a size");
+                let reader = BlobReader::new(source, start, Some(end));
+                Ok(builder
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(CONTENT_RANGE, content_range(start, end, size))
+                    .header(CONTENT_LENGTH, end - start)
+                    .body(stream_body(reader))
+                    .expect("valid response"))
+            }
+            RangeRequest::Full => {
+                let mut b = builder;
+                if let Some(size) = source.size() {
+                    b = b.header(CONTENT_LENGTH, size);
+                }
+                let reader = BlobReader::new(source, 0, None);
+                Ok(b.body(stream_body(reader)).expect("valid response"))
+            }
+        }
+    }
+}
+
+/// Follows a fill that has no known size to its end.
+async fn wait_for_size(source: BlobSource) -> Result<BlobSource> {
+    let BlobSource::Filling { mut progress, .. } = source else {
+        return Ok(source);
+    };
+    loop {
+        let state = progress.borrow_and_update().clone();
+        match state {
+            crate::cache::fill::FillState::Complete { file, size } => {
+                return Ok(BlobSource::Cached { file, size });
+            }
+            crate::cache::fill::FillState::Failed(e) => return Err(e),
+            _ => {}
+        }
+        if progress.changed().await.is_err() {
+            return Err(Error::internal("the cache fill vanished"));
+        }
+    }
+}
+
+fn with_api_version(b: http::response::Builder) -> http::response::Builder {
+    b.header(API_VERSION.0, API_VERSION.1)
+}
+
+fn blob_headers(b: http::response::Builder, digest: &Digest) -> http::response::Builder {
+    with_api_version(b)
+        .header(CONTENT_TYPE, media_types::BLOB)
+        .header(ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", digest.to_string())
+        .header(ETAG, format!("\"{digest}\""))
+}
+
+fn header_value(s: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(s).map_err(|_| {
+        Error::new(
+            ErrorKind::UpstreamInvalid,
+            format!("media type {s:?} is not a valid header value"),
+        )
+    })
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body that streams a reader. An `Err` item makes hyper abort the connection, which is how
+/// a response that cannot be completed ends: never as a clean short body.
+fn stream_body(reader: BlobReader) -> Body {
+    let s = stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next_chunk().await? {
+            Ok(bytes) => Some((Ok(Frame::data(bytes)), Some(reader))),
+            Err(e) => {
+                tracing::warn!(error = %e, "aborting a blob response");
+                Some((Err(e), None))
+            }
+        }
+    });
+    StreamBody::new(s).boxed_unsync()
+}
+
+pub fn error_response(e: &Error) -> Response<Body> {
+    let (status, _) = errors::status_and_code(&e.kind);
+    let body = errors::body(e);
+    let mut b = with_api_version(Response::builder().status(status))
+        .header(CONTENT_TYPE, media_types::JSON)
+        .header(CONTENT_LENGTH, body.len());
+    match &e.kind {
+        ErrorKind::RangeNotSatisfiable { size } => {
+            b = b.header(CONTENT_RANGE, unsatisfied_range(*size));
+        }
+        ErrorKind::TooManyRequests {
+            retry_after: Some(after),
+        } => {
+            b = b.header(RETRY_AFTER, after.as_secs());
+        }
+        _ => {}
+    }
+    b.body(full(Bytes::from(body))).expect("valid response")
+}

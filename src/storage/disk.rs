@@ -1,0 +1,327 @@
+//! Content-addressed files under the data directory.
+//!
+//! ```text
+//! data_dir/
+//!   lock                        held (flock) by the running server: one process per cache
+//!   blobs/sha256/ab/abcd…       verified blobs, named by their digest
+//!   manifests/sha256/ab/abcd…   "<media type>\n" followed by the manifest's exact bytes
+//!   tmp/                        fills in progress; never served by lookup, swept at start
+//! ```
+//!
+//! Architecture invariant: a file appears under `blobs/` or `manifests/` only by an atomic
+//! rename from `tmp/`, after its bytes were verified against the digest it is named by and
+//! flushed with fsync; the directory is fsynced after the rename. So a crash at any moment
+//! leaves either nothing or a complete, verified file under its real name. `tmp/` lives on the
+//! same file system, which is what makes the rename atomic.
+//!
+//! All functions here block; async callers run them on the blocking pool.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use crate::oci::Digest;
+
+pub struct DiskStore {
+    root: PathBuf,
+    blobs: PathBuf,
+    manifests: PathBuf,
+    tmp: PathBuf,
+    /// Held open for the life of the store: the exclusive lock on `data_dir/lock` keeps a
+    /// second cistern from sweeping this one's `tmp/` or racing its renames.
+    _lock: File,
+    /// Makes temp-file names unique within the process.
+    next_tmp: AtomicU64,
+}
+
+/// A manifest as stored: its media type and exact bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredManifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) the cache at `root`, takes its lock and removes every
+    /// leftover temporary file: those are fills that were interrupted by a crash or kill, and
+    /// were never verified.
+    pub fn open(root: &Path) -> io::Result<DiskStore> {
+        fs::create_dir_all(root)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another cistern process", root.display()),
+                ));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let store = DiskStore {
+            root: root.to_path_buf(),
+            blobs: root.join("blobs"),
+            manifests: root.join("manifests"),
+            tmp: root.join("tmp"),
+            _lock: lock,
+            next_tmp: AtomicU64::new(0),
+        };
+        fs::create_dir_all(store.blobs.join("sha256"))?;
+        fs::create_dir_all(store.manifests.join("sha256"))?;
+        fs::create_dir_all(&store.tmp)?;
+        let swept = store.sweep_tmp()?;
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed leftover temporary files from an earlier run"
+            );
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes everything in `tmp/`. Only called at start-up, under the lock.
+    fn sweep_tmp(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.shard_path())
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.manifests.join(digest.shard_path())
+    }
+
+    /// Opens a committed blob: `None` if it is not cached.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.blob_path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Is the blob committed? (A cheap check used under the fill lock.)
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Creates a new, empty temporary file for filling `digest`.
+    pub fn create_partial(&self, digest: &Digest) -> io::Result<PartialBlob> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!(
+            "{}.{}.{n}.partial",
+            digest.hex(),
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(PartialBlob {
+            path,
+            file: Arc::new(file),
+            committed: false,
+        })
+    }
+
+    /// Makes a verified partial blob visible under its digest: fsync the file, rename it
+    /// into place, fsync the directory. The caller has checked the digest.
+    pub fn commit_blob(&self, mut partial: PartialBlob, digest: &Digest) -> io::Result<()> {
+        partial.file.sync_all()?;
+        let dest = self.blob_path(digest);
+        let dir = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(&partial.path, &dest)?;
+        partial.committed = true;
+        sync_dir(dir)
+    }
+
+    pub fn read_manifest(&self, digest: &Digest) -> io::Result<Option<StoredManifest>> {
+        let raw = match fs::read(self.manifest_path(digest)) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(nl) = raw.iter().position(|&b| b == b'\n') else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("manifest file for {digest} has no media type line"),
+            ));
+        };
+        let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
+        let bytes = Bytes::from(raw).slice(nl + 1..);
+        // Stored files were verified when written; a mismatch now means the disk changed
+        // under us. Manifests are small, so checking on every read from disk is cheap.
+        if Digest::of(&bytes) != *digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("manifest file for {digest} does not match its digest"),
+            ));
+        }
+        Ok(Some(StoredManifest { media_type, bytes }))
+    }
+
+    /// Stores a manifest whose bytes the caller has verified against `digest`.
+    pub fn write_manifest(&self, digest: &Digest, manifest: &StoredManifest) -> io::Result<()> {
+        if manifest.media_type.contains('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "media type contains a newline",
+            ));
+        }
+        let mut partial = self.create_partial(digest)?;
+        {
+            let mut f: &File = &partial.file;
+            f.write_all(manifest.media_type.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.write_all(&manifest.bytes)?;
+            f.sync_all()?;
+        }
+        let dest = self.manifest_path(digest);
+        let dir = dest.parent().expect("manifest paths have a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(&partial.path, &dest)?;
+        partial.committed = true;
+        sync_dir(dir)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A blob being filled in `tmp/`. Dropping it without committing removes the file, so an
+/// abandoned or failed fill never leaves anything behind (and a cancelled fill future cleans
+/// up after itself).
+pub struct PartialBlob {
+    path: PathBuf,
+    /// Shared with readers, which follow the growing file with positioned reads
+    /// (`read_at`), so they never disturb the writer's offset and keep working after the
+    /// file is renamed into place.
+    pub file: Arc<File>,
+    committed: bool,
+}
+
+impl Drop for PartialBlob {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Err(e) = fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove partial file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn store() -> (tempfile::TempDir, DiskStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStore::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn blob_commit_makes_it_visible() {
+        let (_d, s) = store();
+        let data = b"layer bytes";
+        let digest = Digest::of(data);
+        assert!(s.open_blob(&digest).unwrap().is_none());
+        let p = s.create_partial(&digest).unwrap();
+        (&*p.file).write_all(data).unwrap();
+        let reader = p.file.clone();
+        assert!(
+            s.open_blob(&digest).unwrap().is_none(),
+            "partial is invisible"
+        );
+        s.commit_blob(p, &digest).unwrap();
+        let (f, len) = s.open_blob(&digest).unwrap().unwrap();
+        assert_eq!(len, data.len() as u64);
+        let mut buf = vec![0; data.len()];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+        // A reader holding the partial's handle still reads after the rename.
+        reader.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn dropped_partial_is_removed() {
+        let (_d, s) = store();
+        let digest = Digest::of(b"x");
+        let p = s.create_partial(&digest).unwrap();
+        (&*p.file).write_all(b"half").unwrap();
+        drop(p);
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
+        assert!(s.open_blob(&digest).unwrap().is_none());
+    }
+
+    #[test]
+    fn open_sweeps_tmp_and_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("tmp/sub")).unwrap();
+        fs::write(dir.path().join("tmp/abc.partial"), b"junk").unwrap();
+        let s = DiskStore::open(dir.path()).unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let second = DiskStore::open(dir.path());
+        assert!(second.is_err(), "a second process must not share the cache");
+        drop(s);
+        DiskStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn manifests_round_trip_byte_exact() {
+        let (_d, s) = store();
+        let bytes = Bytes::from_static(b"{ \"schemaVersion\" : 2,\n\t\"z\":1, \"a\":0 }  ");
+        let digest = Digest::of(&bytes);
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: bytes.clone(),
+        };
+        assert_eq!(s.read_manifest(&digest).unwrap(), None);
+        s.write_manifest(&digest, &m).unwrap();
+        assert_eq!(s.read_manifest(&digest).unwrap(), Some(m));
+    }
+
+    #[test]
+    fn corrupt_manifest_is_an_error_not_content() {
+        let (_d, s) = store();
+        let digest = Digest::of(b"{}");
+        let path = s.manifest_path(&digest);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"application/json\n{ }").unwrap();
+        assert!(s.read_manifest(&digest).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! Talking to upstream registries. See [`client::Upstream`].
+
+pub mod client;
+
+pub use client::{ManifestHead, Upstream, UpstreamManifest};

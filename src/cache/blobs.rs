@@ -8,7 +8,8 @@
 //! - **At most one fill per digest.** The map is checked and updated under one lock, and the
 //!   disk is re-checked under it, so a fill that commits and leaves the map between a
 //!   caller's disk lookup and its map lookup is not fetched twice.
-//! - A fill leaves the map after it published its final state (see `FillGuard`).
+//! - A fill leaves the map just before it publishes its final state (see `FillGuard`), so a
+//!   request that saw a fill fail and retries starts a fresh one.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -58,7 +58,8 @@ impl FillState {
 /// Publishes a fill's states, and guarantees a final one.
 pub struct FillGuard {
     tx: watch::Sender<FillState>,
-    /// Runs when the fill is over, whatever the outcome (removes the fill from the map).
+    /// Runs when the fill is over, whatever the outcome (removes the fill from the map);
+    /// always before the final state is published.
     on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
@@ -83,12 +84,16 @@ impl FillGuard {
         });
     }
 
-    /// Publishes the outcome and ends the fill.
+    /// Ends the fill and publishes its outcome.
+    ///
+    /// The fill leaves the map *before* the final state is published: a client that saw the
+    /// failure and retries must start a fresh fill, not join the dead one. (After a success
+    /// the blob is already committed, so a request in between finds it on disk.)
     pub fn finish(mut self, outcome: Result<FillState>) {
-        self.publish(outcome.unwrap_or_else(FillState::Failed));
         if let Some(f) = self.on_end.take() {
             f();
         }
+        self.publish(outcome.unwrap_or_else(FillState::Failed));
     }
 }
 
@@ -98,10 +103,10 @@ impl Drop for FillGuard {
             // Dropped without `finish`: the task panicked or was aborted. A bug, but one that
             // must not leave readers hanging or let them see a short blob as complete.
             tracing::error!("cache fill ended without an outcome");
+            f();
             self.publish(FillState::Failed(Error::internal(
                 "the cache fill ended unexpectedly",
             )));
-            f();
         }
     }
 }

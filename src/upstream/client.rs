@@ -10,20 +10,26 @@
 //! `Authorization` when a redirect leaves the original host. The client's own `Authorization`
 //! is never forwarded: requests are built here from scratch.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, StatusCode};
 use reqwest::{Method, Url};
 
+use super::auth::{TokenCache, TokenEndpoint, TokenResponse, parse_challenge, pull_scope};
 use crate::api::headers::{content_range_total, retry_after_secs};
 use crate::config::UpstreamConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 
 const USER_AGENT: &str = concat!("cistern/", env!("CARGO_PKG_VERSION"));
+const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
+/// Token responses are tiny JSON documents; anything larger is not one.
+const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
 
 pub struct Upstream {
     http: reqwest::Client,
@@ -31,6 +37,9 @@ pub struct Upstream {
     base: Url,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// Docker Hub: one-component names live under `library/`.
+    docker_hub: bool,
+    tokens: TokenCache,
 }
 
 /// A manifest fetched with GET: exact bytes plus the headers that describe them.
@@ -66,6 +75,12 @@ impl Upstream {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
+        // `docker.io` is the name people use; the API lives on registry-1.docker.io.
+        if matches!(base.host_str(), Some("docker.io" | "index.docker.io")) {
+            base.set_host(Some(DOCKER_HUB_API_HOST))
+                .expect("a known host name is valid");
+        }
+        let docker_hub = base.host_str() == Some(DOCKER_HUB_API_HOST);
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
@@ -79,6 +94,8 @@ impl Upstream {
             base,
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
+            docker_hub,
+            tokens: TokenCache::default(),
         })
     }
 
@@ -98,11 +115,78 @@ impl Upstream {
             .expect("paths built from validated names and digests join")
     }
 
+    /// The repository name as this upstream knows it: Docker Hub keeps official images under
+    /// `library/`, and clients that talk to cistern directly may leave it out.
+    fn upstream_name(&self, name: &RepoName) -> String {
+        if self.docker_hub && !name.as_str().contains('/') {
+            format!("library/{name}")
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// Sends a request for repository `repo` (as the upstream names it), authenticating with a
+    /// bearer token when the upstream asks for one. `make` builds the request afresh for the
+    /// retry.
     async fn send(
         &self,
-        request: reqwest::RequestBuilder,
+        repo: &str,
+        make: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
         what: &str,
     ) -> Result<reqwest::Response> {
+        let scope = pull_scope(repo);
+        // A registry that challenged us before will again: get the token up front.
+        let mut token = None;
+        if let Some(endpoint) = self.tokens.endpoint() {
+            token = match self.tokens.get(&endpoint, &scope, Instant::now()) {
+                Some(t) => Some(t),
+                None => self.fetch_token(&endpoint, &scope, what).await.ok(),
+            };
+        }
+        let resp = self.send_once(make, token.as_deref(), what).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(parse_challenge)
+            .find(|c| c.scheme == "bearer")
+        else {
+            return Ok(resp);
+        };
+        let Some(realm) = challenge.param("realm").filter(|r| is_http_url(r)) else {
+            return Err(Error::new(
+                ErrorKind::UpstreamInvalid,
+                format!(
+                    "{what}: upstream {} sent a bearer challenge without a usable realm",
+                    self.base
+                ),
+            ));
+        };
+        let endpoint = TokenEndpoint {
+            realm: realm.to_string(),
+            service: challenge.param("service").map(str::to_string),
+        };
+        let scope = challenge.param("scope").map_or(scope, str::to_string);
+        self.tokens.forget(&endpoint, &scope);
+        self.tokens.set_endpoint(endpoint.clone());
+        let token = self.fetch_token(&endpoint, &scope, what).await?;
+        self.send_once(make, Some(&token), what).await
+    }
+
+    async fn send_once(
+        &self,
+        make: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
+        token: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response> {
+        let mut request = make();
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
         match tokio::time::timeout(self.header_timeout, request.send()).await {
             Err(_) => Err(Error::new(
                 ErrorKind::UpstreamTimeout,
@@ -119,11 +203,75 @@ impl Upstream {
         }
     }
 
+    /// Gets a token from the realm (anonymously) and caches it.
+    async fn fetch_token(
+        &self,
+        endpoint: &TokenEndpoint,
+        scope: &str,
+        what: &str,
+    ) -> Result<String> {
+        let denied = |detail: String| {
+            Error::new(
+                ErrorKind::UpstreamDenied,
+                format!("{what}: token from {}: {detail}", endpoint.realm),
+            )
+        };
+        let mut url = Url::parse(&endpoint.realm).map_err(|e| denied(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(service) = &endpoint.service {
+                q.append_pair("service", service);
+            }
+            q.append_pair("scope", scope);
+        }
+        let resp = match tokio::time::timeout(self.header_timeout, self.http.get(url).send()).await
+        {
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "{what}: token endpoint {} did not answer within {:?}",
+                        endpoint.realm, self.header_timeout
+                    ),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(Error::new(
+                    ErrorKind::UpstreamUnavailable,
+                    format!(
+                        "{what}: token endpoint {}: {}",
+                        endpoint.realm,
+                        error_chain(&e)
+                    ),
+                ));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(denied(format!("answered {status}")));
+        }
+        let body = self
+            .read_body(resp, MAX_TOKEN_RESPONSE, what)
+            .await?
+            .ok_or_else(|| denied("response too large".into()))?;
+        let (token, lifetime) = serde_json::from_slice::<TokenResponse>(&body)
+            .ok()
+            .and_then(TokenResponse::into_token)
+            .ok_or_else(|| denied("response has no token".into()))?;
+        self.tokens
+            .put(endpoint, scope, token.clone(), Instant::now() + lifetime);
+        Ok(token)
+    }
+
     /// Starts a blob download. `Ok` means a 200 with the body still to be read.
     pub async fn get_blob(&self, name: &RepoName, digest: &Digest) -> Result<reqwest::Response> {
         let what = format!("GET blob {digest} of {name}");
-        let url = self.url(&format!("v2/{name}/blobs/{digest}"));
-        let resp = self.send(self.http.get(url), &what).await?;
+        let repo = self.upstream_name(name);
+        let url = self.url(&format!("v2/{repo}/blobs/{digest}"));
+        let resp = self
+            .send(&repo, &|| self.http.get(url.clone()), &what)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Blob, &what).await);
         }
@@ -134,8 +282,11 @@ impl Upstream {
     /// one-byte range GET whose `Content-Range` names the total.
     pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
         let what = format!("HEAD blob {digest} of {name}");
-        let url = self.url(&format!("v2/{name}/blobs/{digest}"));
-        let resp = self.send(self.http.head(url.clone()), &what).await?;
+        let repo = self.upstream_name(name);
+        let url = self.url(&format!("v2/{repo}/blobs/{digest}"));
+        let resp = self
+            .send(&repo, &|| self.http.head(url.clone()), &what)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Blob, &what).await);
         }
@@ -144,7 +295,11 @@ impl Upstream {
         }
         let what = format!("GET (range 0-0) blob {digest} of {name}");
         let resp = self
-            .send(self.http.get(url).header("Range", "bytes=0-0"), &what)
+            .send(
+                &repo,
+                &|| self.http.get(url.clone()).header("Range", "bytes=0-0"),
+                &what,
+            )
             .await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => resp
@@ -177,10 +332,12 @@ impl Upstream {
         accept: &[String],
     ) -> Result<ManifestHead> {
         let what = format!("HEAD manifest {name}:{reference}");
-        let url = self.url(&format!("v2/{name}/manifests/{reference}"));
+        let repo = self.upstream_name(name);
+        let url = self.url(&format!("v2/{repo}/manifests/{reference}"));
         let resp = self
             .send(
-                with_accept(self.http.request(Method::HEAD, url), accept),
+                &repo,
+                &|| with_accept(self.http.request(Method::HEAD, url.clone()), accept),
                 &what,
             )
             .await?;
@@ -207,9 +364,14 @@ impl Upstream {
         max_size: u64,
     ) -> Result<UpstreamManifest> {
         let what = format!("GET manifest {name}:{reference}");
-        let url = self.url(&format!("v2/{name}/manifests/{reference}"));
+        let repo = self.upstream_name(name);
+        let url = self.url(&format!("v2/{repo}/manifests/{reference}"));
         let resp = self
-            .send(with_accept(self.http.get(url), accept), &what)
+            .send(
+                &repo,
+                &|| with_accept(self.http.get(url.clone()), accept),
+                &what,
+            )
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Manifest, &what).await);
@@ -247,11 +409,14 @@ impl Upstream {
     /// `tags/list`, passed through: status, content type, `Link` and body.
     pub async fn get_tags(&self, name: &RepoName, query: &str) -> Result<(Bytes, HeaderMap)> {
         let what = format!("GET tags of {name}");
-        let mut url = self.url(&format!("v2/{name}/tags/list"));
+        let repo = self.upstream_name(name);
+        let mut url = self.url(&format!("v2/{repo}/tags/list"));
         if !query.is_empty() {
             url.set_query(Some(query));
         }
-        let resp = self.send(self.http.get(url), &what).await?;
+        let resp = self
+            .send(&repo, &|| self.http.get(url.clone()), &what)
+            .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Tags, &what).await);
         }
@@ -349,6 +514,10 @@ fn with_accept(req: reqwest::RequestBuilder, accept: &[String]) -> reqwest::Requ
     } else {
         req.header(ACCEPT, accept.join(", "))
     }
+}
+
+fn is_http_url(s: &str) -> bool {
+    Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 fn header_u64(h: &HeaderMap, name: http::header::HeaderName) -> Option<u64> {

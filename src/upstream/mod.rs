@@ -1,5 +1,6 @@
 //! Talking to upstream registries. See [`client::Upstream`].
 
+pub mod auth;
 pub mod client;
 
 pub use client::{ManifestHead, Upstream, UpstreamManifest};

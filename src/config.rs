@@ -7,6 +7,7 @@
 //! Unknown keys are errors (`deny_unknown_fields`): a typo must not silently fall back to a
 //! default. Errors name the offending key, e.g. `cache.tag_ttl`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,9 +33,36 @@ pub struct Config {
     /// cancels them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Shorthand for mirroring one registry: this upstream serves it, and it is the default
+    /// route. Used only when `routes` is empty.
     pub upstream: UpstreamConfig,
+    /// Named upstreams, referred to by `routes`.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Registry name → ordered upstreams. When empty, `upstream` is the one route.
+    pub routes: Vec<RouteConfig>,
+    /// A request for a registry no route names: `false` answers 404 (containerd then tries its
+    /// next host); `true` proxies it to `https://<registry>` with default settings.
+    pub proxy_any_registry: bool,
     pub cache: CacheConfig,
     pub log: LogConfig,
+}
+
+/// One registry served through an ordered list of upstreams.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The registry as clients name it: `docker.io`, `ghcr.io`, `registry.example.com:5000`.
+    pub registry: String,
+    /// Names from `[upstreams]`, tried in this order (mirrors first, the origin last).
+    pub upstreams: Vec<String>,
+    /// The upstreams trusted to resolve tags (mirrors are often stale for tags). Content
+    /// fetched by digest is verified, so any upstream may serve it. Default: all of them.
+    #[serde(default)]
+    pub tags_from: Option<Vec<String>>,
+    /// The route for requests that name no registry (Docker `registry-mirrors`, podman
+    /// mirrors). At most one route may be the default.
+    #[serde(default)]
+    pub default: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -53,6 +81,26 @@ pub struct UpstreamConfig {
     /// timeout: a multi-GiB layer can legitimately take a long time.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Most requests in flight to this upstream at once (a blob download counts until its
+    /// body is read). Protects a small mirror, and our sockets, from a pull storm.
+    pub max_concurrent_requests: usize,
+    /// Consecutive failures (connection errors, timeouts, 5xx) that open the circuit breaker,
+    /// after which this upstream is skipped until `breaker_cooldown` has passed.
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Credentials for this upstream (and its token service). `password_file` keeps the
+    /// secret out of the config file; give one of `password` and `password_file`.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// A file holding a bearer token sent as is, for registries that issue long-lived tokens.
+    pub token_file: Option<PathBuf>,
+    /// PEM file with extra CA certificates to trust (a private registry's own CA).
+    pub ca_file: Option<PathBuf>,
+    /// Hosts, besides this upstream's host and the hosts of its parent domain, that may
+    /// receive its credentials as a token realm.
+    pub token_realm_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -94,6 +142,9 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             shutdown_grace: Duration::from_secs(30),
             upstream: UpstreamConfig::default(),
+            upstreams: BTreeMap::new(),
+            routes: Vec::new(),
+            proxy_any_registry: false,
             cache: CacheConfig::default(),
             log: LogConfig::default(),
         }
@@ -107,8 +158,39 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            max_concurrent_requests: 64,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            username: None,
+            password: None,
+            password_file: None,
+            token_file: None,
+            ca_file: None,
+            token_realm_hosts: Vec::new(),
         }
     }
+}
+
+impl UpstreamConfig {
+    /// An upstream at `url` with default settings.
+    pub fn new(url: impl Into<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.into(),
+            ..UpstreamConfig::default()
+        }
+    }
+}
+
+/// A route with its upstreams looked up: what the server builds its routing from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedRoute {
+    /// Canonical registry name (see `api::registry::canonical_registry`).
+    pub registry: String,
+    /// (name, settings), in order.
+    pub upstreams: Vec<(String, UpstreamConfig)>,
+    /// Names of the upstreams that may resolve tags.
+    pub tags_from: Vec<String>,
+    pub default: bool,
 }
 
 impl Default for CacheConfig {
@@ -141,10 +223,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Parse(String),
     #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: String, message: String },
 }
 
 impl Config {
@@ -169,18 +248,98 @@ impl Config {
 
     /// Checks the rules that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, message: String| Err(ConfigError::Invalid { field, message });
+        let invalid = |field: &str, message: String| {
+            Err(ConfigError::Invalid {
+                field: field.to_string(),
+                message,
+            })
+        };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty".into());
         }
-        validate_upstream_url(&self.upstream.url).or_else(|m| invalid("upstream.url", m))?;
-        for (field, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.header_timeout", self.upstream.header_timeout),
-            ("upstream.idle_timeout", self.upstream.idle_timeout),
-        ] {
-            if d.is_zero() {
-                return invalid(field, "must be greater than zero".into());
+        if self.routes.is_empty() {
+            if !self.upstreams.is_empty() {
+                return invalid(
+                    "routes",
+                    "[upstreams] are defined but no [[routes]] use them".into(),
+                );
+            }
+            validate_upstream("upstream", &self.upstream)?;
+        } else {
+            if self.upstream != UpstreamConfig::default() {
+                return invalid(
+                    "upstream",
+                    "give either [upstream] (one registry) or [upstreams.NAME] with [[routes]], not both".into(),
+                );
+            }
+            for (name, u) in &self.upstreams {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return invalid(
+                        &format!("upstreams.{name}"),
+                        "names use letters, digits, '-', '_' and '.'".into(),
+                    );
+                }
+                validate_upstream(&format!("upstreams.{name}"), u)?;
+            }
+            let mut registries = BTreeSet::new();
+            let mut defaults = 0;
+            for (i, r) in self.routes.iter().enumerate() {
+                let field = |k: &str| format!("routes[{i}].{k}");
+                let registry = crate::api::registry::canonical_registry(&r.registry);
+                if registry.is_empty()
+                    || registry.contains('/')
+                    || registry.contains(char::is_whitespace)
+                {
+                    return invalid(
+                        &field("registry"),
+                        format!("{:?} is not a registry host name", r.registry),
+                    );
+                }
+                if !registries.insert(registry.clone()) {
+                    return invalid(
+                        &field("registry"),
+                        format!("{registry:?} has more than one route"),
+                    );
+                }
+                if r.upstreams.is_empty() {
+                    return invalid(&field("upstreams"), "lists no upstream".into());
+                }
+                let mut seen = BTreeSet::new();
+                for u in &r.upstreams {
+                    if !self.upstreams.contains_key(u) {
+                        return invalid(
+                            &field("upstreams"),
+                            format!("{u:?} is not defined in [upstreams]"),
+                        );
+                    }
+                    if !seen.insert(u) {
+                        return invalid(&field("upstreams"), format!("{u:?} is listed twice"));
+                    }
+                }
+                if let Some(tags) = &r.tags_from {
+                    if tags.is_empty() {
+                        return invalid(
+                            &field("tags_from"),
+                            "must name at least one upstream (or be left out for all)".into(),
+                        );
+                    }
+                    for t in tags {
+                        if !r.upstreams.contains(t) {
+                            return invalid(
+                                &field("tags_from"),
+                                format!("{t:?} is not one of this route's upstreams"),
+                            );
+                        }
+                    }
+                }
+                defaults += usize::from(r.default);
+            }
+            if defaults > 1 {
+                return invalid("routes", "more than one route has default = true".into());
             }
         }
         if self.cache.max_manifest_size.as_u64() < 1024 {
@@ -200,6 +359,90 @@ impl Config {
         }
         Ok(())
     }
+
+    /// The routes, with upstream names resolved. With no `[[routes]]`, the `[upstream]`
+    /// shorthand is one default route for the registry its URL names.
+    pub fn resolved_routes(&self) -> Vec<ResolvedRoute> {
+        if self.routes.is_empty() {
+            let host = reqwest::Url::parse(&self.upstream.url)
+                .ok()
+                .and_then(|u| {
+                    u.host_str().map(|h| match u.port() {
+                        Some(p) => format!("{h}:{p}"),
+                        None => h.to_string(),
+                    })
+                })
+                .unwrap_or_default();
+            return vec![ResolvedRoute {
+                registry: crate::api::registry::canonical_registry(&host),
+                upstreams: vec![("upstream".to_string(), self.upstream.clone())],
+                tags_from: vec!["upstream".to_string()],
+                default: true,
+            }];
+        }
+        self.routes
+            .iter()
+            .map(|r| ResolvedRoute {
+                registry: crate::api::registry::canonical_registry(&r.registry),
+                upstreams: r
+                    .upstreams
+                    .iter()
+                    .map(|n| (n.clone(), self.upstreams[n].clone()))
+                    .collect(),
+                tags_from: r.tags_from.clone().unwrap_or_else(|| r.upstreams.clone()),
+                default: r.default,
+            })
+            .collect()
+    }
+}
+
+fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+    let invalid = |key: &str, message: String| {
+        Err(ConfigError::Invalid {
+            field: format!("{field}.{key}"),
+            message,
+        })
+    };
+    if let Err(m) = validate_upstream_url(&u.url) {
+        return invalid("url", m);
+    }
+    for (key, d) in [
+        ("connect_timeout", u.connect_timeout),
+        ("header_timeout", u.header_timeout),
+        ("idle_timeout", u.idle_timeout),
+    ] {
+        if d.is_zero() {
+            return invalid(key, "must be greater than zero".into());
+        }
+    }
+    if u.max_concurrent_requests == 0 {
+        return invalid("max_concurrent_requests", "must be at least 1".into());
+    }
+    if u.breaker_failures == 0 {
+        return invalid("breaker_failures", "must be at least 1".into());
+    }
+    if u.password.is_some() && u.password_file.is_some() {
+        return invalid(
+            "password_file",
+            "give either password or password_file, not both".into(),
+        );
+    }
+    if (u.password.is_some() || u.password_file.is_some()) && u.username.is_none() {
+        return invalid("username", "a password needs a username".into());
+    }
+    if u.username.is_some() && u.password.is_none() && u.password_file.is_none() {
+        return invalid(
+            "password",
+            "a username needs a password or password_file".into(),
+        );
+    }
+    if u.token_file.is_some() && u.username.is_some() {
+        return invalid(
+            "token_file",
+            "give either a token_file or username/password, not both".into(),
+        );
+    }
+    Ok(())
 }
 
 fn validate_upstream_url(url: &str) -> Result<(), String> {
@@ -311,5 +554,105 @@ mod tests {
     fn bad_listen_is_named() {
         let e = error_of("listen = \"localhost\"\n");
         assert!(e.contains("listen"), "{e}");
+    }
+
+    const TWO_ROUTES: &str = r#"
+        [upstreams.hub-mirror]
+        url = "https://mirror.example.cn"
+        [upstreams.docker-hub]
+        url = "https://registry-1.docker.io"
+        [upstreams.ghcr]
+        url = "https://ghcr.io"
+        [[routes]]
+        registry = "docker.io"
+        upstreams = ["hub-mirror", "docker-hub"]
+        tags_from = ["docker-hub"]
+        default = true
+        [[routes]]
+        registry = "ghcr.io"
+        upstreams = ["ghcr"]
+    "#;
+
+    #[test]
+    fn routes_resolve_in_order() {
+        let c = Config::from_toml(TWO_ROUTES).unwrap();
+        let routes = c.resolved_routes();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].registry, "docker.io");
+        let names: Vec<_> = routes[0]
+            .upstreams
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["hub-mirror", "docker-hub"]);
+        assert_eq!(routes[0].tags_from, ["docker-hub"]);
+        assert!(routes[0].default);
+        assert_eq!(routes[1].tags_from, ["ghcr"], "tags_from defaults to all");
+    }
+
+    #[test]
+    fn shorthand_is_one_default_route() {
+        let routes = Config::default().resolved_routes();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].registry, "docker.io");
+        assert!(routes[0].default);
+        let c = Config::from_toml("[upstream]\nurl = \"http://127.0.0.1:5001\"\n").unwrap();
+        assert_eq!(c.resolved_routes()[0].registry, "127.0.0.1:5001");
+    }
+
+    #[test]
+    fn route_errors_name_the_field() {
+        let cases = [
+            (
+                TWO_ROUTES.replace(r#"["ghcr"]"#, r#"["nope"]"#),
+                "routes[1].upstreams:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"tags_from = ["docker-hub"]"#, r#"tags_from = ["ghcr"]"#),
+                "routes[0].tags_from:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"registry = "ghcr.io""#, r#"registry = "index.docker.io""#),
+                "routes[1].registry:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"upstreams = ["ghcr"]"#, "upstreams = []"),
+                "routes[1].upstreams:",
+            ),
+            (
+                TWO_ROUTES.replace(
+                    r#"upstreams = ["ghcr"]"#,
+                    "upstreams = [\"ghcr\"]\ndefault = true",
+                ),
+                "routes:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"url = "https://ghcr.io""#, r#"url = "ghcr.io""#),
+                "upstreams.ghcr.url:",
+            ),
+            (
+                format!("{TWO_ROUTES}\n[upstream]\nurl = \"http://x\"\n"),
+                "upstream:",
+            ),
+            ("[upstreams.a]\nurl = \"http://x\"\n".to_string(), "routes:"),
+            (
+                TWO_ROUTES.replace(
+                    r#"url = "https://ghcr.io""#,
+                    "url = \"https://ghcr.io\"\npassword = \"x\"",
+                ),
+                "upstreams.ghcr.username:",
+            ),
+            (
+                TWO_ROUTES.replace(
+                    r#"url = "https://ghcr.io""#,
+                    "url = \"https://ghcr.io\"\nmax_concurrent_requests = 0",
+                ),
+                "upstreams.ghcr.max_concurrent_requests:",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error_of(&text);
+            assert!(e.starts_with(want), "want {want}, got {e}");
+        }
     }
 }

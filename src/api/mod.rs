@@ -5,4 +5,5 @@
 
 pub mod errors;
 pub mod headers;
+pub mod registry;
 pub mod route;

@@ -47,28 +47,36 @@ pub async fn run(
         .await?
         .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
     let store = Arc::new(store);
-    let upstream = Arc::new(upstream::Upstream::new(&config.upstream)?);
+    let routes = upstream::Routes::from_config(&config)?;
 
     // Fills outlive the requests that start them: their own tracker, and a token that only
     // the end of the grace period cancels.
     let fills = TaskTracker::new();
     let cancel_fills = CancellationToken::new();
     let app = Arc::new(server::App {
-        blobs: cache::BlobCache::new(
-            store.clone(),
-            upstream.clone(),
-            fills.clone(),
-            cancel_fills.clone(),
-        ),
-        manifests: cache::ManifestCache::new(store.clone(), upstream.clone(), &config.cache),
-        upstream,
+        blobs: cache::BlobCache::new(store.clone(), fills.clone(), cancel_fills.clone()),
+        manifests: cache::ManifestCache::new(store.clone(), &config.cache),
+        routes,
     });
 
     let connections = TaskTracker::new();
     let abort_connections = CancellationToken::new();
+    let registries: Vec<String> = config
+        .resolved_routes()
+        .iter()
+        .map(|r| {
+            let names: Vec<&str> = r.upstreams.iter().map(|(n, _)| n.as_str()).collect();
+            format!(
+                "{}{} <- {}",
+                r.registry,
+                if r.default { " (default)" } else { "" },
+                names.join(", ")
+            )
+        })
+        .collect();
     tracing::info!(
         listen = %listener.local_addr()?,
-        upstream = %config.upstream.url,
+        routes = %registries.join("; "),
         data_dir = %config.data_dir.display(),
         "cistern serving"
     );

@@ -23,11 +23,11 @@ use super::fill::{self, FillGuard, FillState, blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
-use crate::upstream::Upstream;
+use crate::upstream::Route;
+use crate::upstream::fallback::first_success;
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
-    upstream: Arc<Upstream>,
     /// Running fills by digest. A std mutex: it is held only for map operations and a `stat`,
     /// never across an await.
     fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
@@ -61,13 +61,11 @@ impl BlobSource {
 impl BlobCache {
     pub fn new(
         store: Arc<DiskStore>,
-        upstream: Arc<Upstream>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> BlobCache {
         BlobCache {
             store,
-            upstream,
             fills: Arc::default(),
             tracker,
             cancel,
@@ -88,11 +86,16 @@ impl BlobCache {
     /// The blob from the cache, or from a fill (joined or started) once the upstream has
     /// answered. Errors before any byte (404, 5xx, timeouts) are returned here, so the
     /// client gets a proper status.
-    pub async fn open(&self, name: &RepoName, digest: &Digest) -> Result<BlobSource> {
+    pub async fn open(
+        &self,
+        route: &Arc<Route>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobSource> {
         if let Some(found) = self.open_cached(digest).await? {
             return Ok(found);
         }
-        let mut progress = self.join_or_start(name, digest);
+        let mut progress = self.join_or_start(route, name, digest);
         loop {
             let state = progress.borrow_and_update().clone();
             match state {
@@ -111,7 +114,7 @@ impl BlobCache {
 
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
     /// asked of the upstream without downloading (and without caching) the blob.
-    pub async fn size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
+    pub async fn size(&self, route: &Route, name: &RepoName, digest: &Digest) -> Result<u64> {
         if let Some(found) = self.open_cached(digest).await? {
             return Ok(found.size().expect("cached blobs have a size"));
         }
@@ -130,11 +133,19 @@ impl BlobCache {
                 _ => {}
             }
         }
-        self.upstream.blob_size(name, digest).await
+        first_success(&route.upstreams, &format!("HEAD blob {digest}"), |u| {
+            u.blob_size(name, digest)
+        })
+        .await
     }
 
     /// Subscribes to the running fill for `digest`, starting one if there is none.
-    fn join_or_start(&self, name: &RepoName, digest: &Digest) -> watch::Receiver<FillState> {
+    fn join_or_start(
+        &self,
+        route: &Arc<Route>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> watch::Receiver<FillState> {
         let mut fills = self.fills.lock().expect("fill map poisoned");
         if let Some(rx) = fills.get(digest) {
             return rx.clone();
@@ -161,14 +172,14 @@ impl BlobCache {
             }),
         );
         let store = self.store.clone();
-        let upstream = self.upstream.clone();
+        let route = route.clone();
         let token = self.cancel.child_token();
         let name = name.clone();
         let digest = digest.clone();
         tracing::debug!(%digest, %name, "starting cache fill");
         self.tracker.spawn(async move {
             let outcome = tokio::select! {
-                r = fill::run(&guard, &store, &upstream, &name, &digest) => r,
+                r = fill::run(&guard, &store, &route, &name, &digest) => r,
                 () = token.cancelled() => Err(Error::new(
                     ErrorKind::ShuttingDown,
                     format!("blob {digest}: fill cancelled by shutdown"),

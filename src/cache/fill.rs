@@ -22,8 +22,10 @@ use tokio::sync::watch;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, DigestVerifier, RepoName};
-use crate::storage::DiskStore;
-use crate::upstream::Upstream;
+use crate::storage::{DiskStore, PartialBlob};
+use crate::upstream::client::error_chain;
+use crate::upstream::fallback::{Attempts, moves_on};
+use crate::upstream::{BlobResponse, Route, Upstream};
 
 /// Upstream chunks that are already waiting are written together, up to this many bytes, so a
 /// fast upstream costs few trips to the blocking pool while a slow one still lands each chunk
@@ -112,96 +114,102 @@ impl Drop for FillGuard {
 }
 
 /// Downloads, verifies and commits one blob. Returns the final `Complete` state.
+///
+/// The route's upstreams are tried in order. If one fails after K bytes (cut off, stalled,
+/// too long), the fill goes on from the next with `Range: bytes=K-` (or from 0, dropping the
+/// first K bytes, if it ignores ranges): readers see one unbroken stream, and the digest,
+/// computed over all of it, decides at the end. Each upstream is tried at most once per fill.
 pub async fn run(
     guard: &FillGuard,
     store: &Arc<DiskStore>,
-    upstream: &Upstream,
+    route: &Route,
     name: &RepoName,
     digest: &Digest,
 ) -> Result<FillState> {
-    let resp = upstream.get_blob(name, digest).await?;
-    let size = resp.content_length();
-    let partial = {
-        let store = store.clone();
-        let digest = digest.clone();
-        blocking(
-            move || store.create_partial(&digest),
-            "creating a temporary file",
-        )
-        .await?
-    };
-    let file = partial.file.clone();
-    guard.publish(FillState::Streaming {
-        file: file.clone(),
-        size,
-        written: 0,
-    });
-
-    let idle = upstream.idle_timeout();
-    let mut body = resp.bytes_stream();
+    let mut attempts = Attempts::default();
+    let mut partial: Option<PartialBlob> = None;
+    let mut size: Option<u64> = None;
     let mut verifier = DigestVerifier::new();
     let mut written: u64 = 0;
-    loop {
-        let first = match tokio::time::timeout(idle, body.next()).await {
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "blob {digest}: upstream {} sent nothing for {idle:?} after {written} bytes",
-                        upstream.base_url()
-                    ),
-                ));
+    // Upstreams whose bytes went into the file, to blame if the digest does not match.
+    let mut sources: Vec<&Upstream> = Vec::new();
+    let mut complete = false;
+
+    for upstream in &route.upstreams {
+        if !upstream.admit() {
+            attempts.circuit_open(upstream);
+            continue;
+        }
+        let resp = match upstream.get_blob(name, digest, written).await {
+            Ok(r) => r,
+            Err(e) if moves_on(&e) => {
+                attempts.push(upstream, e);
+                continue;
             }
-            Ok(None) => break,
-            Ok(Some(chunk)) => chunk,
+            Err(e) => return Err(e),
         };
-        let mut batch: Vec<Bytes> = vec![first.map_err(|e| body_error(digest, written, &e))?];
-        let mut batch_len = batch[0].len();
-        let mut ended = false;
-        while batch_len < MAX_WRITE_BATCH {
-            match body.next().now_or_never() {
-                Some(Some(Ok(chunk))) => {
-                    batch_len += chunk.len();
-                    batch.push(chunk);
-                }
-                Some(Some(Err(e))) => {
-                    return Err(body_error(digest, written + batch_len as u64, &e));
-                }
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        if let Some(size) = size
-            && written + batch_len as u64 > size
+        if let (Some(known), Some(total)) = (size, resp.total)
+            && known != total
         {
-            return Err(Error::new(
+            let e = Error::new(
                 ErrorKind::UpstreamInvalid,
-                format!("blob {digest}: upstream sent more than its Content-Length of {size}"),
-            ));
+                format!(
+                    "blob {digest}: upstream {} says it is {total} bytes, an earlier one said {known}",
+                    upstream.name()
+                ),
+            );
+            attempts.push(upstream, e);
+            continue;
         }
-        // Hash and write off the async threads: both are CPU or disk bound.
-        let f = file.clone();
-        let (v, res) = tokio::task::spawn_blocking(move || {
-            let mut v = verifier;
-            let res = batch.iter().try_for_each(|c| {
-                v.update(c);
-                (&*f).write_all(c)
+        if partial.is_none() {
+            size = resp.total;
+            let store = store.clone();
+            let d = digest.clone();
+            let p = blocking(
+                move || store.create_partial(&d),
+                "creating a temporary file",
+            )
+            .await?;
+            guard.publish(FillState::Streaming {
+                file: p.file.clone(),
+                size,
+                written: 0,
             });
-            (v, res)
-        })
+            partial = Some(p);
+        } else {
+            tracing::info!(%digest, upstream = upstream.name(), resume_at = written, "resuming blob from the next upstream");
+        }
+        let file = partial.as_ref().expect("created above").file.clone();
+        sources.push(upstream);
+        match stream(
+            guard,
+            upstream,
+            resp,
+            &file,
+            &mut verifier,
+            &mut written,
+            size,
+            digest,
+        )
         .await
-        .map_err(|e| Error::internal(format!("writer task failed: {e}")))?;
-        verifier = v;
-        res.map_err(|e| Error::storage("writing a blob to the cache", &e))?;
-        written += batch_len as u64;
-        guard.set_written(written);
-        if ended {
-            break;
+        {
+            Ok(()) => {
+                complete = true;
+                break;
+            }
+            Err(e) if moves_on(&e) => {
+                upstream.record_failure(&e);
+                attempts.push(upstream, e);
+            }
+            Err(e) => return Err(e),
         }
     }
+    if !complete {
+        return Err(attempts.into_error(&format!("blob {digest}")));
+    }
+    let partial = partial.expect("a complete fill has a file");
+    // Readers keep using this handle; after the rename it is the committed blob.
+    let file = partial.file.clone();
 
     if let Some(size) = size
         && written != size
@@ -213,13 +221,20 @@ pub async fn run(
     }
     let actual = verifier.finish();
     if actual != *digest {
-        return Err(Error::new(
+        let names: Vec<&str> = sources.iter().map(|u| u.name()).collect();
+        let e = Error::new(
             ErrorKind::UpstreamInvalid,
             format!(
                 "blob {digest}: upstream {} sent content with digest {actual}; discarded",
-                upstream.base_url()
+                names.join(" + ")
             ),
-        ));
+        );
+        // Count it against the sources, so a mirror that keeps serving bad bytes trips its
+        // breaker and the next fill goes to a healthy upstream.
+        for u in &sources {
+            u.record_failure(&e);
+        }
+        return Err(e);
     }
     {
         let store = store.clone();
@@ -237,15 +252,129 @@ pub async fn run(
     })
 }
 
-fn body_error(digest: &Digest, at: u64, e: &reqwest::Error) -> Error {
-    let mut msg = format!("blob {digest}: upstream body failed after {at} bytes: {e}");
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cur = c.source();
+/// Streams one upstream response into the file, hashing as it goes. Returns when the body
+/// ends; an error leaves `written` and `verifier` at the last byte that was written, so the
+/// next upstream can resume there.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    guard: &FillGuard,
+    upstream: &Upstream,
+    resp: BlobResponse,
+    file: &Arc<File>,
+    verifier: &mut DigestVerifier,
+    written: &mut u64,
+    size: Option<u64>,
+    digest: &Digest,
+) -> Result<()> {
+    let idle = upstream.idle_timeout();
+    let mut skip = resp.skip;
+    let _permit = resp.permit;
+    let mut body = resp.body.bytes_stream();
+    let mut received: u64 = 0;
+    loop {
+        let first = match tokio::time::timeout(idle, body.next()).await {
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "blob {digest}: upstream {} sent nothing for {idle:?} after {written} bytes",
+                        upstream.name()
+                    ),
+                ));
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(chunk)) => chunk.map_err(|e| body_error(upstream, digest, *written, &e))?,
+        };
+        let mut batch: Vec<Bytes> = vec![first];
+        let mut ended = false;
+        let mut batch_len = batch[0].len();
+        while batch_len < MAX_WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(Ok(chunk))) => {
+                    batch_len += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(Some(Err(e))) => {
+                    return Err(body_error(upstream, digest, *written, &e));
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        received += batch_len as u64;
+        // An upstream that ignored our Range resends bytes we already have: drop them.
+        if skip > 0 {
+            let mut kept = Vec::with_capacity(batch.len());
+            for mut chunk in batch {
+                if skip >= chunk.len() as u64 {
+                    skip -= chunk.len() as u64;
+                    continue;
+                }
+                let _ = chunk.split_to(skip as usize);
+                skip = 0;
+                kept.push(chunk);
+            }
+            batch = kept;
+        }
+        let batch_len: u64 = batch.iter().map(|c| c.len() as u64).sum();
+        if let Some(size) = size
+            && *written + batch_len > size
+        {
+            return Err(Error::new(
+                ErrorKind::UpstreamInvalid,
+                format!(
+                    "blob {digest}: upstream {} sent more than the blob's {size} bytes",
+                    upstream.name()
+                ),
+            ));
+        }
+        if batch_len > 0 {
+            // Hash and write off the async threads: both are CPU or disk bound.
+            let f = file.clone();
+            let v = std::mem::take(verifier);
+            let (v, res) = tokio::task::spawn_blocking(move || {
+                let mut v = v;
+                let res = batch.iter().try_for_each(|c| {
+                    v.update(c);
+                    (&*f).write_all(c)
+                });
+                (v, res)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("writer task failed: {e}")))?;
+            *verifier = v;
+            res.map_err(|e| Error::storage("writing a blob to the cache", &e))?;
+            *written += batch_len;
+            guard.set_written(*written);
+        }
+        if ended {
+            if skip > 0 {
+                return Err(Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!(
+                        "blob {digest}: upstream {} sent {received} bytes, fewer than the {} already cached",
+                        upstream.name(),
+                        resp.skip
+                    ),
+                ));
+            }
+            return Ok(());
+        }
     }
-    Error::new(ErrorKind::UpstreamUnavailable, msg)
+}
+
+fn body_error(upstream: &Upstream, digest: &Digest, at: u64, e: &reqwest::Error) -> Error {
+    Error::new(
+        ErrorKind::UpstreamUnavailable,
+        format!(
+            "blob {digest}: upstream {} body failed after {at} bytes: {}",
+            upstream.name(),
+            error_chain(e)
+        ),
+    )
 }
 
 /// Runs blocking storage work on the blocking pool, mapping failures to storage errors.

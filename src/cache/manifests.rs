@@ -21,7 +21,8 @@ use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
 use crate::storage::{DiskStore, StoredManifest};
-use crate::upstream::Upstream;
+use crate::upstream::fallback::first_success;
+use crate::upstream::{Route, Upstream};
 
 /// A verified manifest.
 #[derive(Debug)]
@@ -51,6 +52,8 @@ impl Manifest {
 
 #[derive(Clone, Hash, PartialEq, Eq)]
 struct TagKey {
+    /// The same repository name means different images on different registries.
+    registry: String,
     name: RepoName,
     tag: Tag,
     /// `api::headers::accept_key` of the request's Accept set.
@@ -59,14 +62,13 @@ struct TagKey {
 
 pub struct ManifestCache {
     store: Arc<DiskStore>,
-    upstream: Arc<Upstream>,
     by_digest: moka::future::Cache<Digest, Arc<Manifest>>,
     tags: moka::future::Cache<TagKey, ManifestInfo>,
     max_size: u64,
 }
 
 impl ManifestCache {
-    pub fn new(store: Arc<DiskStore>, upstream: Arc<Upstream>, config: &CacheConfig) -> Self {
+    pub fn new(store: Arc<DiskStore>, config: &CacheConfig) -> Self {
         let by_digest = moka::future::Cache::builder()
             .max_capacity(config.manifest_memory.as_u64())
             .weigher(|_k: &Digest, m: &Arc<Manifest>| {
@@ -79,7 +81,6 @@ impl ManifestCache {
             .build();
         ManifestCache {
             store,
-            upstream,
             by_digest,
             tags,
             max_size: config.max_manifest_size.as_u64(),
@@ -89,46 +90,54 @@ impl ManifestCache {
     /// The manifest for a GET.
     pub async fn get(
         &self,
+        route: &Route,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
     ) -> Result<Arc<Manifest>> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => self.resolve_tag(name, t, accept).await?.digest,
+            Reference::Tag(t) => self.resolve_tag(route, name, t, accept).await?.digest,
         };
-        self.by_digest(name, &digest, accept).await
+        self.by_digest(route, name, &digest, accept).await
     }
 
     /// The facts for a HEAD. A tag whose upstream HEAD told us everything is answered without
     /// downloading the manifest (a HEAD does not count against Docker Hub's pull limit).
     pub async fn head(
         &self,
+        route: &Route,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
     ) -> Result<ManifestInfo> {
         match reference {
-            Reference::Digest(d) => Ok(self.by_digest(name, d, accept).await?.info()),
-            Reference::Tag(t) => self.resolve_tag(name, t, accept).await,
+            Reference::Digest(d) => Ok(self.by_digest(route, name, d, accept).await?.info()),
+            Reference::Tag(t) => self.resolve_tag(route, name, t, accept).await,
         }
     }
 
     async fn by_digest(
         &self,
+        route: &Route,
         name: &RepoName,
         digest: &Digest,
         accept: &[String],
     ) -> Result<Arc<Manifest>> {
         self.by_digest
-            .try_get_with(digest.clone(), self.load_by_digest(name, digest, accept))
+            .try_get_with(
+                digest.clone(),
+                self.load_by_digest(route, name, digest, accept),
+            )
             .await
             .map_err(|e| (*e).clone())
     }
 
-    /// From disk, else from the upstream (verified, then stored).
+    /// From disk, else from the first upstream of the route that has it (verified, then
+    /// stored). A mirror that sends the wrong bytes is passed over like one that lacks them.
     async fn load_by_digest(
         &self,
+        route: &Route,
         name: &RepoName,
         digest: &Digest,
         accept: &[String],
@@ -148,22 +157,31 @@ impl ManifestCache {
             Err(e) => tracing::warn!(%digest, error = %e, "cached manifest unreadable; refetching"),
         }
         let reference = Reference::Digest(digest.clone());
-        let fetched = self
-            .upstream
-            .get_manifest(name, &reference, accept, self.max_size)
-            .await?;
-        let actual = Digest::of(&fetched.bytes);
-        if actual != *digest {
-            return Err(Error::new(
-                ErrorKind::UpstreamInvalid,
-                format!(
-                    "manifest {name}@{digest}: upstream {} sent content with digest {actual}; discarded",
-                    self.upstream.base_url()
-                ),
-            ));
-        }
-        let media_type =
-            media_types::manifest_media_type(fetched.content_type.as_deref(), &fetched.bytes);
+        let what = format!("manifest {name}@{digest}");
+        let (fetched, media_type) = first_success(&route.upstreams, &what, |upstream| {
+            let reference = &reference;
+            async move {
+                let fetched = upstream
+                    .get_manifest(name, reference, accept, self.max_size)
+                    .await?;
+                let actual = Digest::of(&fetched.bytes);
+                if actual != *digest {
+                    return Err(Error::new(
+                        ErrorKind::UpstreamInvalid,
+                        format!(
+                            "manifest {name}@{digest}: upstream {} sent content with digest {actual}; discarded",
+                            upstream.name()
+                        ),
+                    ));
+                }
+                let media_type = media_types::manifest_media_type(
+                    fetched.content_type.as_deref(),
+                    &fetched.bytes,
+                );
+                Ok((fetched, media_type))
+            }
+        })
+        .await?;
         Ok(self
             .store_manifest(digest.clone(), media_type, fetched.bytes)
             .await)
@@ -199,32 +217,41 @@ impl ManifestCache {
     }
 
     /// Tag → digest (and the facts a HEAD needs), from memory within the TTL, else from the
-    /// upstream.
+    /// route's tag upstreams, in order.
     async fn resolve_tag(
         &self,
+        route: &Route,
         name: &RepoName,
         tag: &Tag,
         accept: &[String],
     ) -> Result<ManifestInfo> {
         let key = TagKey {
+            registry: route.registry.clone(),
             name: name.clone(),
             tag: tag.clone(),
             accept: crate::api::headers::accept_key(accept),
         };
+        let what = format!("manifest {name}:{tag}");
+        let resolve = first_success(&route.tag_upstreams, &what, |upstream| {
+            self.resolve_tag_on(route, upstream, name, tag, accept)
+        });
         self.tags
-            .try_get_with(key, self.resolve_tag_upstream(name, tag, accept))
+            .try_get_with(key, resolve)
             .await
             .map_err(|e| (*e).clone())
     }
 
-    async fn resolve_tag_upstream(
+    /// Resolves a tag on one upstream.
+    async fn resolve_tag_on(
         &self,
+        route: &Route,
+        upstream: &Upstream,
         name: &RepoName,
         tag: &Tag,
         accept: &[String],
     ) -> Result<ManifestInfo> {
         let reference = Reference::Tag(tag.clone());
-        match self.upstream.head_manifest(name, &reference, accept).await {
+        match upstream.head_manifest(name, &reference, accept).await {
             Ok(head) => {
                 if let Some(digest) = head.digest {
                     // Do we hold that manifest already? Then no GET at all.
@@ -254,7 +281,7 @@ impl ManifestCache {
                             size,
                         });
                     }
-                    return Ok(self.by_digest(name, &digest, accept).await?.info());
+                    return Ok(self.by_digest(route, name, &digest, accept).await?.info());
                 }
             }
             // Some registries answer HEAD badly (405, 400): a GET still works.
@@ -264,8 +291,7 @@ impl ManifestCache {
             Err(e) => return Err(e),
         }
         // No digest from HEAD: GET by tag, and name it by the digest of its bytes.
-        let fetched = self
-            .upstream
+        let fetched = upstream
             .get_manifest(name, &reference, accept, self.max_size)
             .await?;
         let digest = Digest::of(&fetched.bytes);
@@ -276,7 +302,7 @@ impl ManifestCache {
                 ErrorKind::UpstreamInvalid,
                 format!(
                     "manifest {name}:{tag}: upstream {} claims digest {claimed} but sent content with digest {digest}",
-                    self.upstream.base_url()
+                    upstream.name()
                 ),
             ));
         }

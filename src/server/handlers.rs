@@ -18,11 +18,12 @@ use crate::api::errors;
 use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
 };
-use crate::api::route::{self, Route};
+use crate::api::route::{self, Route as ApiRoute};
 use crate::cache::{BlobCache, BlobReader, BlobSource, ManifestCache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
-use crate::upstream::Upstream;
+use crate::upstream::fallback::first_success;
+use crate::upstream::{Route, Routes};
 
 pub type Body = UnsyncBoxBody<Bytes, Error>;
 
@@ -32,7 +33,7 @@ const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/
 pub struct App {
     pub blobs: BlobCache,
     pub manifests: ManifestCache,
-    pub upstream: Arc<Upstream>,
+    pub routes: Routes,
 }
 
 impl App {
@@ -57,7 +58,7 @@ impl App {
         let head = req.method() == Method::HEAD;
         let query = route::parse_query(req.uri().query())?;
         match route::route(req.method(), req.uri().path())? {
-            Route::Ping => Ok(with_api_version(Response::builder())
+            ApiRoute::Ping => Ok(with_api_version(Response::builder())
                 .header(CONTENT_TYPE, media_types::JSON)
                 .header(CONTENT_LENGTH, 2)
                 .body(if head {
@@ -66,27 +67,35 @@ impl App {
                     full(Bytes::from_static(b"{}"))
                 })
                 .expect("valid response")),
-            Route::Manifest { name, reference } => {
+            ApiRoute::Manifest { name, reference } => {
+                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
                 let accept = merged_accept(req.headers());
-                self.manifest(&name, &reference, &accept, head).await
+                self.manifest(&routed.route, &routed.name, &reference, &accept, head)
+                    .await
             }
-            Route::Blob { name, digest } => {
+            ApiRoute::Blob { name, digest } => {
+                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
                 if head {
-                    self.blob_head(&name, &digest).await
+                    self.blob_head(&routed.route, &routed.name, &digest).await
                 } else {
                     let range = req
                         .headers()
                         .get(RANGE)
                         .and_then(|v| v.to_str().ok())
                         .and_then(headers::parse_range);
-                    self.blob_get(&name, &digest, range).await
+                    self.blob_get(&routed.route, &routed.name, &digest, range)
+                        .await
                 }
             }
-            Route::TagsList { name, .. } => {
-                let (body, upstream_headers) = self
-                    .upstream
-                    .get_tags(&name, &query.tags.to_query_string())
-                    .await?;
+            ApiRoute::TagsList { name, .. } => {
+                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
+                let q = query.tags.to_query_string();
+                let (body, upstream_headers) = first_success(
+                    &routed.route.tag_upstreams,
+                    &format!("tags of {}", routed.name),
+                    |u| u.get_tags(&routed.name, &q),
+                )
+                .await?;
                 let mut b = with_api_version(Response::builder())
                     .header(CONTENT_TYPE, media_types::JSON)
                     .header(CONTENT_LENGTH, body.len());
@@ -101,15 +110,19 @@ impl App {
 
     async fn manifest(
         &self,
+        route: &Route,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
         head: bool,
     ) -> Result<Response<Body>> {
         let (info, body) = if head {
-            (self.manifests.head(name, reference, accept).await?, None)
+            (
+                self.manifests.head(route, name, reference, accept).await?,
+                None,
+            )
         } else {
-            let m = self.manifests.get(name, reference, accept).await?;
+            let m = self.manifests.get(route, name, reference, accept).await?;
             (m.info(), Some(m.bytes.clone()))
         };
         let b = with_api_version(Response::builder())
@@ -121,8 +134,13 @@ impl App {
             .expect("valid response"))
     }
 
-    async fn blob_head(&self, name: &RepoName, digest: &Digest) -> Result<Response<Body>> {
-        let size = self.blobs.size(name, digest).await?;
+    async fn blob_head(
+        &self,
+        route: &Route,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Response<Body>> {
+        let size = self.blobs.size(route, name, digest).await?;
         Ok(blob_headers(Response::builder(), digest)
             .header(CONTENT_LENGTH, size)
             .body(empty())
@@ -131,11 +149,12 @@ impl App {
 
     async fn blob_get(
         &self,
+        route: &Arc<Route>,
         name: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Response<Body>> {
-        let mut source = self.blobs.open(name, digest).await?;
+        let mut source = self.blobs.open(route, name, digest).await?;
         if range.is_some() && source.size().is_none() {
             // A range needs the size, and this upstream sent none: wait for the fill to end.
             source = wait_for_size(source).await?;

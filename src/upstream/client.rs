@@ -1,15 +1,18 @@
-//! One upstream registry: requests with timeouts, and upstream replies classified into
-//! [`Error`]s.
+//! One upstream registry: requests with timeouts, auth, a concurrency limit and a circuit
+//! breaker, and upstream replies classified into [`Error`]s.
 //!
 //! Timeouts: `connect_timeout` bounds connecting, `header_timeout` bounds the wait for the
-//! response head, and `idle_timeout` bounds each wait for the next body chunk (enforced by the
-//! callers that read bodies, via [`Upstream::idle_timeout`]). There is no total timeout: a
-//! multi-GiB layer may take long, as long as it keeps moving.
+//! response head (and for a free request slot), and `idle_timeout` bounds each wait for the
+//! next body chunk (enforced by the callers that read bodies, via [`Upstream::idle_timeout`]).
+//! There is no total timeout: a multi-GiB layer may take long, as long as it keeps moving.
 //!
-//! Redirects (blob GETs are commonly redirected to S3 or a CDN) are followed; reqwest drops
-//! `Authorization` when a redirect leaves the original host. The client's own `Authorization`
-//! is never forwarded: requests are built here from scratch.
+//! Credentials go only to this upstream's own host, and to token realms on its allow-list
+//! (its host, hosts in its parent domain, and `token_realm_hosts`). Requests are built here
+//! from scratch, so a client's `Authorization` is never forwarded. Redirects (blob GETs are
+//! commonly redirected to S3 or a CDN) are followed, and reqwest drops `Authorization` when a
+//! redirect leaves the original host.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -19,27 +22,58 @@ use http::header::{
 };
 use http::{HeaderMap, StatusCode};
 use reqwest::{Method, Url};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::auth::{TokenCache, TokenEndpoint, TokenResponse, parse_challenge, pull_scope};
+use super::breaker::Breaker;
 use crate::api::headers::{content_range_total, retry_after_secs};
 use crate::config::UpstreamConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 
 const USER_AGENT: &str = concat!("cistern/", env!("CARGO_PKG_VERSION"));
-const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
 /// Token responses are tiny JSON documents; anything larger is not one.
 const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
 
+/// How this upstream authenticates, read once at start.
+#[derive(Clone)]
+enum Credentials {
+    None,
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// A long-lived bearer token sent as is.
+    Token(String),
+}
+
 pub struct Upstream {
+    /// The name from the config, for logs and error messages.
+    name: String,
     http: reqwest::Client,
     /// Base URL ending in `/`, so `v2/...` joins below any path prefix it has.
     base: Url,
     header_timeout: Duration,
     idle_timeout: Duration,
-    /// Docker Hub: one-component names live under `library/`.
-    docker_hub: bool,
+    credentials: Credentials,
+    /// Hosts allowed to receive `credentials` as a token realm.
+    realm_hosts: Vec<String>,
     tokens: TokenCache,
+    /// `max_concurrent_requests` slots; a blob download holds its slot until its body ends.
+    slots: Arc<Semaphore>,
+    breaker: Breaker,
+}
+
+/// A blob response, ready to stream.
+pub struct BlobResponse {
+    pub body: reqwest::Response,
+    /// The blob's full size, if the upstream said.
+    pub total: Option<u64>,
+    /// Bytes at the start of `body` to drop: an upstream that ignored our `Range` sends the
+    /// blob from byte 0.
+    pub skip: u64,
+    /// Holds this upstream's request slot until the body is done.
+    pub permit: OwnedSemaphorePermit,
 }
 
 /// A manifest fetched with GET: exact bytes plus the headers that describe them.
@@ -67,36 +101,93 @@ enum Object {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream> {
+    /// Builds an upstream from its config. Reads `password_file`, `token_file` and `ca_file`
+    /// now, so a missing file is a start-up error naming the key, not a failure at first pull.
+    pub fn new(name: &str, config: &UpstreamConfig) -> anyhow::Result<Upstream> {
         install_crypto_provider();
+        let field = |key: &str| format!("upstreams.{name}.{key}");
         let mut base = Url::parse(&config.url)
-            .map_err(|e| Error::internal(format!("upstream.url {:?}: {e}", config.url)))?;
+            .map_err(|e| anyhow::anyhow!("{}: {:?}: {e}", field("url"), config.url))?;
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
         // `docker.io` is the name people use; the API lives on registry-1.docker.io.
         if matches!(base.host_str(), Some("docker.io" | "index.docker.io")) {
-            base.set_host(Some(DOCKER_HUB_API_HOST))
+            base.set_host(Some("registry-1.docker.io"))
                 .expect("a known host name is valid");
         }
-        let docker_hub = base.host_str() == Some(DOCKER_HUB_API_HOST);
-        let http = reqwest::Client::builder()
+        let read_secret = |key: &str, path: &std::path::Path| -> anyhow::Result<String> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {}: {e}", field(key), path.display()))?;
+            let secret = text.trim().to_string();
+            if secret.is_empty() {
+                anyhow::bail!("{}: {} is empty", field(key), path.display());
+            }
+            Ok(secret)
+        };
+        let credentials = match (&config.username, &config.password, &config.password_file) {
+            (Some(u), Some(p), _) => Credentials::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            },
+            (Some(u), None, Some(f)) => Credentials::Basic {
+                username: u.clone(),
+                password: read_secret("password_file", f)?,
+            },
+            _ => match &config.token_file {
+                Some(f) => Credentials::Token(read_secret("token_file", f)?),
+                None => Credentials::None,
+            },
+        };
+        let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
             // Registries answer blob GETs with already-compressed layers; never ask for
             // transfer compression, which would make Content-Length meaningless.
-            .no_gzip()
+            .no_gzip();
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| anyhow::anyhow!("{}: {}: {e}", field("ca_file"), ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}: not PEM certificates: {e}",
+                    field("ca_file"),
+                    ca.display()
+                )
+            })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .build()
-            .map_err(|e| Error::internal(format!("building the upstream HTTP client: {e}")))?;
+            .map_err(|e| anyhow::anyhow!("upstreams.{name}: building the HTTP client: {e}"))?;
+        let host = base.host_str().unwrap_or_default().to_ascii_lowercase();
+        let mut realm_hosts = vec![host.clone()];
+        if let Some(parent) = parent_domain(&host) {
+            realm_hosts.push(format!(".{parent}"));
+        }
+        realm_hosts.extend(
+            config
+                .token_realm_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase()),
+        );
         Ok(Upstream {
+            name: name.to_string(),
             http,
             base,
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
-            docker_hub,
+            credentials,
+            realm_hosts,
             tokens: TokenCache::default(),
+            slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
         })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The longest silence allowed while reading a body.
@@ -104,9 +195,22 @@ impl Upstream {
         self.idle_timeout
     }
 
-    /// The upstream's base URL, for logs and error messages (it never holds credentials).
-    pub fn base_url(&self) -> &str {
-        self.base.as_str()
+    /// May a request go to this upstream now (circuit breaker)?
+    pub fn admit(&self) -> bool {
+        self.breaker.admit(Instant::now())
+    }
+
+    /// Records that an exchange with this upstream failed (connection error, timeout, 5xx,
+    /// a body that broke off), for the circuit breaker.
+    pub fn record_failure(&self, why: &dyn std::fmt::Display) {
+        if self.breaker.record_failure(Instant::now()) {
+            tracing::warn!(upstream = %self.name, error = %why, "circuit open: skipping this upstream for a while");
+        }
+    }
+
+    /// Records that this upstream answered. A 404 or a 429 is an answer from a live upstream.
+    pub fn record_success(&self) {
+        self.breaker.record_success();
     }
 
     fn url(&self, tail: &str) -> Url {
@@ -115,26 +219,68 @@ impl Upstream {
             .expect("paths built from validated names and digests join")
     }
 
-    /// The repository name as this upstream knows it: Docker Hub keeps official images under
-    /// `library/`, and clients that talk to cistern directly may leave it out.
-    fn upstream_name(&self, name: &RepoName) -> String {
-        if self.docker_hub && !name.as_str().contains('/') {
-            format!("library/{name}")
-        } else {
-            name.to_string()
-        }
-    }
-
-    /// Sends a request for repository `repo` (as the upstream names it), authenticating with a
-    /// bearer token when the upstream asks for one. `make` builds the request afresh for the
-    /// retry.
+    /// Sends a request for repository `repo` (as the upstream names it), authenticating when
+    /// the upstream asks. `make` builds the request afresh for a retry. Holds one of this
+    /// upstream's request slots, returned with the response.
     async fn send(
         &self,
-        repo: &str,
+        repo: &RepoName,
+        make: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
+        what: &str,
+    ) -> Result<(reqwest::Response, OwnedSemaphorePermit)> {
+        let permit = match tokio::time::timeout(
+            self.header_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::UpstreamTimeout,
+                    format!(
+                        "{what}: upstream {} has no free request slot (max_concurrent_requests) after {:?}",
+                        self.name, self.header_timeout
+                    ),
+                ));
+            }
+        };
+        let result = self.send_authenticated(repo, make, what).await;
+        match &result {
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
+                ) =>
+            {
+                self.record_failure(e);
+            }
+            Ok(resp) if resp.status().is_server_error() => {
+                self.record_failure(&format!("{what}: answered {}", resp.status()));
+            }
+            _ => self.record_success(),
+        }
+        let resp = result?;
+        if let Some(left) = resp
+            .headers()
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+        {
+            tracing::debug!(upstream = %self.name, remaining = left, "upstream rate limit");
+        }
+        Ok((resp, permit))
+    }
+
+    async fn send_authenticated(
+        &self,
+        repo: &RepoName,
         make: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
         what: &str,
     ) -> Result<reqwest::Response> {
-        let scope = pull_scope(repo);
+        if let Credentials::Token(token) = &self.credentials {
+            return self.send_once(make, Auth::Bearer(token), what).await;
+        }
+        let scope = pull_scope(repo.as_str());
         // A registry that challenged us before will again: get the token up front.
         let mut token = None;
         if let Some(endpoint) = self.tokens.endpoint() {
@@ -143,67 +289,90 @@ impl Upstream {
                 None => self.fetch_token(&endpoint, &scope, what).await.ok(),
             };
         }
-        let resp = self.send_once(make, token.as_deref(), what).await?;
+        let auth = token.as_deref().map_or(Auth::None, Auth::Bearer);
+        let resp = self.send_once(make, auth, what).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
-        let Some(challenge) = resp
+        let challenges: Vec<_> = resp
             .headers()
             .get_all(WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .filter_map(parse_challenge)
-            .find(|c| c.scheme == "bearer")
-        else {
-            return Ok(resp);
-        };
-        let Some(realm) = challenge.param("realm").filter(|r| is_http_url(r)) else {
-            return Err(Error::new(
-                ErrorKind::UpstreamInvalid,
-                format!(
-                    "{what}: upstream {} sent a bearer challenge without a usable realm",
-                    self.base
-                ),
-            ));
-        };
-        let endpoint = TokenEndpoint {
-            realm: realm.to_string(),
-            service: challenge.param("service").map(str::to_string),
-        };
-        let scope = challenge.param("scope").map_or(scope, str::to_string);
-        self.tokens.forget(&endpoint, &scope);
-        self.tokens.set_endpoint(endpoint.clone());
-        let token = self.fetch_token(&endpoint, &scope, what).await?;
-        self.send_once(make, Some(&token), what).await
+            .collect();
+        if let Some(challenge) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let Some(realm) = challenge.param("realm").filter(|r| is_http_url(r)) else {
+                return Err(Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!(
+                        "{what}: upstream {} sent a bearer challenge without a usable realm",
+                        self.name
+                    ),
+                ));
+            };
+            let endpoint = TokenEndpoint {
+                realm: realm.to_string(),
+                service: challenge.param("service").map(str::to_string),
+            };
+            let scope = challenge.param("scope").map_or(scope, str::to_string);
+            self.tokens.forget(&endpoint, &scope);
+            self.tokens.set_endpoint(endpoint.clone());
+            let token = self.fetch_token(&endpoint, &scope, what).await?;
+            return self.send_once(make, Auth::Bearer(&token), what).await;
+        }
+        if challenges.iter().any(|c| c.scheme == "basic")
+            && let Credentials::Basic { username, password } = &self.credentials
+        {
+            return self
+                .send_once(make, Auth::Basic(username, password), what)
+                .await;
+        }
+        Ok(resp)
     }
 
     async fn send_once(
         &self,
         make: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
-        token: Option<&str>,
+        auth: Auth<'_>,
         what: &str,
     ) -> Result<reqwest::Response> {
-        let mut request = make();
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
+        let request = match auth {
+            Auth::None => make(),
+            Auth::Bearer(t) => make().bearer_auth(t),
+            Auth::Basic(u, p) => make().basic_auth(u, Some(p)),
+        };
         match tokio::time::timeout(self.header_timeout, request.send()).await {
             Err(_) => Err(Error::new(
                 ErrorKind::UpstreamTimeout,
                 format!(
                     "{what}: upstream {} sent no response within {:?}",
-                    self.base, self.header_timeout
+                    self.name, self.header_timeout
                 ),
             )),
             Ok(Err(e)) => Err(Error::new(
                 ErrorKind::UpstreamUnavailable,
-                format!("{what}: upstream {}: {}", self.base, error_chain(&e)),
+                format!("{what}: upstream {}: {}", self.name, error_chain(&e)),
             )),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
 
-    /// Gets a token from the realm (anonymously) and caches it.
+    /// May this realm receive our credentials?
+    fn realm_allowed(&self, realm: &Url) -> bool {
+        let Some(host) = realm.host_str().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        self.realm_hosts
+            .iter()
+            .any(|allowed| match allowed.strip_prefix('.') {
+                Some(domain) => host.ends_with(&format!(".{domain}")) || host == domain,
+                None => host == *allowed,
+            })
+    }
+
+    /// Gets a token from the realm and caches it. Credentials are sent only to an allowed
+    /// realm; any other realm is asked anonymously.
     async fn fetch_token(
         &self,
         endpoint: &TokenEndpoint,
@@ -224,8 +393,19 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
-        let resp = match tokio::time::timeout(self.header_timeout, self.http.get(url).send()).await
-        {
+        let mut request = self.http.get(url.clone());
+        if let Credentials::Basic { username, password } = &self.credentials {
+            if self.realm_allowed(&url) {
+                request = request.basic_auth(username, Some(password));
+            } else {
+                tracing::warn!(
+                    upstream = %self.name,
+                    realm = %endpoint.realm,
+                    "token realm is not on this upstream's allow-list (token_realm_hosts): asking it anonymously"
+                );
+            }
+        }
+        let resp = match tokio::time::timeout(self.header_timeout, request.send()).await {
             Err(_) => {
                 return Err(Error::new(
                     ErrorKind::UpstreamTimeout,
@@ -264,28 +444,79 @@ impl Upstream {
         Ok(token)
     }
 
-    /// Starts a blob download. `Ok` means a 200 with the body still to be read.
-    pub async fn get_blob(&self, name: &RepoName, digest: &Digest) -> Result<reqwest::Response> {
+    /// Starts a blob download at byte `from`. With `from > 0` it asks for `Range: bytes=from-`
+    /// and checks the 206's `Content-Range`; an upstream that ignores the range sends the
+    /// whole blob, and `skip` says how much of it to drop.
+    pub async fn get_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<BlobResponse> {
         let what = format!("GET blob {digest} of {name}");
-        let repo = self.upstream_name(name);
-        let url = self.url(&format!("v2/{repo}/blobs/{digest}"));
-        let resp = self
-            .send(&repo, &|| self.http.get(url.clone()), &what)
+        let url = self.url(&format!("v2/{name}/blobs/{digest}"));
+        let (resp, permit) = self
+            .send(
+                name,
+                &|| {
+                    let r = self.http.get(url.clone());
+                    if from > 0 {
+                        r.header("Range", format!("bytes={from}-"))
+                    } else {
+                        r
+                    }
+                },
+                &what,
+            )
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.status_error(resp, Object::Blob, &what).await);
+        match resp.status() {
+            StatusCode::OK => {
+                let total = resp.content_length();
+                Ok(BlobResponse {
+                    body: resp,
+                    total,
+                    skip: from,
+                    permit,
+                })
+            }
+            StatusCode::PARTIAL_CONTENT if from > 0 => {
+                let range = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let start = range
+                    .strip_prefix("bytes ")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if start != Some(from) {
+                    return Err(Error::new(
+                        ErrorKind::UpstreamInvalid,
+                        format!(
+                            "{what}: asked upstream {} for bytes {from}- and got Content-Range {range:?}",
+                            self.name
+                        ),
+                    ));
+                }
+                Ok(BlobResponse {
+                    body: resp,
+                    total: content_range_total(&range),
+                    skip: 0,
+                    permit,
+                })
+            }
+            _ => Err(self.status_error(resp, Object::Blob, &what).await),
         }
-        Ok(resp)
     }
 
     /// The size of a blob, without downloading it: HEAD, and if the HEAD carries no length, a
     /// one-byte range GET whose `Content-Range` names the total.
     pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
         let what = format!("HEAD blob {digest} of {name}");
-        let repo = self.upstream_name(name);
-        let url = self.url(&format!("v2/{repo}/blobs/{digest}"));
-        let resp = self
-            .send(&repo, &|| self.http.head(url.clone()), &what)
+        let url = self.url(&format!("v2/{name}/blobs/{digest}"));
+        let (resp, _permit) = self
+            .send(name, &|| self.http.head(url.clone()), &what)
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Blob, &what).await);
@@ -293,10 +524,11 @@ impl Upstream {
         if let Some(len) = header_u64(resp.headers(), CONTENT_LENGTH) {
             return Ok(len);
         }
+        drop(_permit);
         let what = format!("GET (range 0-0) blob {digest} of {name}");
-        let resp = self
+        let (resp, _permit) = self
             .send(
-                &repo,
+                name,
                 &|| self.http.get(url.clone()).header("Range", "bytes=0-0"),
                 &what,
             )
@@ -332,11 +564,10 @@ impl Upstream {
         accept: &[String],
     ) -> Result<ManifestHead> {
         let what = format!("HEAD manifest {name}:{reference}");
-        let repo = self.upstream_name(name);
-        let url = self.url(&format!("v2/{repo}/manifests/{reference}"));
-        let resp = self
+        let url = self.url(&format!("v2/{name}/manifests/{reference}"));
+        let (resp, _permit) = self
             .send(
-                &repo,
+                name,
                 &|| with_accept(self.http.request(Method::HEAD, url.clone()), accept),
                 &what,
             )
@@ -364,11 +595,10 @@ impl Upstream {
         max_size: u64,
     ) -> Result<UpstreamManifest> {
         let what = format!("GET manifest {name}:{reference}");
-        let repo = self.upstream_name(name);
-        let url = self.url(&format!("v2/{repo}/manifests/{reference}"));
-        let resp = self
+        let url = self.url(&format!("v2/{name}/manifests/{reference}"));
+        let (resp, _permit) = self
             .send(
-                &repo,
+                name,
                 &|| with_accept(self.http.get(url.clone()), accept),
                 &what,
             )
@@ -406,16 +636,15 @@ impl Upstream {
         })
     }
 
-    /// `tags/list`, passed through: status, content type, `Link` and body.
+    /// `tags/list`, passed through: body and headers (for `Link`).
     pub async fn get_tags(&self, name: &RepoName, query: &str) -> Result<(Bytes, HeaderMap)> {
         let what = format!("GET tags of {name}");
-        let repo = self.upstream_name(name);
-        let mut url = self.url(&format!("v2/{repo}/tags/list"));
+        let mut url = self.url(&format!("v2/{name}/tags/list"));
         if !query.is_empty() {
             url.set_query(Some(query));
         }
-        let resp = self
-            .send(&repo, &|| self.http.get(url.clone()), &what)
+        let (resp, _permit) = self
+            .send(name, &|| self.http.get(url.clone()), &what)
             .await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(resp, Object::Tags, &what).await);
@@ -492,9 +721,26 @@ impl Upstream {
         };
         Error::new(
             kind,
-            format!("{what}: upstream {} answered {status}", self.base),
+            format!("{what}: upstream {} answered {status}", self.name),
         )
     }
+}
+
+enum Auth<'a> {
+    None,
+    Bearer(&'a str),
+    Basic(&'a str, &'a str),
+}
+
+/// The parent domain of a host with at least three labels (`registry-1.docker.io` →
+/// `docker.io`), so its token service (`auth.docker.io`) may get credentials. Two-label hosts
+/// (`ghcr.io`) have no parent we would trust, and IP addresses have none at all.
+fn parent_domain(host: &str) -> Option<String> {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return None;
+    }
+    let (_, parent) = host.split_once('.')?;
+    (parent.matches('.').count() >= 1).then(|| parent.to_string())
 }
 
 fn with_accept(req: reqwest::RequestBuilder, accept: &[String]) -> reqwest::RequestBuilder {
@@ -529,7 +775,7 @@ fn digest_header(h: &HeaderMap) -> Option<Digest> {
 }
 
 /// reqwest's Display omits the cause ("error sending request"); the chain says what happened.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -545,4 +791,50 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// refused), so every constructor can call this.
 fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_domains() {
+        assert_eq!(
+            parent_domain("registry-1.docker.io").as_deref(),
+            Some("docker.io")
+        );
+        assert_eq!(parent_domain("ghcr.io"), None);
+        assert_eq!(parent_domain("127.0.0.1"), None);
+        assert_eq!(parent_domain("localhost"), None);
+    }
+
+    #[test]
+    fn realm_allow_list() {
+        let mut c = UpstreamConfig::new("https://registry-1.docker.io");
+        c.token_realm_hosts = vec!["login.example.com".into()];
+        let u = Upstream::new("hub", &c).unwrap();
+        let ok = |s: &str| u.realm_allowed(&Url::parse(s).unwrap());
+        assert!(ok("https://auth.docker.io/token"));
+        assert!(ok("https://registry-1.docker.io/token"));
+        assert!(ok("https://login.example.com/t"));
+        assert!(!ok("https://evil.example/token"));
+        assert!(!ok("https://docker.io.evil.example/token"));
+        assert!(!ok("https://evildocker.io/token"));
+        let ghcr = Upstream::new("ghcr", &UpstreamConfig::new("https://ghcr.io")).unwrap();
+        assert!(ghcr.realm_allowed(&Url::parse("https://ghcr.io/token").unwrap()));
+        assert!(!ghcr.realm_allowed(&Url::parse("https://other.io/token").unwrap()));
+    }
+
+    #[test]
+    fn missing_secret_files_name_the_key() {
+        let mut c = UpstreamConfig::new("https://ghcr.io");
+        c.username = Some("me".into());
+        c.password_file = Some("/nonexistent/secret".into());
+        let e = Upstream::new("ghcr", &c).err().unwrap().to_string();
+        assert!(e.starts_with("upstreams.ghcr.password_file:"), "{e}");
+        let mut c = UpstreamConfig::new("https://ghcr.io");
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = Upstream::new("ghcr", &c).err().unwrap().to_string();
+        assert!(e.starts_with("upstreams.ghcr.ca_file:"), "{e}");
+    }
 }

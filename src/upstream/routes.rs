@@ -1,0 +1,205 @@
+//! The routing table: registry name → an ordered list of upstreams.
+//!
+//! Built once from the config. With `proxy_any_registry`, routes for registries the config
+//! does not name are made on demand (`https://<registry>`, default settings) and kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::client::Upstream;
+use crate::api::registry::{self, Target};
+use crate::config::{Config, UpstreamConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::oci::RepoName;
+
+/// Most registries `proxy_any_registry` will make routes for; past it, requests for new ones
+/// are refused rather than growing without bound on client input.
+const MAX_DYNAMIC_ROUTES: usize = 256;
+
+/// One registry and the upstreams that serve it.
+pub struct Route {
+    /// Canonical registry name (`docker.io`, `ghcr.io`, …).
+    pub registry: String,
+    /// Tried in order for anything fetched by digest (verified, so any source will do).
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Tried in order to resolve tags: the upstreams the config trusts for them.
+    pub tag_upstreams: Vec<Arc<Upstream>>,
+}
+
+pub struct Routes {
+    by_registry: HashMap<String, Arc<Route>>,
+    default: Option<Arc<Route>>,
+    any_registry: bool,
+    dynamic: Mutex<HashMap<String, Arc<Route>>>,
+}
+
+/// A request's route, and the repository name as that registry knows it.
+pub struct Routed {
+    pub route: Arc<Route>,
+    pub name: RepoName,
+}
+
+impl Routes {
+    pub fn from_config(config: &Config) -> anyhow::Result<Routes> {
+        // One `Upstream` per name, shared by every route that lists it: one breaker, one
+        // token cache and one concurrency limit per real upstream.
+        let mut built: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let mut by_registry = HashMap::new();
+        let mut default = None;
+        for r in config.resolved_routes() {
+            let mut upstreams = Vec::new();
+            for (name, settings) in &r.upstreams {
+                let u = match built.get(name) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let u = Arc::new(Upstream::new(name, settings)?);
+                        built.insert(name.clone(), u.clone());
+                        u
+                    }
+                };
+                upstreams.push(u);
+            }
+            let tag_upstreams = upstreams
+                .iter()
+                .filter(|u| r.tags_from.iter().any(|t| t == u.name()))
+                .cloned()
+                .collect();
+            let route = Arc::new(Route {
+                registry: r.registry.clone(),
+                upstreams,
+                tag_upstreams,
+            });
+            if r.default {
+                default = Some(route.clone());
+            }
+            by_registry.insert(r.registry, route);
+        }
+        Ok(Routes {
+            by_registry,
+            default,
+            any_registry: config.proxy_any_registry,
+            dynamic: Mutex::default(),
+        })
+    }
+
+    /// Picks the route for a request (see `api::registry::target` for the rules).
+    pub fn resolve(&self, ns: Option<&str>, name: &RepoName) -> Result<Routed> {
+        let Target { registry, name } = registry::target(
+            ns,
+            name,
+            |r| self.by_registry.contains_key(r),
+            self.any_registry,
+        );
+        let route = match registry {
+            None => self.default.clone().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NameUnknown,
+                    format!(
+                        "{name}: the request names no registry and this mirror has no default route"
+                    ),
+                )
+            })?,
+            Some(r) => match self.by_registry.get(&r) {
+                Some(route) => route.clone(),
+                None if self.any_registry => self.dynamic_route(&r)?,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::NameUnknown,
+                        format!("registry {r:?} is not served by this mirror (no route for it)"),
+                    ));
+                }
+            },
+        };
+        let name = registry::upstream_name(&route.registry, &name);
+        Ok(Routed { route, name })
+    }
+
+    fn dynamic_route(&self, registry: &str) -> Result<Arc<Route>> {
+        if !is_host_port(registry) {
+            return Err(Error::new(
+                ErrorKind::NameInvalid,
+                format!("{registry:?} is not a registry host name"),
+            ));
+        }
+        let mut dynamic = self.dynamic.lock().expect("route map poisoned");
+        if let Some(route) = dynamic.get(registry) {
+            return Ok(route.clone());
+        }
+        if dynamic.len() >= MAX_DYNAMIC_ROUTES {
+            return Err(Error::new(
+                ErrorKind::NameUnknown,
+                format!("registry {registry:?}: too many registries proxied on demand"),
+            ));
+        }
+        let upstream = Upstream::new(
+            registry,
+            &UpstreamConfig::new(format!("https://{registry}")),
+        )
+        .map_err(|e| Error::new(ErrorKind::NameInvalid, e.to_string()))?;
+        let upstream = Arc::new(upstream);
+        let route = Arc::new(Route {
+            registry: registry.to_string(),
+            upstreams: vec![upstream.clone()],
+            tag_upstreams: vec![upstream],
+        });
+        tracing::info!(
+            registry,
+            "proxying a registry on demand (proxy_any_registry)"
+        );
+        dynamic.insert(registry.to_string(), route.clone());
+        Ok(route)
+    }
+}
+
+/// `host` or `host:port`, with a DNS-style host: the only registry names accepted from
+/// clients.
+fn is_host_port(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    host_ok && port_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_names() {
+        for ok in [
+            "ghcr.io",
+            "quay.io",
+            "localhost:5000",
+            "registry.example.com:443",
+        ] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a/b",
+            "a..b",
+            "-a.io",
+            "a.io:0",
+            "a.io:99999",
+            "a.io:x",
+            "a b",
+            "ex%2e.io",
+            "[::1]",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+}

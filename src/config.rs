@@ -655,4 +655,23 @@ mod tests {
             assert!(e.starts_with(want), "want {want}, got {e}");
         }
     }
+
+    #[test]
+    fn commented_routes_example_is_valid() {
+        // The example at the end of config.example.toml, uncommented, must be a working config.
+        let text = include_str!("../config.example.toml");
+        let start = text
+            .find("# [upstreams.hub-mirror]")
+            .expect("the routes example is in config.example.toml");
+        let uncommented: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").or_else(|| (l == "#").then_some("")))
+            .filter(|l| !l.starts_with("# "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        let routes = c.resolved_routes();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].tags_from, ["docker-hub"]);
+    }
 }

@@ -373,10 +373,11 @@ impl Config {
                     })
                 })
                 .unwrap_or_default();
+            // Named by its host, so logs and errors say which registry failed.
             return vec![ResolvedRoute {
                 registry: crate::api::registry::canonical_registry(&host),
-                upstreams: vec![("upstream".to_string(), self.upstream.clone())],
-                tags_from: vec!["upstream".to_string()],
+                upstreams: vec![(host.clone(), self.upstream.clone())],
+                tags_from: vec![host],
                 default: true,
             }];
         }

@@ -284,8 +284,17 @@ impl ManifestCache {
                     return Ok(self.by_digest(route, name, &digest, accept).await?.info());
                 }
             }
-            // Some registries answer HEAD badly (405, 400): a GET still works.
-            Err(e) if e.kind == ErrorKind::UpstreamInvalid => {
+            // Some registries answer HEAD badly (405, 400): a GET still works. A HEAD 404
+            // has no body to say whether the tag or the whole repository is missing; the GET
+            // tells. It costs one more request, and only for a tag that does not resolve.
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::UpstreamInvalid
+                        | ErrorKind::ManifestUnknown
+                        | ErrorKind::NameUnknown
+                ) =>
+            {
                 tracing::debug!(error = %e, "manifest HEAD failed; trying GET");
             }
             Err(e) => return Err(e),

@@ -709,10 +709,16 @@ impl Upstream {
             .and_then(retry_after_secs)
             .map(Duration::from_secs);
         let kind = match status {
-            StatusCode::NOT_FOUND => match object {
-                Object::Manifest => ErrorKind::ManifestUnknown,
-                Object::Blob => ErrorKind::BlobUnknown,
-                Object::Tags => ErrorKind::NameUnknown,
+            // The upstream's own code says whether the repository or the object is missing.
+            StatusCode::NOT_FOUND => match self.oci_error_code(resp, what).await.as_deref() {
+                Some("NAME_UNKNOWN") => ErrorKind::NameUnknown,
+                Some("MANIFEST_UNKNOWN") => ErrorKind::ManifestUnknown,
+                Some("BLOB_UNKNOWN") => ErrorKind::BlobUnknown,
+                _ => match object {
+                    Object::Manifest => ErrorKind::ManifestUnknown,
+                    Object::Blob => ErrorKind::BlobUnknown,
+                    Object::Tags => ErrorKind::NameUnknown,
+                },
             },
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ErrorKind::UpstreamDenied,
             StatusCode::TOO_MANY_REQUESTS => ErrorKind::TooManyRequests { retry_after },
@@ -723,6 +729,21 @@ impl Upstream {
             kind,
             format!("{what}: upstream {} answered {status}", self.name),
         )
+    }
+
+    /// The first OCI error code in an error body (small, and bounded here), if any.
+    async fn oci_error_code(&self, resp: reqwest::Response, what: &str) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            errors: Vec<Code>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Code {
+            code: String,
+        }
+        let body = self.read_body(resp, 64 * 1024, what).await.ok()??;
+        let parsed: Body = serde_json::from_slice(&body).ok()?;
+        parsed.errors.into_iter().next().map(|c| c.code)
     }
 }
 

@@ -1,0 +1,355 @@
+//! Blob fills: one upstream GET per digest, owned by the cache rather than by a request, with
+//! every client streaming from it; a fill that fails (wrong digest, cut, stall) aborts every
+//! client, caches nothing, and leaves the next request free to fetch again.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const REPO: &str = "library/app";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_completes_after_the_client_disconnects() {
+    let blob = blob_bytes(64 * MIB, 1);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+
+    // The only client leaves after 1 MiB, while the upstream is held at 2 MiB: the fill
+    // cannot have finished yet.
+    client
+        .read_prefix_then_disconnect(&blob_route(REPO, &digest), MIB)
+        .await;
+    gate.open();
+
+    let data = cistern.data().clone();
+    eventually("the abandoned fill to commit", patience(), || {
+        data.blob_path(&digest).is_file()
+    })
+    .await;
+    let again = client
+        .get_blob(REPO, &digest)
+        .await
+        .expect("GET after the fill");
+    assert_same_bytes(&again, &blob, "blob served after the fill");
+    assert_eq!(
+        upstream.blob_gets(&digest),
+        1,
+        "the later GET must be served from the cache"
+    );
+    assert_same_bytes(
+        &std::fs::read(data.blob_path(&digest)).unwrap(),
+        &blob,
+        "committed file",
+    );
+    assert_eq!(
+        data.tmp_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "tmp/ after a commit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
+    let blob = blob_bytes(2 * MIB, 2);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::GateAt(512 * KIB as u64, gate.clone()))
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+
+    let readers = cistern
+        .client()
+        .spawn_readers(&blob_route(REPO, &digest), 100);
+    // Every client has bytes while the upstream is still held: all 100 are in flight at once.
+    readers.started().await;
+    gate.open();
+
+    for (i, result) in readers.finish().await.into_iter().enumerate() {
+        let body = result.unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_same_bytes(&body, &blob, &format!("client {i}"));
+    }
+    assert_eq!(
+        upstream.blob_gets(&digest),
+        1,
+        "upstream GETs for 100 concurrent clients"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_gets_the_whole_blob_from_byte_zero() {
+    let blob = blob_bytes(4 * MIB, 3);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+    let route = blob_route(REPO, &digest);
+
+    let first = client.spawn_readers(&route, 1);
+    // A megabyte of the fill has landed (a client has seen it) before the second client comes.
+    first.received_at_least(MIB).await;
+    let late = client.spawn_readers(&route, 1);
+    late.started().await;
+    gate.open();
+
+    let first = first.finish().await.remove(0).expect("first client");
+    let late = late.finish().await.remove(0).expect("late joiner");
+    assert_same_bytes(&first, &blob, "first client");
+    assert_same_bytes(&late, &blob, "late joiner");
+    assert_eq!(upstream.blob_gets(&digest), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_abort_every_client_and_cache_nothing() {
+    let blob = blob_bytes(MIB, 4);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::WrongBytes
+                .and(Fault::GateAt(256 * KIB as u64, gate.clone()))
+                .once(),
+        )
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+
+    let readers = client.spawn_readers(&blob_route(REPO, &digest), 3);
+    readers.started().await;
+    gate.open();
+    for (i, result) in readers.finish().await.into_iter().enumerate() {
+        assert!(
+            result.is_err(),
+            "client {i} got a complete body of wrong bytes"
+        );
+    }
+
+    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
+    let retry = client
+        .get_blob(REPO, &digest)
+        .await
+        .expect("GET after a failed fill");
+    assert_same_bytes(&retry, &blob, "blob after the failed fill");
+    assert_eq!(
+        upstream.blob_gets(&digest),
+        2,
+        "the next GET fetches upstream again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_upstream_body_aborts_clients_and_next_get_refetches() {
+    let blob = blob_bytes(2 * MIB, 5);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::GateAt(256 * KIB as u64, gate.clone())
+                .and(Fault::CutAfter(MIB as u64))
+                .once(),
+        )
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+
+    let readers = client.spawn_readers(&blob_route(REPO, &digest), 3);
+    readers.started().await;
+    gate.open();
+    for (i, result) in readers.finish().await.into_iter().enumerate() {
+        assert!(
+            result.is_err(),
+            "client {i} got a complete body from a cut upstream"
+        );
+    }
+
+    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
+    let retry = client
+        .get_blob(REPO, &digest)
+        .await
+        .expect("GET after a cut fill");
+    assert_same_bytes(&retry, &blob, "blob after the cut fill");
+    assert_eq!(upstream.blob_gets(&digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_body_aborts_clients_after_idle_timeout() {
+    let blob = blob_bytes(2 * MIB, 6);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::GateAt(256 * KIB as u64, gate.clone())
+                .and(Fault::StallAfter(MIB as u64))
+                .once(),
+        )
+        .start()
+        .await;
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.upstream.idle_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let client = cistern.client();
+
+    let readers = client.spawn_readers(&blob_route(REPO, &digest), 2);
+    readers.started().await;
+    gate.open();
+    for (i, result) in readers.finish().await.into_iter().enumerate() {
+        assert!(
+            result.is_err(),
+            "client {i} got a complete body from a stalled upstream"
+        );
+    }
+
+    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
+    let retry = client
+        .get_blob(REPO, &digest)
+        .await
+        .expect("GET after a stalled fill");
+    assert_same_bytes(&retry, &blob, "blob after the stalled fill");
+    assert_eq!(upstream.blob_gets(&digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_response_is_held_until_the_whole_blob_verifies() {
+    // The range ends long before the fill does, and the upstream is held past it: a range
+    // response that is not held back until the digest verifies completes here with bytes
+    // that turn out to be wrong.
+    let blob = blob_bytes(2 * MIB, 8);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::WrongBytes
+                .and(Fault::GateAt(3 * MIB as u64 / 2, gate.clone()))
+                .once(),
+        )
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+    let route = blob_route(REPO, &digest);
+
+    let range = client.spawn_readers_with(&route, 1, |r| r.header("range", "bytes=0-524287"));
+    range.started().await;
+    gate.open();
+    let result = range.finish().await.remove(0);
+    assert!(
+        result.is_err(),
+        "a range of an unverified (and wrong) fill completed cleanly"
+    );
+
+    // With good bytes the same range completes once the blob verifies.
+    let range = client.spawn_readers_with(&route, 1, |r| r.header("range", "bytes=0-524287"));
+    let good = range
+        .finish()
+        .await
+        .remove(0)
+        .expect("range of a good fill");
+    assert_same_bytes(&good, &blob[..512 * KIB], "range after the failed fill");
+    assert_eq!(upstream.blob_gets(&digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_client_sees_wrong_bytes_as_an_error() {
+    // No gate: the mismatch may be found before or after the response header is sent, and
+    // both must end as an error for the client.
+    let blob = blob_bytes(3 * MIB, 7);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::WrongBytes.once())
+        .start()
+        .await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+
+    let first = client.get_blob(REPO, &digest).await;
+    assert!(first.is_err(), "got a complete body of wrong bytes");
+    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
+    assert_same_bytes(
+        &client.get_blob(REPO, &digest).await.unwrap(),
+        &blob,
+        "retry",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_error_status_is_not_cached() {
+    for (seed, status) in [(10, 503), (11, 429), (12, 500)] {
+        let blob = blob_bytes(100 * KIB, seed);
+        let digest = sha256_digest(&blob);
+        let upstream = FakeRegistry::builder()
+            .blob(REPO, blob.clone())
+            .on_blob(&digest, Fault::Status(status).once())
+            .start()
+            .await;
+        let cistern = TestCistern::start(&upstream).await;
+        let client = cistern.client();
+
+        // cistern may answer with an error or retry on its own; it must not serve garbage.
+        let first = client.get(&blob_route(REPO, &digest)).await;
+        if first.status == 200 {
+            assert_same_bytes(first.bytes(), &blob, "first GET after a retry");
+        } else {
+            assert!(
+                first.status.is_server_error() || first.status == 429,
+                "upstream {status} became {}",
+                first.status
+            );
+            first.oci_error_code();
+        }
+        let second = client.get_blob(REPO, &digest).await.unwrap_or_else(|e| {
+            let gets = upstream.blob_gets(&digest);
+            panic!("upstream {status} once, then the next GET failed after {gets} upstream GETs in all: {e}")
+        });
+        assert_same_bytes(&second, &blob, "second GET");
+        assert!(
+            upstream.blob_gets(&digest) >= 2,
+            "upstream {status} was remembered"
+        );
+    }
+}
+
+/// After a failed fill: no blob committed, and the partial file removed (cleanup may finish
+/// just after the clients saw their errors).
+async fn assert_failed_fill_left_nothing(data: &DataDir, digest: &str) {
+    assert!(
+        !data.blob_path(digest).exists(),
+        "a failed fill was committed"
+    );
+    assert_eq!(
+        data.blob_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "files in blobs/ after a failed fill"
+    );
+    eventually("tmp/ to be cleaned after a failed fill", patience(), || {
+        data.tmp_files().is_empty()
+    })
+    .await;
+}

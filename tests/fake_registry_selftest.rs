@@ -1,0 +1,332 @@
+//! The fake upstream on its own: every fault does what the cistern tests rely on.
+
+mod support;
+
+use http::{Method, StatusCode};
+use support::*;
+
+const REPO: &str = "library/app";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_blobs_with_registry_headers() {
+    let blob = blob_bytes(300 * KIB, 1);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    let got = client.get_blob(REPO, &digest).await.expect("GET blob");
+    assert_eq!(got, blob);
+
+    let head = client.head(&format!("/v2/{REPO}/blobs/{digest}")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), Some("307200"));
+    assert_eq!(head.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(
+        head.header("content-type"),
+        Some("application/octet-stream")
+    );
+
+    assert_eq!(upstream.blob_gets(&digest), 1);
+    assert_eq!(upstream.count(Method::HEAD, Kind::Blob, &digest), 1);
+    let seen = &upstream.requests_for(Kind::Blob, &digest)[0];
+    assert_eq!(seen.repo, REPO);
+    assert!(seen.headers.get("range").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_ranges() {
+    let blob = blob_bytes(1000, 2);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+
+    let r = client
+        .send(
+            client
+                .request(Method::GET, &path)
+                .header("range", "bytes=0-0"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.header("content-range"), Some("bytes 0-0/1000"));
+    assert_eq!(r.bytes()[..], blob[..1]);
+
+    let r = client
+        .send(
+            client
+                .request(Method::GET, &path)
+                .header("range", "bytes=-10"),
+        )
+        .await;
+    assert_eq!(r.header("content-range"), Some("bytes 990-999/1000"));
+    assert_eq!(r.bytes()[..], blob[990..]);
+
+    let r = client
+        .send(
+            client
+                .request(Method::GET, &path)
+                .header("range", "bytes=1000-"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.header("content-range"), Some("bytes */1000"));
+
+    let seen = upstream.requests_for(Kind::Blob, &digest);
+    assert_eq!(seen[0].header_values("range"), ["bytes=0-0"]);
+}
+
+/// The premise of every abort test: reqwest reports a body shorter than its Content-Length as
+/// an error, not as a clean short body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_body_is_an_error_for_reqwest() {
+    let blob = blob_bytes(512 * KIB, 3);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::CutAfter(100 * KIB as u64).once())
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    let first = client.get_blob(REPO, &digest).await;
+    assert!(
+        first.is_err(),
+        "a cut body must be an error, got {} bytes",
+        first.map(|b| b.len()).unwrap_or(0)
+    );
+    // One-shot: the next GET is clean.
+    assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
+    assert_eq!(upstream.blob_gets(&digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_errors_when_the_registry_goes_away() {
+    let blob = blob_bytes(256 * KIB, 4);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::StallAfter(64 * KIB as u64))
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    let readers = client.spawn_readers(&format!("/v2/{REPO}/blobs/{digest}"), 1);
+    readers.started().await;
+    drop(upstream);
+    let results = readers.finish().await;
+    assert!(results[0].is_err(), "a stalled body must not complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_keep_length_and_headers() {
+    let blob = blob_bytes(200 * KIB, 5);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::WrongBytes)
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    let r = client.get(&format!("/v2/{REPO}/blobs/{digest}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    assert_eq!(r.bytes().len(), blob.len());
+    assert_ne!(sha256_digest(r.bytes()), digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_holds_the_body_until_opened() {
+    let blob = blob_bytes(MIB, 6);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::GateAt(300 * KIB as u64, gate.clone()))
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    let readers = client.spawn_readers(&format!("/v2/{REPO}/blobs/{digest}"), 2);
+    readers.started().await;
+    gate.wait_reached(2).await;
+    gate.open();
+    for result in readers.finish().await {
+        assert_eq!(result.unwrap(), blob);
+    }
+    // Once open, the gate lets later bodies straight through.
+    assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
+    assert_eq!(gate.reached(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_arrives_whole() {
+    let blob = blob_bytes(64 * KIB, 7);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::Slow {
+                bytes_per_sec: 1024 * 1024,
+            },
+        )
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+    assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_faults_and_unknown_content() {
+    let blob = blob_bytes(1000, 8);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::Status(429).once())
+        .on_blob(&digest, Fault::Status(503).once())
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+    let path = format!("/v2/{REPO}/blobs/{digest}");
+
+    let r = client.get(&path).await;
+    r.assert_oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(
+        client.head(&path).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
+
+    let missing = sha256_digest(b"missing");
+    client
+        .get(&format!("/v2/{REPO}/blobs/{missing}"))
+        .await
+        .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    client
+        .get(&format!("/v2/nope/blobs/{digest}"))
+        .await
+        .assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    client
+        .get_manifest(REPO, "nope")
+        .await
+        .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    client
+        .send(client.request(Method::PUT, &path))
+        .await
+        .assert_oci_error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_without_length() {
+    let blob = blob_bytes(5000, 9);
+    let digest = sha256_digest(&blob);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(&digest, Fault::HeadWithoutLength)
+        .start()
+        .await;
+    let target = format!("/v2/{REPO}/blobs/{digest}");
+
+    let head = raw_request(upstream.addr(), "HEAD", target.as_bytes()).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), None, "{head:?}");
+    // GETs are untouched by a HEAD-only fault.
+    let get = raw_request(upstream.addr(), "GET", target.as_bytes()).await;
+    assert_eq!(get.header("content-length"), Some("5000"));
+    assert_eq!(get.body, blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_tags_and_the_request_log() {
+    let manifest =
+        br#"{ "schemaVersion":2,   "mediaType" : "application/vnd.oci.image.manifest.v1+json" }"#;
+    let digest = sha256_digest(manifest);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("v1"), OCI_MANIFEST, &manifest[..])
+        .start()
+        .await;
+    upstream.tag(REPO, "v2", &digest);
+    upstream.tag(REPO, "v3", &digest);
+    let client = Client::new(upstream.url());
+
+    for reference in ["v1", digest.as_str()] {
+        let r = client
+            .send(
+                client
+                    .request(Method::GET, &format!("/v2/{REPO}/manifests/{reference}"))
+                    .header("accept", OCI_MANIFEST)
+                    .header("accept", format!("{OCI_INDEX}, {DOCKER_MANIFEST}")),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.bytes()[..], manifest[..]);
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+        assert_eq!(r.header("docker-content-digest"), Some(digest.as_str()));
+    }
+    let seen = upstream.requests_for(Kind::Manifest, "v1");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header_values("accept"),
+        [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST]
+    );
+
+    let page = client
+        .get(&format!("/v2/{REPO}/tags/list?n=2&last=v1"))
+        .await;
+    assert_eq!(
+        page.json(),
+        serde_json::json!({ "name": REPO, "tags": ["v2", "v3"] })
+    );
+    let page = client.get(&format!("/v2/{REPO}/tags/list?n=1")).await;
+    assert_eq!(page.json()["tags"], serde_json::json!(["v1"]));
+    assert!(page.header("link").unwrap().contains("last=v1"));
+    assert_eq!(
+        upstream.requests().last().unwrap().query.as_deref(),
+        Some("n=1")
+    );
+
+    let ping = raw_request(upstream.addr(), "GET", b"/v2/").await;
+    assert_eq!(ping.status, 200);
+    assert_eq!(
+        ping.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_compose_and_count_down() {
+    let blob = blob_bytes(400 * KIB, 10);
+    let digest = sha256_digest(&blob);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    upstream.on_blob(
+        &digest,
+        Fault::WrongBytes
+            .and(Fault::GateAt(100 * KIB as u64, gate.clone()))
+            .times(2),
+    );
+    let client = Client::new(upstream.url());
+
+    let readers = client.spawn_readers(&format!("/v2/{REPO}/blobs/{digest}"), 2);
+    readers.started().await;
+    gate.open();
+    for result in readers.finish().await {
+        let body = result.unwrap();
+        assert_eq!(body.len(), blob.len());
+        assert_ne!(body, blob);
+    }
+    assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
+    assert_eq!(upstream.blob_gets(&digest), 3);
+}

@@ -1,0 +1,394 @@
+//! Client helpers. A [`Response`] always holds the outcome of reading the whole body, so a
+//! connection aborted mid-body (the only honest way to end a short response) is visible as
+//! `body: Err(..)`, never as a clean short body.
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderMap;
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::bounded;
+
+// === impl Client ===
+
+/// A reqwest client bound to one base URL.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(base: impl Into<String>) -> Client {
+        super::init();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("build reqwest client");
+        Client {
+            http,
+            base: base.into(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request to build on (extra headers and the like); send it with [`Client::send`].
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path))
+    }
+
+    /// Sends and reads the whole body. Panics only if no response arrives at all.
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Response {
+        bounded("a response", async {
+            let response = request.send().await.expect("send request");
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = response.bytes().await.map_err(|e| format!("{e:?}"));
+            Response {
+                status,
+                headers,
+                body,
+            }
+        })
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    pub async fn head(&self, path: &str) -> Response {
+        self.send(self.request(Method::HEAD, path)).await
+    }
+
+    /// GETs a blob: `Ok` only for a 200 whose whole body arrived. A non-200 status, an error
+    /// while sending, or a body that ended early is an `Err` describing what happened.
+    pub async fn get_blob(&self, repo: &str, digest: &str) -> Result<Bytes, String> {
+        let request = self.request(Method::GET, &format!("/v2/{repo}/blobs/{digest}"));
+        fetch(request).await
+    }
+
+    pub async fn get_manifest(&self, repo: &str, reference: &str) -> Response {
+        self.get(&format!("/v2/{repo}/manifests/{reference}")).await
+    }
+
+    /// GETs `path`, reads at least `n` body bytes, then drops the response (closing the
+    /// connection mid-body). Returns how many bytes arrived. Panics on a non-200 answer or if
+    /// the body ends before `n`.
+    pub async fn read_prefix_then_disconnect(&self, path: &str, n: usize) -> usize {
+        bounded("a body prefix", async {
+            let mut response = self
+                .request(Method::GET, path)
+                .send()
+                .await
+                .expect("send request");
+            assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+            let mut got = 0;
+            while got < n {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => got += chunk.len(),
+                    Ok(None) => panic!("body of {path} ended after {got} bytes, before {n}"),
+                    Err(e) => panic!("body of {path} failed after {got} bytes: {e:?}"),
+                }
+            }
+            got
+        })
+        .await
+    }
+
+    /// Starts `n` concurrent GETs of `path`; see [`Readers`].
+    pub fn spawn_readers(&self, path: &str, n: usize) -> Readers {
+        self.spawn_readers_with(path, n, |r| r)
+    }
+
+    /// Like [`Client::spawn_readers`], with `tweak` applied to each request (e.g. a `Range`).
+    pub fn spawn_readers_with(
+        &self,
+        path: &str,
+        n: usize,
+        tweak: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Readers {
+        let progress = watch::Sender::new(vec![Progress::default(); n]);
+        let handles = (0..n)
+            .map(|i| {
+                let request = tweak(self.request(Method::GET, path));
+                let progress = progress.clone();
+                tokio::spawn(async move {
+                    let result = read_reporting_progress(request, |received| {
+                        progress.send_modify(|p| p[i].received = received)
+                    })
+                    .await;
+                    progress.send_modify(|p| p[i].done = true);
+                    result
+                })
+            })
+            .collect();
+        Readers { progress, handles }
+    }
+}
+
+async fn fetch(request: reqwest::RequestBuilder) -> Result<Bytes, String> {
+    bounded("a blob", async {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("send failed: {e:?}"))?;
+        let status = response.status();
+        let body = response.bytes().await;
+        match (status, body) {
+            (StatusCode::OK, Ok(body)) => Ok(body),
+            (StatusCode::OK, Err(e)) => Err(format!("body failed: {e:?}")),
+            (status, body) => Err(format!(
+                "status {status}: {}",
+                body.map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            )),
+        }
+    })
+    .await
+}
+
+/// Like [`fetch`] (a 200, or a 206 for a range, whose whole body arrived; else `Err`),
+/// calling `on_progress` with the running byte count after every chunk.
+async fn read_reporting_progress(
+    request: reqwest::RequestBuilder,
+    mut on_progress: impl FnMut(usize),
+) -> Result<Bytes, String> {
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| format!("send failed: {e:?}"))?;
+    if response.status() != StatusCode::OK && response.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(format!("status {}", response.status()));
+    }
+    let mut body = BytesMut::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                on_progress(body.len());
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => return Err(format!("body failed after {} bytes: {e:?}", body.len())),
+        }
+    }
+}
+
+// === impl Readers ===
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Progress {
+    received: usize,
+    done: bool,
+}
+
+/// Concurrent GETs of one path, each reporting how far it got. A reader that has received body
+/// bytes is attached to whatever produces the body; the test can then let the upstream go on.
+pub struct Readers {
+    progress: watch::Sender<Vec<Progress>>,
+    handles: Vec<JoinHandle<Result<Bytes, String>>>,
+}
+
+impl Readers {
+    /// Waits until every reader has received its first body byte (or finished).
+    pub async fn started(&self) {
+        self.received_at_least(1).await
+    }
+
+    /// Waits until every reader has received at least `n` body bytes (or finished).
+    pub async fn received_at_least(&self, n: usize) {
+        let mut rx = self.progress.subscribe();
+        let what = format!("every reader to receive {n} bytes");
+        bounded(
+            &what,
+            rx.wait_for(|p| p.iter().all(|r| r.done || r.received >= n)),
+        )
+        .await
+        .expect("progress sender is alive");
+    }
+
+    /// Waits for every reader; results in the order they were spawned.
+    pub async fn finish(self) -> Vec<Result<Bytes, String>> {
+        let mut out = Vec::with_capacity(self.handles.len());
+        for handle in self.handles {
+            out.push(
+                bounded("a reader to finish", handle)
+                    .await
+                    .expect("reader task panicked"),
+            );
+        }
+        out
+    }
+}
+
+// === impl Response ===
+
+/// A response with its whole body read.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// `Err` if the body could not be read to its end (e.g. the connection was aborted).
+    pub body: Result<Bytes, String>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header"))
+    }
+
+    /// The body; panics if it did not arrive whole.
+    pub fn bytes(&self) -> &Bytes {
+        match &self.body {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("body did not arrive whole ({}): {e}", self.status),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.bytes()).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(self.bytes())
+            )
+        })
+    }
+
+    /// Asserts an OCI error response: this status, a JSON body `{"errors":[{"code":..,
+    /// "message":..}]}` whose first code is `code`.
+    pub fn assert_oci_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "status; body: {:?}", self.body_text());
+        assert_eq!(self.oci_error_code(), code, "body: {:?}", self.body_text());
+    }
+
+    /// The first error code of an OCI error body; panics if the body is not one.
+    pub fn oci_error_code(&self) -> String {
+        oci_error_code(self.bytes())
+    }
+
+    pub fn body_text(&self) -> String {
+        match &self.body {
+            Ok(b) => String::from_utf8_lossy(b).into_owned(),
+            Err(e) => format!("<body error: {e}>"),
+        }
+    }
+}
+
+/// The first `errors[].code` of an OCI error body, checking the shape on the way.
+pub fn oci_error_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let json: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text:?}"));
+    let first = &json["errors"][0];
+    assert!(
+        first["message"].is_string(),
+        "OCI error without a message: {text}"
+    );
+    first["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an OCI error body: {text}"))
+        .to_string()
+}
+
+// === Raw HTTP ===
+
+/// A response read off a raw socket. `status` is 0 if the server closed without answering.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `METHOD target HTTP/1.1` exactly as given (no URL normalisation, so `..`, `%2f` and
+/// even NUL reach the server), with `Connection: close`, and reads the response to EOF.
+pub async fn raw_request(addr: SocketAddr, method: &str, target: &[u8]) -> RawResponse {
+    bounded("a raw response", async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut request = Vec::new();
+        request.extend_from_slice(method.as_bytes());
+        request.push(b' ');
+        request.extend_from_slice(target);
+        request.extend_from_slice(b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(&request).await.expect("write request");
+        let mut raw = Vec::new();
+        // A reset after the response is fine; what arrived before it counts.
+        let _ = stream.read_to_end(&mut raw).await;
+        parse_raw(&raw, method == "HEAD")
+    })
+    .await
+}
+
+fn parse_raw(raw: &[u8], head: bool) -> RawResponse {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return RawResponse {
+            status: 0,
+            headers: Vec::new(),
+            body: raw.to_vec(),
+        };
+    };
+    let head_text = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head_text.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let rest = &raw[split + 4..];
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if head {
+        Vec::new()
+    } else if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&rest[..eol]);
+        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+        else {
+            break;
+        };
+        rest = &rest[eol + 2..];
+        if size == 0 || rest.len() < size {
+            out.extend_from_slice(&rest[..size.min(rest.len())]);
+            break;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest.get(size + 2..).unwrap_or(&[]);
+    }
+    out
+}

@@ -1,0 +1,141 @@
+//! Test support: a fake upstream registry, a cistern under test, and client helpers.
+//!
+//! Layout:
+//! - [`registry`]: `FakeRegistry`, an in-process upstream with per-blob and per-manifest fault
+//!   injection (`Fault`), one-shot rules, a `Gate` that holds a body mid-way, and a log of every
+//!   request it saw.
+//! - [`cistern`]: `TestCistern`, which runs `cistern::run` on `127.0.0.1:0` over a temporary
+//!   `DataDir`, and shuts it down with the run's error or panic re-raised.
+//! - [`client`]: a small reqwest client (`Client`) whose responses always carry the outcome of
+//!   reading the whole body, concurrent blob readers (`Readers`), and a raw HTTP/1.1 request for
+//!   paths that a URL library would normalise.
+//!
+//! Every wait in a test is bounded: by [`bounded`] (a future), [`eventually`] (a condition; a
+//! last resort, e.g. for a background fill that nobody is reading), or a `Gate`.
+//! `CISTERN_TEST_PATIENCE_MS` stretches the default patience on very slow machines.
+
+// Each test binary uses a different part of this module.
+#![allow(dead_code, unused_imports)]
+
+pub mod cistern;
+pub mod client;
+pub mod registry;
+
+use std::future::Future;
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+pub use self::cistern::{DataDir, TestCistern};
+pub use self::client::{Client, RawResponse, Readers, Response, raw_request};
+pub use self::registry::{FakeRegistry, Fault, Gate, Kind, Rule, Seen};
+
+pub const KIB: usize = 1024;
+pub const MIB: usize = 1024 * 1024;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// How long any single wait in a test may take before the test fails. Generous, because the
+/// tests run unoptimised on small machines; a wait that needs all of it is a hang.
+pub fn patience() -> Duration {
+    let ms = std::env::var("CISTERN_TEST_PATIENCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60_000);
+    Duration::from_millis(ms)
+}
+
+/// Installs the process-wide pieces every test needs, once: the rustls crypto provider (the
+/// crate enables reqwest's `rustls-no-provider`, so building any reqwest client without one
+/// panics) and a tracing subscriber that writes through the test harness (`RUST_LOG=debug`).
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Another part of the process may have installed one already; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    });
+}
+
+/// `sha256:<hex>` of `data`, as registries spell digests.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// `size` deterministic pseudo-random bytes; different seeds give unrelated contents, so two
+/// blobs of one size never share a digest.
+pub fn blob_bytes(size: usize, seed: u64) -> Bytes {
+    // splitmix64: fast, and good enough that no two chunks of a blob look alike.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(size);
+    Bytes::from(out)
+}
+
+/// `/v2/<repo>/blobs/<digest>`.
+pub fn blob_route(repo: &str, digest: &str) -> String {
+    format!("/v2/{repo}/blobs/{digest}")
+}
+
+/// `/v2/<repo>/manifests/<reference>`.
+pub fn manifest_route(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
+}
+
+/// Asserts two (possibly huge) byte strings are equal without printing them: on a mismatch it
+/// reports lengths, digests and the first differing offset.
+#[track_caller]
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: got {} bytes ({}), want {} bytes ({}); first difference at {first_diff:?}",
+            got.len(),
+            sha256_digest(got),
+            want.len(),
+            sha256_digest(want)
+        );
+    }
+}
+
+/// Awaits `fut`, failing the test if it takes longer than [`patience`].
+pub async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
+    let limit = patience();
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Polls `cond` until it holds, failing the test after `patience`.
+///
+/// A last resort: prefer a `Gate` or a response that proves progress. Use it for effects that
+/// nothing in the protocol reports, such as a background fill committing after its only client
+/// went away.
+pub async fn eventually(what: &str, patience: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if cond() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("gave up after {patience:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -68,11 +68,11 @@ impl Client {
         self.send(self.request(Method::HEAD, path)).await
     }
 
-    /// GETs a blob: `Ok` only for a 200 whose whole body arrived. A non-200 status, an error
+    /// GETs a blob: `Ok` only for a 2xx whose whole body arrived. A non-2xx status, an error
     /// while sending, or a body that ended early is an `Err` describing what happened.
     pub async fn get_blob(&self, repo: &str, digest: &str) -> Result<Bytes, String> {
         let request = self.request(Method::GET, &format!("/v2/{repo}/blobs/{digest}"));
-        fetch(request).await
+        bounded("a blob", read_reporting_progress(request, |_| {})).await
     }
 
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Response {
@@ -134,29 +134,9 @@ impl Client {
     }
 }
 
-async fn fetch(request: reqwest::RequestBuilder) -> Result<Bytes, String> {
-    bounded("a blob", async {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("send failed: {e:?}"))?;
-        let status = response.status();
-        let body = response.bytes().await;
-        match (status, body) {
-            (StatusCode::OK, Ok(body)) => Ok(body),
-            (StatusCode::OK, Err(e)) => Err(format!("body failed: {e:?}")),
-            (status, body) => Err(format!(
-                "status {status}: {}",
-                body.map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default()
-            )),
-        }
-    })
-    .await
-}
-
-/// Like [`fetch`] (a 200, or a 206 for a range, whose whole body arrived; else `Err`),
-/// calling `on_progress` with the running byte count after every chunk.
+/// Sends `request` and reads the whole body, calling `on_progress` with the running byte count
+/// after every chunk. `Ok` only for a 200 (or a 206, for a range) whose whole body arrived;
+/// otherwise an `Err` saying what happened, with the body of an error status.
 async fn read_reporting_progress(
     request: reqwest::RequestBuilder,
     mut on_progress: impl FnMut(usize),
@@ -165,8 +145,10 @@ async fn read_reporting_progress(
         .send()
         .await
         .map_err(|e| format!("send failed: {e:?}"))?;
-    if response.status() != StatusCode::OK && response.status() != StatusCode::PARTIAL_CONTENT {
-        return Err(format!("status {}", response.status()));
+    let status = response.status();
+    if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
+        let text = response.text().await.unwrap_or_default();
+        return Err(format!("status {status}: {text}"));
     }
     let mut body = BytesMut::new();
     loop {

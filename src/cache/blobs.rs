@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::fill::{self, FillGuard, FillState, blocking};
+use super::fill::{self, BadSources, FillGuard, FillState, blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
@@ -35,6 +35,8 @@ pub struct BlobCache {
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
     cancel: CancellationToken,
+    /// Upstreams that recently sent bad bytes for a digest; fills pass them over.
+    bad_sources: Arc<BadSources>,
 }
 
 /// Where a blob's bytes come from.
@@ -69,6 +71,7 @@ impl BlobCache {
             fills: Arc::default(),
             tracker,
             cancel,
+            bad_sources: Arc::default(),
         }
     }
 
@@ -173,13 +176,14 @@ impl BlobCache {
         );
         let store = self.store.clone();
         let route = route.clone();
+        let bad_sources = self.bad_sources.clone();
         let token = self.cancel.child_token();
         let name = name.clone();
         let digest = digest.clone();
         tracing::debug!(%digest, %name, "starting cache fill");
         self.tracker.spawn(async move {
             let outcome = tokio::select! {
-                r = fill::run(&guard, &store, &route, &name, &digest) => r,
+                r = fill::run(&guard, &store, &route, &bad_sources, &name, &digest) => r,
                 () = token.cancelled() => Err(Error::new(
                     ErrorKind::ShuttingDown,
                     format!("blob {digest}: fill cancelled by shutdown"),

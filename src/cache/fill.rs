@@ -123,6 +123,7 @@ pub async fn run(
     guard: &FillGuard,
     store: &Arc<DiskStore>,
     route: &Route,
+    bad_sources: &BadSources,
     name: &RepoName,
     digest: &Digest,
 ) -> Result<FillState> {
@@ -135,7 +136,13 @@ pub async fn run(
     let mut sources: Vec<&Upstream> = Vec::new();
     let mut complete = false;
 
-    for upstream in &route.upstreams {
+    // Upstreams that recently sent bad bytes for this digest go last: demoted, not dropped,
+    // so a lone upstream whose corruption was passing is still retried.
+    let (trusted, suspect): (Vec<_>, Vec<_>) = route
+        .upstreams
+        .iter()
+        .partition(|u| !bad_sources.is_bad(digest, u));
+    for upstream in trusted.into_iter().chain(suspect) {
         if !upstream.admit() {
             attempts.circuit_open(upstream);
             continue;
@@ -229,10 +236,12 @@ pub async fn run(
                 names.join(" + ")
             ),
         );
-        // Count it against the sources, so a mirror that keeps serving bad bytes trips its
-        // breaker and the next fill goes to a healthy upstream.
+        // The clients attached to this fill already have the bad bytes and must fail. The next
+        // fill tries these sources last for this digest, so the next pull gets good bytes from
+        // another upstream instead of failing the same way forever.
         for u in &sources {
             u.record_failure(&e);
+            bad_sources.mark(digest, u);
         }
         return Err(e);
     }
@@ -375,6 +384,45 @@ fn body_error(upstream: &Upstream, digest: &Digest, at: u64, e: &reqwest::Error)
             error_chain(e)
         ),
     )
+}
+
+/// (digest, upstream) pairs whose bytes failed verification recently. An upstream that
+/// answers 200 with wrong content looks healthy to the breaker; this is what sends the next
+/// fill of that blob to the other upstreams first.
+pub struct BadSources {
+    recent: moka::sync::Cache<(Digest, String), ()>,
+}
+
+impl BadSources {
+    /// How long a source stays suspect for a digest: long enough for clients to retry their
+    /// pull, short enough that a repaired mirror is used again.
+    pub const MEMORY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+    pub fn new() -> BadSources {
+        BadSources {
+            recent: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Self::MEMORY)
+                .build(),
+        }
+    }
+
+    fn mark(&self, digest: &Digest, upstream: &Upstream) {
+        tracing::warn!(%digest, upstream = upstream.name(), "upstream sent bad bytes: trying it last for this blob");
+        self.recent
+            .insert((digest.clone(), upstream.name().to_string()), ());
+    }
+
+    fn is_bad(&self, digest: &Digest, upstream: &Upstream) -> bool {
+        self.recent
+            .contains_key(&(digest.clone(), upstream.name().to_string()))
+    }
+}
+
+impl Default for BadSources {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Runs blocking storage work on the blocking pool, mapping failures to storage errors.

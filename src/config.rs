@@ -43,6 +43,9 @@ pub struct Config {
     /// A request for a registry no route names: `false` answers 404 (containerd then tries its
     /// next host); `true` proxies it to `https://<registry>` with default settings.
     pub proxy_any_registry: bool,
+    /// Never contact an upstream: serve only what is cached (tags as last seen, any age).
+    /// For air-gapped sites running a cache filled ahead of time.
+    pub offline: bool,
     pub cache: CacheConfig,
     pub log: LogConfig,
 }
@@ -115,6 +118,30 @@ pub struct CacheConfig {
     pub max_manifest_size: ByteSize,
     /// Memory budget for manifests kept in memory in front of the disk cache.
     pub manifest_memory: ByteSize,
+    /// After a tag answer's TTL, for this long more it is still served at once while a
+    /// background request refreshes it (stale-while-revalidate). Zero (the default) turns it
+    /// off, so that `tag_ttl` bounds how stale a tag answer can be.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// When every upstream fails, a tag answer this much past its TTL is still served (with a
+    /// `Warning` header and a log line) instead of an error (stale-if-error). Zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// How long "this tag or manifest does not exist" is remembered, so a storm of pulls of
+    /// a missing tag costs the upstreams one request. Zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// TTLs by tag pattern; the first matching rule wins, else `tag_ttl` applies.
+    pub tag_rules: Vec<TagRule>,
+}
+
+/// A TTL for the tags matching a glob pattern (`*` any run of characters, `?` any one).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TagRule {
+    pub pattern: String,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -145,6 +172,7 @@ impl Default for Config {
             upstreams: BTreeMap::new(),
             routes: Vec::new(),
             proxy_any_registry: false,
+            offline: false,
             cache: CacheConfig::default(),
             log: LogConfig::default(),
         }
@@ -199,6 +227,10 @@ impl Default for CacheConfig {
             tag_ttl: Duration::from_secs(5 * 60),
             max_manifest_size: ByteSize::mib(4),
             manifest_memory: ByteSize::mib(64),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::from_secs(7 * 24 * 60 * 60),
+            negative_ttl: Duration::from_secs(30),
+            tag_rules: Vec::new(),
         }
     }
 }
@@ -350,6 +382,14 @@ impl Config {
                     self.cache.max_manifest_size
                 ),
             );
+        }
+        for (i, rule) in self.cache.tag_rules.iter().enumerate() {
+            if rule.pattern.is_empty() {
+                return invalid(
+                    &format!("cache.tag_rules[{i}].pattern"),
+                    "must not be empty".into(),
+                );
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

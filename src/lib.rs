@@ -55,8 +55,9 @@ pub async fn run(
     let cancel_fills = CancellationToken::new();
     let app = Arc::new(server::App {
         blobs: cache::BlobCache::new(store.clone(), fills.clone(), cancel_fills.clone()),
-        manifests: cache::ManifestCache::new(store.clone(), &config.cache),
+        manifests: cache::ManifestCache::new(store.clone(), &config.cache, config.offline),
         routes,
+        offline: config.offline,
     });
 
     let connections = TaskTracker::new();

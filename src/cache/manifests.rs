@@ -7,19 +7,29 @@
 //! - A manifest requested by digest is checked against that digest before it is stored or
 //!   served. One requested by tag is stored under the digest of its bytes, and rejected if
 //!   the upstream's `Docker-Content-Digest` disagrees.
-//! - Tag → digest answers are trusted for `cache.tag_ttl`, then revalidated with a HEAD. They
-//!   are kept per Accept set: the same tag can name different manifests for different sets.
+//! - Tag → digest answers follow the freshness policy (`cache::freshness`): fresh within their
+//!   TTL, then served while refreshed in the background, then served only if every upstream
+//!   fails; revalidation is a HEAD. They are kept per (registry, repository, tag, Accept set),
+//!   in memory and on disk (`storage::tags`), so they survive restarts.
+//! - "Not found" is remembered for `cache.negative_ttl` (memory only), never served stale.
+//! - In offline mode no upstream is contacted: tags as last recorded (any age, any Accept set
+//!   whose media type the client accepts), manifests and blobs from disk only.
 //! - Concurrent requests for the same manifest or tag share one upstream request (moka's
-//!   `try_get_with` runs one loader per key). Errors are not cached.
+//!   `try_get_with` by digest, `SingleFlight` for tags). Errors are not cached.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use super::fill::blocking;
+use super::freshness::{Freshness, Policy};
+use super::singleflight::SingleFlight;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
+use crate::storage::TagRecord;
+use crate::storage::tags::millis_since_epoch;
 use crate::storage::{DiskStore, StoredManifest};
 use crate::upstream::fallback::first_success;
 use crate::upstream::{Route, Upstream};
@@ -38,6 +48,15 @@ pub struct ManifestInfo {
     pub digest: Digest,
     pub media_type: String,
     pub size: u64,
+    /// Served from a stale tag answer because every upstream failed (stale-if-error).
+    pub stale: bool,
+}
+
+/// A remembered tag answer: what it resolved to (`None`: not found), and when.
+#[derive(Clone, Debug)]
+struct TagAnswer {
+    info: Option<ManifestInfo>,
+    fetched: SystemTime,
 }
 
 impl Manifest {
@@ -46,6 +65,7 @@ impl Manifest {
             digest: self.digest.clone(),
             media_type: self.media_type.clone(),
             size: self.bytes.len() as u64,
+            stale: false,
         }
     }
 }
@@ -61,62 +81,88 @@ struct TagKey {
 }
 
 pub struct ManifestCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     store: Arc<DiskStore>,
     by_digest: moka::future::Cache<Digest, Arc<Manifest>>,
-    tags: moka::future::Cache<TagKey, ManifestInfo>,
+    /// Tag answers in memory; the disk has the positive ones too.
+    tags: moka::future::Cache<TagKey, TagAnswer>,
+    refreshing: SingleFlight<TagKey, Result<ManifestInfo>>,
+    policy: Policy,
     max_size: u64,
+    offline: bool,
 }
 
 impl ManifestCache {
-    pub fn new(store: Arc<DiskStore>, config: &CacheConfig) -> Self {
+    pub fn new(store: Arc<DiskStore>, config: &CacheConfig, offline: bool) -> Self {
         let by_digest = moka::future::Cache::builder()
             .max_capacity(config.manifest_memory.as_u64())
             .weigher(|_k: &Digest, m: &Arc<Manifest>| {
                 u32::try_from(m.bytes.len() + m.media_type.len() + 128).unwrap_or(u32::MAX)
             })
             .build();
+        let policy = Policy::new(config);
+        // Memory holds answers for as long as any policy window could use them; older ones
+        // are read back from disk when needed.
+        let keep = policy.longest_ttl()
+            + config.stale_while_revalidate.max(config.stale_if_error)
+            + config.negative_ttl;
         let tags = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .time_to_live(config.tag_ttl)
+            .time_to_live(keep.max(Duration::from_secs(1)))
             .build();
         ManifestCache {
-            store,
-            by_digest,
-            tags,
-            max_size: config.max_manifest_size.as_u64(),
+            inner: Arc::new(Inner {
+                store,
+                by_digest,
+                tags,
+                refreshing: SingleFlight::default(),
+                policy,
+                max_size: config.max_manifest_size.as_u64(),
+                offline,
+            }),
         }
     }
 
-    /// The manifest for a GET.
+    /// The manifest for a GET, and whether a stale tag answer named it (stale-if-error).
     pub async fn get(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
-    ) -> Result<Arc<Manifest>> {
-        let digest = match reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => self.resolve_tag(route, name, t, accept).await?.digest,
+    ) -> Result<(Arc<Manifest>, bool)> {
+        let inner = &self.inner;
+        let (digest, stale) = match reference {
+            Reference::Digest(d) => (d.clone(), false),
+            Reference::Tag(t) => {
+                let info = inner.resolve_tag(route, name, t, accept).await?;
+                (info.digest, info.stale)
+            }
         };
-        self.by_digest(route, name, &digest, accept).await
+        Ok((inner.by_digest(route, name, &digest, accept).await?, stale))
     }
 
     /// The facts for a HEAD. A tag whose upstream HEAD told us everything is answered without
     /// downloading the manifest (a HEAD does not count against Docker Hub's pull limit).
     pub async fn head(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
     ) -> Result<ManifestInfo> {
+        let inner = &self.inner;
         match reference {
-            Reference::Digest(d) => Ok(self.by_digest(route, name, d, accept).await?.info()),
-            Reference::Tag(t) => self.resolve_tag(route, name, t, accept).await,
+            Reference::Digest(d) => Ok(inner.by_digest(route, name, d, accept).await?.info()),
+            Reference::Tag(t) => inner.resolve_tag(route, name, t, accept).await,
         }
     }
+}
 
+impl Inner {
     async fn by_digest(
         &self,
         route: &Route,
@@ -155,6 +201,9 @@ impl ManifestCache {
             Ok(None) => {}
             // A damaged file is refetched (and overwritten) rather than served or fatal.
             Err(e) => tracing::warn!(%digest, error = %e, "cached manifest unreadable; refetching"),
+        }
+        if self.offline {
+            return Err(offline_miss(format!("manifest {name}@{digest}")));
         }
         let reference = Reference::Digest(digest.clone());
         let what = format!("manifest {name}@{digest}");
@@ -216,11 +265,11 @@ impl ManifestCache {
         })
     }
 
-    /// Tag → digest (and the facts a HEAD needs), from memory within the TTL, else from the
-    /// route's tag upstreams, in order.
+    /// Tag → digest (and the facts a HEAD needs), by the freshness policy: from memory or disk
+    /// while fresh, else from the route's tag upstreams in order.
     async fn resolve_tag(
-        &self,
-        route: &Route,
+        self: &Arc<Self>,
+        route: &Arc<Route>,
         name: &RepoName,
         tag: &Tag,
         accept: &[String],
@@ -231,14 +280,174 @@ impl ManifestCache {
             tag: tag.clone(),
             accept: crate::api::headers::accept_key(accept),
         };
-        let what = format!("manifest {name}:{tag}");
-        let resolve = first_success(&route.tag_upstreams, &what, |upstream| {
-            self.resolve_tag_on(route, upstream, name, tag, accept)
-        });
-        self.tags
-            .try_get_with(key, resolve)
+        let known = self.remembered(&key).await;
+        if self.offline {
+            return self.resolve_offline(&key, known, accept).await;
+        }
+        if let Some(answer) = &known {
+            let age = SystemTime::now()
+                .duration_since(answer.fetched)
+                .unwrap_or(Duration::ZERO);
+            match &answer.info {
+                None if self.policy.negative_is_fresh(age) => {
+                    return Err(Error::new(
+                        ErrorKind::ManifestUnknown,
+                        format!(
+                            "manifest {name}:{tag} is unknown upstream (remembered for cache.negative_ttl)"
+                        ),
+                    ));
+                }
+                None => {}
+                Some(info) => match self.policy.classify(tag.as_str(), age) {
+                    Freshness::Fresh => return Ok(info.clone()),
+                    Freshness::StaleRevalidate => {
+                        let this = self.clone();
+                        let (route, name, tag, accept) =
+                            (route.clone(), name.clone(), tag.clone(), accept.to_vec());
+                        let key = key.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = this.refresh(&key, &route, &name, &tag, &accept).await {
+                                tracing::info!(%name, %tag, error = %e, "background tag refresh failed");
+                            }
+                        });
+                        return Ok(info.clone());
+                    }
+                    Freshness::StaleIfError | Freshness::Expired => {}
+                },
+            }
+        }
+        match self.refresh(&key, route, name, tag, accept).await {
+            Ok(info) => Ok(info),
+            Err(e) if e.is_upstream_failure() => {
+                let stale = known.and_then(|a| {
+                    let age = SystemTime::now()
+                        .duration_since(a.fetched)
+                        .unwrap_or(Duration::ZERO);
+                    let info = a.info?;
+                    (self.policy.classify(tag.as_str(), age) != Freshness::Expired).then_some(info)
+                });
+                match stale {
+                    Some(info) => {
+                        tracing::warn!(%name, %tag, digest = %info.digest, error = %e, "every upstream failed: serving the last known answer (stale-if-error)");
+                        Ok(ManifestInfo {
+                            stale: true,
+                            ..info
+                        })
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The remembered answer for a key: memory, else the disk record.
+    async fn remembered(&self, key: &TagKey) -> Option<TagAnswer> {
+        if let Some(a) = self.tags.get(key).await {
+            return Some(a);
+        }
+        let store = self.store.clone();
+        let k = key.clone();
+        let record = blocking(
+            move || store.read_tag(&k.registry, k.name.as_str(), k.tag.as_str(), &k.accept),
+            "reading a tag record",
+        )
+        .await
+        .ok()
+        .flatten()?;
+        let answer = answer_from_record(&record)?;
+        self.tags.insert(key.clone(), answer.clone()).await;
+        Some(answer)
+    }
+
+    /// Offline: the recorded answer for this Accept set, else one recorded for another client
+    /// whose media type this client accepts.
+    async fn resolve_offline(
+        &self,
+        key: &TagKey,
+        known: Option<TagAnswer>,
+        accept: &[String],
+    ) -> Result<ManifestInfo> {
+        if let Some(info) = known.and_then(|a| a.info) {
+            return Ok(info);
+        }
+        let store = self.store.clone();
+        let k = key.clone();
+        let records = blocking(
+            move || store.read_tag_any(&k.registry, k.name.as_str(), k.tag.as_str()),
+            "reading tag records",
+        )
+        .await?;
+        let acceptable =
+            |mt: &str| accept.is_empty() || accept.iter().any(|a| a.eq_ignore_ascii_case(mt));
+        records
+            .iter()
+            .filter(|r| acceptable(&r.media_type))
+            .max_by_key(|r| r.fetched_at_ms)
+            .and_then(answer_from_record)
+            .and_then(|a| a.info)
+            .ok_or_else(|| offline_miss(format!("manifest {}:{}", key.name, key.tag)))
+    }
+
+    /// Asks the route's tag upstreams (one request per key at a time) and remembers the
+    /// answer: positive in memory and on disk, "not found" in memory for `negative_ttl`.
+    async fn refresh(
+        &self,
+        key: &TagKey,
+        route: &Route,
+        name: &RepoName,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<ManifestInfo> {
+        self.refreshing
+            .run(key, async {
+                let what = format!("manifest {name}:{tag}");
+                let result = first_success(&route.tag_upstreams, &what, |upstream| {
+                    self.resolve_tag_on(route, upstream, name, tag, accept)
+                })
+                .await;
+                let now = SystemTime::now();
+                match &result {
+                    Ok(info) => {
+                        let answer = TagAnswer {
+                            info: Some(info.clone()),
+                            fetched: now,
+                        };
+                        self.tags.insert(key.clone(), answer).await;
+                        let record = TagRecord {
+                            registry: key.registry.clone(),
+                            repository: key.name.to_string(),
+                            tag: key.tag.to_string(),
+                            accept: key.accept.clone(),
+                            digest: info.digest.to_string(),
+                            media_type: info.media_type.clone(),
+                            size: info.size,
+                            fetched_at_ms: millis_since_epoch(now),
+                        };
+                        let store = self.store.clone();
+                        if let Err(e) =
+                            blocking(move || store.write_tag(&record), "recording a tag").await
+                        {
+                            tracing::warn!(%name, %tag, error = %e, "could not record tag on disk");
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind,
+                            ErrorKind::ManifestUnknown | ErrorKind::NameUnknown
+                        ) =>
+                    {
+                        let answer = TagAnswer {
+                            info: None,
+                            fetched: now,
+                        };
+                        self.tags.insert(key.clone(), answer).await;
+                    }
+                    Err(_) => {}
+                }
+                result
+            })
             .await
-            .map_err(|e| (*e).clone())
     }
 
     /// Resolves a tag on one upstream.
@@ -267,6 +476,7 @@ impl ManifestCache {
                             digest,
                             size: m.bytes.len() as u64,
                             media_type: m.media_type,
+                            stale: false,
                         });
                     }
                     // The upstream's HEAD is complete: answer HEADs from it; a GET fetches the
@@ -279,6 +489,7 @@ impl ManifestCache {
                             digest,
                             media_type: media_types::manifest_media_type(Some(ct), b""),
                             size,
+                            stale: false,
                         });
                     }
                     return Ok(self.by_digest(route, name, &digest, accept).await?.info());
@@ -323,4 +534,23 @@ impl ManifestCache {
         self.by_digest.insert(digest, m.clone()).await;
         Ok(m.info())
     }
+}
+
+fn answer_from_record(r: &TagRecord) -> Option<TagAnswer> {
+    Some(TagAnswer {
+        info: Some(ManifestInfo {
+            digest: r.digest()?,
+            media_type: r.media_type.clone(),
+            size: r.size,
+            stale: false,
+        }),
+        fetched: r.fetched_at(),
+    })
+}
+
+fn offline_miss(what: String) -> Error {
+    Error::new(
+        ErrorKind::ManifestUnknown,
+        format!("{what} is not in the cache, and this mirror is offline"),
+    )
 }

@@ -2,8 +2,10 @@
 
 pub mod blobs;
 pub mod fill;
+pub mod freshness;
 pub mod manifests;
 pub mod reader;
+pub mod singleflight;
 
 pub use blobs::{BlobCache, BlobSource};
 pub use manifests::{Manifest, ManifestCache};

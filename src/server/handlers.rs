@@ -34,6 +34,8 @@ pub struct App {
     pub blobs: BlobCache,
     pub manifests: ManifestCache,
     pub routes: Routes,
+    /// `offline = true`: nothing is fetched upstream.
+    pub offline: bool,
 }
 
 impl App {
@@ -89,6 +91,15 @@ impl App {
             }
             ApiRoute::TagsList { name, .. } => {
                 let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
+                if self.offline {
+                    return Err(Error::new(
+                        ErrorKind::NameUnknown,
+                        format!(
+                            "tags of {}: this mirror is offline and does not list tags",
+                            routed.name
+                        ),
+                    ));
+                }
                 let q = query.tags.to_query_string();
                 let (body, upstream_headers) = first_success(
                     &routed.route.tag_upstreams,
@@ -110,7 +121,7 @@ impl App {
 
     async fn manifest(
         &self,
-        route: &Route,
+        route: &Arc<Route>,
         name: &RepoName,
         reference: &Reference,
         accept: &[String],
@@ -122,14 +133,23 @@ impl App {
                 None,
             )
         } else {
-            let m = self.manifests.get(route, name, reference, accept).await?;
-            (m.info(), Some(m.bytes.clone()))
+            let (m, stale) = self.manifests.get(route, name, reference, accept).await?;
+            let mut info = m.info();
+            info.stale = stale;
+            (info, Some(m.bytes.clone()))
         };
-        let b = with_api_version(Response::builder())
+        let mut b = with_api_version(Response::builder())
             .header(CONTENT_TYPE, header_value(&info.media_type)?)
             .header(CONTENT_LENGTH, info.size)
             .header("docker-content-digest", info.digest.to_string())
             .header(ETAG, format!("\"{}\"", info.digest));
+        if info.stale {
+            // RFC 7234's code for "served stale because revalidation failed".
+            b = b.header(
+                http::header::WARNING,
+                "111 cistern \"Revalidation Failed: every upstream failed, serving the last known tag\"",
+            );
+        }
         Ok(b.body(body.map_or_else(empty, full))
             .expect("valid response"))
     }
@@ -140,7 +160,15 @@ impl App {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<Response<Body>> {
-        let size = self.blobs.size(route, name, digest).await?;
+        let size = if self.offline {
+            let cached = self.blobs.open_cached(digest).await?;
+            cached
+                .ok_or_else(|| offline_blob_miss(digest))?
+                .size()
+                .expect("cached blobs have a size")
+        } else {
+            self.blobs.size(route, name, digest).await?
+        };
         Ok(blob_headers(Response::builder(), digest)
             .header(CONTENT_LENGTH, size)
             .body(empty())
@@ -154,7 +182,12 @@ impl App {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Response<Body>> {
-        let mut source = self.blobs.open(route, name, digest).await?;
+        let mut source = if self.offline {
+            let cached = self.blobs.open_cached(digest).await?;
+            cached.ok_or_else(|| offline_blob_miss(digest))?
+        } else {
+            self.blobs.open(route, name, digest).await?
+        };
         if range.is_some() && source.size().is_none() {
             // A range needs the size, and this upstream sent none: wait for the fill to end.
             source = wait_for_size(source).await?;
@@ -192,6 +225,13 @@ impl App {
             }
         }
     }
+}
+
+fn offline_blob_miss(digest: &Digest) -> Error {
+    Error::new(
+        ErrorKind::BlobUnknown,
+        format!("blob {digest} is not in the cache, and this mirror is offline"),
+    )
 }
 
 /// Follows a fill that has no known size to its end.

@@ -230,6 +230,16 @@ pub struct PartialBlob {
     committed: bool,
 }
 
+impl PartialBlob {
+    /// Renames the temporary file to `dest` (same file system), replacing what is there.
+    /// No fsync: for small records that can be rebuilt, where atomicity is enough.
+    pub fn persist_to(mut self, dest: &Path) -> io::Result<()> {
+        fs::rename(&self.path, dest)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
 impl Drop for PartialBlob {
     fn drop(&mut self) {
         if !self.committed

@@ -1,0 +1,259 @@
+//! Tag freshness: stale-if-error (also across a restart), stale-while-revalidate, negative
+//! caching of missing tags, and offline mode. TTLs are a second or so; tests sleep only to
+//! make sure at least that much time has passed, and never assert how long anything took.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::*;
+
+const REPO: &str = "library/app";
+
+fn manifest(seed: u32) -> Bytes {
+    let config = sha256_digest(format!("config {seed}").as_bytes());
+    Bytes::from(format!(
+        "{{\"schemaVersion\":2,\"mediaType\":\"{OCI_MANIFEST}\",\"config\":{{\"mediaType\":\
+         \"application/vnd.oci.image.config.v1+json\",\"digest\":\"{config}\",\"size\":2}},\"layers\":[]}}"
+    ))
+}
+
+/// Lets a TTL of `ttl` run out: a lower bound on elapsed time, nothing more.
+async fn outlive(ttl: Duration) {
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
+    let old = manifest(1);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
+        .start()
+        .await;
+    let ttl = Duration::from_secs(1);
+    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    let client = cistern.client();
+    assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &old);
+
+    upstream.on_manifest("1.0", Fault::Status(503));
+    outlive(ttl).await;
+    let stale = client.get_manifest(REPO, "1.0").await;
+    assert_eq!(stale.status, StatusCode::OK, "{}", stale.body_text());
+    assert_eq!(stale.bytes(), &old);
+    assert!(
+        stale
+            .header("warning")
+            .is_some_and(|w| w.starts_with("111 ")),
+        "a stale answer says so: {:?}",
+        stale.header("warning")
+    );
+    let head = client.head(&manifest_route(REPO, "1.0")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.header("warning").is_some());
+
+    // Once the upstream answers again, the answer is fresh again (no warning).
+    upstream.clear_faults();
+    let fresh = client.get_manifest(REPO, "1.0").await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    assert_eq!(fresh.header("warning"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_survives_a_restart() {
+    let old = manifest(2);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
+        .start()
+        .await;
+    let ttl = Duration::from_secs(1);
+    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    assert_eq!(
+        cistern.client().get_manifest(REPO, "1.0").await.bytes(),
+        &old
+    );
+    let data = cistern.shutdown().await;
+
+    upstream.on_manifest("1.0", Fault::Status(503));
+    let cistern = TestCistern::start_on(&upstream, data, |c| c.cache.tag_ttl = ttl).await;
+    outlive(ttl).await;
+    let stale = cistern.client().get_manifest(REPO, "1.0").await;
+    assert_eq!(stale.status, StatusCode::OK, "{}", stale.body_text());
+    assert_eq!(stale.bytes(), &old);
+    assert!(stale.header("warning").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_stale_if_error_a_failing_upstream_is_an_error() {
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(3))
+        .start()
+        .await;
+    let ttl = Duration::from_secs(1);
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.cache.tag_ttl = ttl;
+        c.cache.stale_if_error = Duration::ZERO;
+    })
+    .await;
+    let client = cistern.client();
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.status,
+        StatusCode::OK
+    );
+    upstream.on_manifest("1.0", Fault::Status(503));
+    outlive(ttl).await;
+    let r = client.get_manifest(REPO, "1.0").await;
+    assert!(r.status.is_server_error(), "{} {}", r.status, r.body_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
+    let (old, new) = (manifest(4), manifest(5));
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("latest"), OCI_MANIFEST, old.clone())
+        .start()
+        .await;
+    let ttl = Duration::from_secs(1);
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.cache.tag_ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::from_secs(3600);
+    })
+    .await;
+    let client = cistern.client();
+    assert_eq!(client.get_manifest(REPO, "latest").await.bytes(), &old);
+
+    upstream.add_manifest(REPO, Some("latest"), OCI_MANIFEST, new.clone());
+    outlive(ttl).await;
+    // The stale answer comes at once, without a warning: nothing failed.
+    let first = client.get_manifest(REPO, "latest").await;
+    assert_eq!(first.bytes(), &old);
+    assert_eq!(first.header("warning"), None);
+    // The refresh happened behind it; a later request sees the new manifest.
+    let deadline = tokio::time::Instant::now() + patience();
+    loop {
+        let r = client.get_manifest(REPO, "latest").await;
+        if r.bytes() == &new {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the background refresh never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tag_is_remembered_for_negative_ttl() {
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(6))
+        .start()
+        .await;
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.cache.negative_ttl = Duration::from_secs(3600);
+    })
+    .await;
+    let client = cistern.client();
+    let first = client.get_manifest(REPO, "nope").await;
+    first.assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    let asked = upstream.manifest_requests();
+    assert!(asked > 0);
+    for _ in 0..20 {
+        client
+            .get_manifest(REPO, "nope")
+            .await
+            .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+        let head = client.head(&manifest_route(REPO, "nope")).await;
+        assert_eq!(head.status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(
+        upstream.manifest_requests(),
+        asked,
+        "a storm of pulls of a missing tag must not reach the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_tag_is_asked_again_once_negative_ttl_passes() {
+    let upstream = FakeRegistry::builder().start().await;
+    let negative = Duration::from_secs(1);
+    let cistern = TestCistern::start_with(&upstream, |c| c.cache.negative_ttl = negative).await;
+    let client = cistern.client();
+    assert_eq!(
+        client.get_manifest(REPO, "soon").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let m = manifest(7);
+    upstream.add_manifest(REPO, Some("soon"), OCI_MANIFEST, m.clone());
+    outlive(negative).await;
+    assert_eq!(client.get_manifest(REPO, "soon").await.bytes(), &m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
+    let m = manifest(8);
+    let blob = blob_bytes(300 * KIB, 8);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, m.clone())
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let blob_digest = sha256_digest(&blob);
+    let other = upstream.add_blob(REPO, blob_bytes(KIB, 9));
+
+    // Fill the cache online, as a site would before shipping it.
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+    assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &m);
+    assert_same_bytes(
+        &client.get_blob(REPO, &blob_digest).await.unwrap(),
+        &blob,
+        "online",
+    );
+    let data = cistern.shutdown().await;
+
+    let before = upstream.requests().len();
+    let cistern = TestCistern::start_on(&upstream, data, |c| {
+        c.offline = true;
+        // Offline, a tag answer of any age is served.
+        c.cache.tag_ttl = Duration::from_millis(1);
+    })
+    .await;
+    let client = cistern.client();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let by_tag = client.get_manifest(REPO, "1.0").await;
+    assert_eq!(by_tag.status, StatusCode::OK, "{}", by_tag.body_text());
+    assert_eq!(by_tag.bytes(), &m);
+    // A client with another Accept set still finds the tag if it accepts the media type.
+    let other_client = client
+        .send(
+            client
+                .request(Method::GET, &manifest_route(REPO, "1.0"))
+                .header("accept", OCI_MANIFEST),
+        )
+        .await;
+    assert_eq!(other_client.bytes(), &m);
+    assert_same_bytes(
+        &client.get_blob(REPO, &blob_digest).await.unwrap(),
+        &blob,
+        "offline",
+    );
+    let head = client.head(&blob_route(REPO, &blob_digest)).await;
+    assert_eq!(head.status, StatusCode::OK);
+
+    // What was never cached is unknown, and asking for it reaches no upstream.
+    client
+        .get(&blob_route(REPO, &other))
+        .await
+        .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    client
+        .get_manifest(REPO, "2.0")
+        .await
+        .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    assert_eq!(
+        upstream.requests().len(),
+        before,
+        "offline mode contacted the upstream"
+    );
+}

@@ -32,6 +32,19 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Re-hash every cached blob and manifest of a stopped cache and remove the ones that do
+    /// not match their digest. Exits 1 if it found (and removed) any.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// TOML config file naming the data directory.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The data directory (overrides the config's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Default)]
@@ -50,11 +63,12 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::CheckConfig { file } => check_config(&file),
-        Command::Serve(args) => serve(args),
+        Command::CheckConfig { file } => check_config(&file).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
+        Command::Verify(args) => verify(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cistern: {e:#}");
             ExitCode::FAILURE
@@ -67,6 +81,39 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     println!("{}: ok", file.display());
     println!("{config:#?}");
     Ok(())
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if !config.data_dir.is_dir() {
+        anyhow::bail!("data_dir {} does not exist", config.data_dir.display());
+    }
+    // Opening takes the cache's lock: a running server's cache is refused, not raced.
+    let store = cistern::storage::DiskStore::open(&config.data_dir)
+        .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
+    let report = store.verify(|_| {})?;
+    for (path, why) in &report.removed {
+        println!("removed {}: {why}", path.display());
+    }
+    println!(
+        "{}: {} blobs ({}) and {} manifests verified; {} files removed",
+        config.data_dir.display(),
+        report.blobs_ok,
+        bytesize::ByteSize::b(report.blob_bytes),
+        report.manifests_ok,
+        report.removed.len()
+    );
+    Ok(if report.removed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

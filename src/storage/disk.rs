@@ -214,6 +214,104 @@ impl DiskStore {
     }
 }
 
+/// What `DiskStore::verify` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blobs_ok: u64,
+    pub blob_bytes: u64,
+    pub manifests_ok: u64,
+    /// Files that failed verification (or do not belong) and were removed, relative to the
+    /// data directory, with the reason.
+    pub removed: Vec<(PathBuf, String)>,
+}
+
+impl DiskStore {
+    /// Re-hashes every cached blob and manifest and removes those whose content does not
+    /// match the digest they are named by, and files that do not belong in the layout.
+    /// `progress` is called after each file with the bytes hashed so far.
+    pub fn verify(&self, mut progress: impl FnMut(u64)) -> io::Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut hashed = 0u64;
+        for (dir, is_blob) in [(&self.blobs, true), (&self.manifests, false)] {
+            for path in files_below(&dir.join("sha256"))? {
+                let rel = path.strip_prefix(&self.root).unwrap_or(&path).to_path_buf();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let Ok(digest) = Digest::parse(&format!("sha256:{name}")) else {
+                    fs::remove_file(&path)?;
+                    report.removed.push((rel, "not named by a digest".into()));
+                    continue;
+                };
+                if path.parent() != dir.join(digest.shard_path()).parent() {
+                    fs::remove_file(&path)?;
+                    report
+                        .removed
+                        .push((rel, "in the wrong shard directory".into()));
+                    continue;
+                }
+                if is_blob {
+                    let mut verifier = crate::oci::DigestVerifier::new();
+                    let mut file = File::open(&path)?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = std::io::Read::read(&mut file, &mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        verifier.update(&buf[..n]);
+                        hashed += n as u64;
+                    }
+                    let len = verifier.len();
+                    let actual = verifier.finish();
+                    if actual == digest {
+                        report.blobs_ok += 1;
+                        report.blob_bytes += len;
+                    } else {
+                        fs::remove_file(&path)?;
+                        report
+                            .removed
+                            .push((rel, format!("content has digest {actual}")));
+                    }
+                } else {
+                    match self.read_manifest(&digest) {
+                        Ok(Some(_)) => report.manifests_ok += 1,
+                        Ok(None) => {}
+                        Err(e) => {
+                            fs::remove_file(&path)?;
+                            report.removed.push((rel, e.to_string()));
+                        }
+                    }
+                }
+                progress(hashed);
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Every regular file below `dir`, recursively (none if it does not exist).
+fn files_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -323,6 +421,41 @@ mod tests {
         assert_eq!(s.read_manifest(&digest).unwrap(), None);
         s.write_manifest(&digest, &m).unwrap();
         assert_eq!(s.read_manifest(&digest).unwrap(), Some(m));
+    }
+
+    #[test]
+    fn verify_drops_what_does_not_match() {
+        let (_d, s) = store();
+        let good = b"good layer";
+        let gd = Digest::of(good);
+        let p = s.create_partial(&gd).unwrap();
+        (&*p.file).write_all(good).unwrap();
+        s.commit_blob(p, &gd).unwrap();
+        let bad = Digest::of(b"original");
+        let p = s.create_partial(&bad).unwrap();
+        (&*p.file).write_all(b"original").unwrap();
+        s.commit_blob(p, &bad).unwrap();
+        fs::write(s.blob_path(&bad), b"bit rot!").unwrap();
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: Bytes::from_static(b"{}"),
+        };
+        s.write_manifest(&Digest::of(b"{}"), &m).unwrap();
+        fs::write(s.root().join("blobs/sha256/stray"), b"x").unwrap();
+
+        let report = s.verify(|_| {}).unwrap();
+        assert_eq!(report.blobs_ok, 1);
+        assert_eq!(report.blob_bytes, good.len() as u64);
+        assert_eq!(report.manifests_ok, 1);
+        let removed: Vec<String> = report
+            .removed
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(s.open_blob(&gd).unwrap().is_some());
+        assert!(s.open_blob(&bad).unwrap().is_none());
+        assert_eq!(s.verify(|_| {}).unwrap().removed, vec![]);
     }
 
     #[test]

@@ -3,5 +3,5 @@
 pub mod disk;
 pub mod tags;
 
-pub use disk::{DiskStore, PartialBlob, StoredManifest};
+pub use disk::{DiskStore, PartialBlob, StoredManifest, VerifyReport};
 pub use tags::TagRecord;

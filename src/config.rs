@@ -133,6 +133,14 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// TTLs by tag pattern; the first matching rule wins, else `tag_ttl` applies.
     pub tag_rules: Vec<TagRule>,
+    /// Disk budget for cached blobs. When they pass `high_watermark` of it, the least recently
+    /// used are removed in the background until they are under `low_watermark`. Unset: no
+    /// limit.
+    pub max_size: Option<ByteSize>,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+    /// Blobs never evicted, by digest glob (`sha256:abc*`).
+    pub pinned_digests: Vec<String>,
 }
 
 /// A TTL for the tags matching a glob pattern (`*` any run of characters, `?` any one).
@@ -231,6 +239,10 @@ impl Default for CacheConfig {
             stale_if_error: Duration::from_secs(7 * 24 * 60 * 60),
             negative_ttl: Duration::from_secs(30),
             tag_rules: Vec::new(),
+            max_size: None,
+            high_watermark: 0.95,
+            low_watermark: 0.85,
+            pinned_digests: Vec::new(),
         }
     }
 }
@@ -381,6 +393,22 @@ impl Config {
                     "{} is too small for real manifests (at least 1KiB)",
                     self.cache.max_manifest_size
                 ),
+            );
+        }
+        let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
+        if !(0.0 < high && high <= 1.0) {
+            return invalid("cache.high_watermark", format!("{high} is not in (0, 1]"));
+        }
+        if !(0.0 < low && low < high) {
+            return invalid(
+                "cache.low_watermark",
+                format!("{low} must be above 0 and below high_watermark ({high})"),
+            );
+        }
+        if self.cache.max_size.is_some_and(|m| m.as_u64() == 0) {
+            return invalid(
+                "cache.max_size",
+                "must be more than 0 (leave it out for no limit)".into(),
             );
         }
         for (i, rule) in self.cache.tag_rules.iter().enumerate() {

@@ -49,12 +49,40 @@ pub async fn run(
     let store = Arc::new(store);
     let routes = upstream::Routes::from_config(&config)?;
 
+    // The disk budget's index, built from what is on disk.
+    let budget = config.cache.max_size.map(|max| {
+        let max = max.as_u64() as f64;
+        cache::evict::Budget {
+            high: (max * config.cache.high_watermark) as u64,
+            low: (max * config.cache.low_watermark) as u64,
+            pinned: config.cache.pinned_digests.clone(),
+        }
+    });
+    let usage = cache::evict::Usage::new(budget);
+    {
+        let (usage, store) = (usage.clone(), store.clone());
+        tokio::task::spawn_blocking(move || usage.load(&store))
+            .await?
+            .context("indexing the cached blobs")?;
+    }
+    let stop_eviction = CancellationToken::new();
+    let eviction = tokio::spawn(cache::evict::run(
+        usage.clone(),
+        store.clone(),
+        stop_eviction.clone(),
+    ));
+
     // Fills outlive the requests that start them: their own tracker, and a token that only
     // the end of the grace period cancels.
     let fills = TaskTracker::new();
     let cancel_fills = CancellationToken::new();
     let app = Arc::new(server::App {
-        blobs: cache::BlobCache::new(store.clone(), fills.clone(), cancel_fills.clone()),
+        blobs: cache::BlobCache::new(
+            store.clone(),
+            usage.clone(),
+            fills.clone(),
+            cancel_fills.clone(),
+        ),
         manifests: cache::ManifestCache::new(store.clone(), &config.cache, config.offline),
         routes,
         offline: config.offline,
@@ -79,6 +107,8 @@ pub async fn run(
         listen = %listener.local_addr()?,
         routes = %registries.join("; "),
         data_dir = %config.data_dir.display(),
+        cached_blobs = usage.len(),
+        cached_bytes = usage.total(),
         "cistern serving"
     );
     server::accept_loop(
@@ -91,6 +121,8 @@ pub async fn run(
     .await;
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining responses and fills");
+    stop_eviction.cancel();
+    let _ = eviction.await;
     connections.close();
     fills.close();
     let drained = tokio::time::timeout(config.shutdown_grace, async {

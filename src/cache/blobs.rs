@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::evict::{ReadGuard, Usage};
 use super::fill::{self, BadSources, FillGuard, FillState, blocking};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
@@ -35,14 +36,20 @@ pub struct BlobCache {
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
     cancel: CancellationToken,
-    /// Upstreams that recently sent bad bytes for a digest; fills pass them over.
+    /// Upstreams that recently sent bad bytes for a digest; fills try them last.
     bad_sources: Arc<BadSources>,
+    /// Committed blobs, their sizes and use: the disk budget's index.
+    usage: Arc<Usage>,
 }
 
 /// Where a blob's bytes come from.
 pub enum BlobSource {
-    /// Committed and verified on disk.
-    Cached { file: Arc<File>, size: u64 },
+    /// Committed and verified on disk. The guard keeps eviction away while it is read.
+    Cached {
+        file: Arc<File>,
+        size: u64,
+        guard: Option<ReadGuard>,
+    },
     /// A fill in progress (past the upstream's headers); follow its progress.
     Filling {
         progress: watch::Receiver<FillState>,
@@ -63,10 +70,12 @@ impl BlobSource {
 impl BlobCache {
     pub fn new(
         store: Arc<DiskStore>,
+        usage: Arc<Usage>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> BlobCache {
         BlobCache {
+            usage,
             store,
             fills: Arc::default(),
             tracker,
@@ -79,10 +88,15 @@ impl BlobCache {
     pub async fn open_cached(&self, digest: &Digest) -> Result<Option<BlobSource>> {
         let store = self.store.clone();
         let d = digest.clone();
-        let found = blocking(move || store.open_blob(&d), "opening a cached blob").await?;
+        let found = blocking(
+            move || store.open_blob_for_read(&d),
+            "opening a cached blob",
+        )
+        .await?;
         Ok(found.map(|(file, size)| BlobSource::Cached {
             file: Arc::new(file),
             size,
+            guard: Some(self.usage.open(digest, size)),
         }))
     }
 
@@ -106,7 +120,13 @@ impl BlobCache {
                 FillState::Streaming { size, .. } => {
                     return Ok(BlobSource::Filling { progress, size });
                 }
-                FillState::Complete { file, size } => return Ok(BlobSource::Cached { file, size }),
+                FillState::Complete { file, size } => {
+                    return Ok(BlobSource::Cached {
+                        file,
+                        size,
+                        guard: None,
+                    });
+                }
                 FillState::Failed(e) => return Err(e),
             }
             if progress.changed().await.is_err() {
@@ -177,6 +197,7 @@ impl BlobCache {
         let store = self.store.clone();
         let route = route.clone();
         let bad_sources = self.bad_sources.clone();
+        let usage = self.usage.clone();
         let token = self.cancel.child_token();
         let name = name.clone();
         let digest = digest.clone();
@@ -189,8 +210,10 @@ impl BlobCache {
                     format!("blob {digest}: fill cancelled by shutdown"),
                 )),
             };
-            if let Err(e) = &outcome {
-                tracing::warn!(%digest, %name, error = %e, "cache fill failed");
+            match &outcome {
+                Ok(FillState::Complete { size, .. }) => usage.committed(&digest, *size),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%digest, %name, error = %e, "cache fill failed"),
             }
             guard.finish(outcome);
         });

@@ -1,6 +1,7 @@
 //! The cache: blob fills that no request owns, readers that follow them, and manifests.
 
 pub mod blobs;
+pub mod evict;
 pub mod fill;
 pub mod freshness;
 pub mod manifests;

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 pub const CHUNK: usize = 128 * 1024;
 
 pub struct BlobReader {
+    /// Keeps the blob from eviction until the response is done.
+    _guard: Option<super::evict::ReadGuard>,
     file: Option<Arc<File>>,
     progress: Option<watch::Receiver<FillState>>,
     /// Next offset to send.
@@ -41,13 +43,15 @@ impl BlobReader {
     /// A reader for `start..end` of the blob (`end` `None` = to the end of the blob).
     pub fn new(source: BlobSource, start: u64, end: Option<u64>) -> BlobReader {
         match source {
-            BlobSource::Cached { file, size } => BlobReader {
+            BlobSource::Cached { file, size, guard } => BlobReader {
+                _guard: guard,
                 file: Some(file),
                 progress: None,
                 pos: start,
                 end: Some(end.unwrap_or(size)),
             },
             BlobSource::Filling { progress, size } => BlobReader {
+                _guard: None,
                 file: None,
                 progress: Some(progress),
                 pos: start,

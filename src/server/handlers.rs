@@ -243,7 +243,11 @@ async fn wait_for_size(source: BlobSource) -> Result<BlobSource> {
         let state = progress.borrow_and_update().clone();
         match state {
             crate::cache::fill::FillState::Complete { file, size } => {
-                return Ok(BlobSource::Cached { file, size });
+                return Ok(BlobSource::Cached {
+                    file,
+                    size,
+                    guard: None,
+                });
             }
             crate::cache::fill::FillState::Failed(e) => return Err(e),
             _ => {}

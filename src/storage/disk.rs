@@ -127,6 +127,41 @@ impl DiskStore {
         }
     }
 
+    /// Opens a committed blob for a client and records the access in the file's mtime, which
+    /// is what keeps LRU order across restarts.
+    pub fn open_blob_for_read(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        let found = self.open_blob(digest)?;
+        if let Some((file, _)) = &found
+            && let Err(e) = file.set_modified(std::time::SystemTime::now())
+        {
+            tracing::debug!(%digest, error = %e, "could not record blob access time");
+        }
+        Ok(found)
+    }
+
+    /// Every committed blob: digest, size, last access (mtime). Files that are not named by
+    /// a digest are skipped (`verify` removes them).
+    pub fn list_blobs(&self) -> io::Result<Vec<(Digest, u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        for path in files_below(&self.blobs.join("sha256"))? {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let Ok(digest) = Digest::parse(&format!("sha256:{name}")) else {
+                continue;
+            };
+            let meta = fs::metadata(&path)?;
+            out.push((digest, meta.len(), meta.modified()?));
+        }
+        Ok(out)
+    }
+
+    /// Removes a committed blob (eviction). Gone already is fine.
+    pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.blob_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Is the blob committed? (A cheap check used under the fill lock.)
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()

@@ -148,8 +148,8 @@ async fn lru_order_survives_a_restart() {
 
     let cistern = TestCistern::start_with(&upstream, budget).await;
     let client = cistern.client();
-    for i in 0..3 {
-        client.get_blob(REPO, &d[i]).await.unwrap();
+    for digest in &d[..3] {
+        client.get_blob(REPO, digest).await.unwrap();
         tick().await;
     }
     // Use the oldest again: it is now the most recently used.

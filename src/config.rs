@@ -66,6 +66,36 @@ pub struct RouteConfig {
     /// mirrors). At most one route may be the default.
     #[serde(default)]
     pub default: bool,
+    /// Freshness overrides for this registry; each defaults to the `[cache]` setting.
+    #[serde(default, with = "humantime_serde::option")]
+    pub tag_ttl: Option<Duration>,
+    #[serde(default)]
+    pub tag_rules: Option<Vec<TagRule>>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub stale_while_revalidate: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub stale_if_error: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub negative_ttl: Option<Duration>,
+}
+
+impl RouteConfig {
+    /// The `[cache]` settings with this route's freshness overrides applied.
+    pub fn cache_settings(&self, global: &CacheConfig) -> CacheConfig {
+        CacheConfig {
+            tag_ttl: self.tag_ttl.unwrap_or(global.tag_ttl),
+            tag_rules: self
+                .tag_rules
+                .clone()
+                .unwrap_or_else(|| global.tag_rules.clone()),
+            stale_while_revalidate: self
+                .stale_while_revalidate
+                .unwrap_or(global.stale_while_revalidate),
+            stale_if_error: self.stale_if_error.unwrap_or(global.stale_if_error),
+            negative_ttl: self.negative_ttl.unwrap_or(global.negative_ttl),
+            ..global.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -227,6 +257,8 @@ pub struct ResolvedRoute {
     /// Names of the upstreams that may resolve tags.
     pub tags_from: Vec<String>,
     pub default: bool,
+    /// `[cache]` with this route's freshness overrides.
+    pub cache: CacheConfig,
 }
 
 impl Default for CacheConfig {
@@ -380,6 +412,13 @@ impl Config {
                         }
                     }
                 }
+                if r.tag_rules
+                    .iter()
+                    .flatten()
+                    .any(|rule| rule.pattern.is_empty())
+                {
+                    return invalid(&field("tag_rules"), "a pattern must not be empty".into());
+                }
                 defaults += usize::from(r.default);
             }
             if defaults > 1 {
@@ -447,6 +486,7 @@ impl Config {
                 upstreams: vec![(host.clone(), self.upstream.clone())],
                 tags_from: vec![host],
                 default: true,
+                cache: self.cache.clone(),
             }];
         }
         self.routes
@@ -460,6 +500,7 @@ impl Config {
                     .collect(),
                 tags_from: r.tags_from.clone().unwrap_or_else(|| r.upstreams.clone()),
                 default: r.default,
+                cache: r.cache_settings(&self.cache),
             })
             .collect()
     }
@@ -742,5 +783,23 @@ mod tests {
         let routes = c.resolved_routes();
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0].tags_from, ["docker-hub"]);
+    }
+
+    #[test]
+    fn routes_override_freshness() {
+        let text = TWO_ROUTES.replace(
+            "upstreams = [\"ghcr\"]",
+            "upstreams = [\"ghcr\"]\ntag_ttl = \"1h\"\ntag_rules = [{ pattern = \"latest\", ttl = \"1m\" }]",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let routes = c.resolved_routes();
+        assert_eq!(
+            routes[0].cache.tag_ttl,
+            Duration::from_secs(300),
+            "docker.io keeps the default"
+        );
+        assert_eq!(routes[1].cache.tag_ttl, Duration::from_secs(3600));
+        assert_eq!(routes[1].cache.tag_rules[0].pattern, "latest");
+        assert_eq!(routes[1].cache.stale_if_error, c.cache.stale_if_error);
     }
 }

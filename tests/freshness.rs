@@ -257,3 +257,55 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
         "offline mode contacted the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_keeps_its_own_tag_ttl() {
+    use ::cistern::config::{RouteConfig, UpstreamConfig};
+    let (old, new) = (manifest(10), manifest(11));
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
+        .start()
+        .await;
+    let url = upstream.url();
+    let route = |registry: &str, default: bool, ttl: Duration| RouteConfig {
+        registry: registry.into(),
+        upstreams: vec![registry.replace('.', "-")],
+        tags_from: None,
+        default,
+        tag_ttl: Some(ttl),
+        tag_rules: None,
+        stale_while_revalidate: None,
+        stale_if_error: None,
+        negative_ttl: None,
+    };
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.upstream = UpstreamConfig::default();
+        c.upstreams = [
+            ("docker-io".to_string(), UpstreamConfig::new(&url)),
+            ("ghcr-io".to_string(), UpstreamConfig::new(&url)),
+        ]
+        .into();
+        c.routes = vec![
+            route("docker.io", true, Duration::from_secs(3600)),
+            route("ghcr.io", false, Duration::from_secs(1)),
+        ];
+    })
+    .await;
+    let client = cistern.client();
+    let ghcr = format!("{}?ns=ghcr.io", manifest_route(REPO, "1.0"));
+    assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &old);
+    assert_eq!(client.get(&ghcr).await.bytes(), &old);
+
+    upstream.add_manifest(REPO, Some("1.0"), OCI_MANIFEST, new.clone());
+    outlive(Duration::from_secs(1)).await;
+    assert_eq!(
+        client.get(&ghcr).await.bytes(),
+        &new,
+        "ghcr.io's 1s TTL ran out"
+    );
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.bytes(),
+        &old,
+        "docker.io's 1h TTL did not"
+    );
+}

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::fill::blocking;
-use super::freshness::{Freshness, Policy};
+use super::freshness::Freshness;
 use super::singleflight::SingleFlight;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
@@ -90,7 +90,6 @@ struct Inner {
     /// Tag answers in memory; the disk has the positive ones too.
     tags: moka::future::Cache<TagKey, TagAnswer>,
     refreshing: SingleFlight<TagKey, Result<ManifestInfo>>,
-    policy: Policy,
     max_size: u64,
     offline: bool,
 }
@@ -103,23 +102,15 @@ impl ManifestCache {
                 u32::try_from(m.bytes.len() + m.media_type.len() + 128).unwrap_or(u32::MAX)
             })
             .build();
-        let policy = Policy::new(config);
-        // Memory holds answers for as long as any policy window could use them; older ones
-        // are read back from disk when needed.
-        let keep = policy.longest_ttl()
-            + config.stale_while_revalidate.max(config.stale_if_error)
-            + config.negative_ttl;
-        let tags = moka::future::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_live(keep.max(Duration::from_secs(1)))
-            .build();
+        // Bounded by count only: every answer carries its fetch time, and the route's policy
+        // decides what an age means.
+        let tags = moka::future::Cache::builder().max_capacity(100_000).build();
         ManifestCache {
             inner: Arc::new(Inner {
                 store,
                 by_digest,
                 tags,
                 refreshing: SingleFlight::default(),
-                policy,
                 max_size: config.max_manifest_size.as_u64(),
                 offline,
             }),
@@ -289,7 +280,7 @@ impl Inner {
                 .duration_since(answer.fetched)
                 .unwrap_or(Duration::ZERO);
             match &answer.info {
-                None if self.policy.negative_is_fresh(age) => {
+                None if route.freshness.negative_is_fresh(age) => {
                     return Err(Error::new(
                         ErrorKind::ManifestUnknown,
                         format!(
@@ -298,7 +289,7 @@ impl Inner {
                     ));
                 }
                 None => {}
-                Some(info) => match self.policy.classify(tag.as_str(), age) {
+                Some(info) => match route.freshness.classify(tag.as_str(), age) {
                     Freshness::Fresh => return Ok(info.clone()),
                     Freshness::StaleRevalidate => {
                         let this = self.clone();
@@ -324,7 +315,8 @@ impl Inner {
                         .duration_since(a.fetched)
                         .unwrap_or(Duration::ZERO);
                     let info = a.info?;
-                    (self.policy.classify(tag.as_str(), age) != Freshness::Expired).then_some(info)
+                    (route.freshness.classify(tag.as_str(), age) != Freshness::Expired)
+                        .then_some(info)
                 });
                 match stale {
                     Some(info) => {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::client::Upstream;
 use crate::api::registry::{self, Target};
+use crate::cache::freshness::Policy;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
@@ -24,9 +25,13 @@ pub struct Route {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Tried in order to resolve tags: the upstreams the config trusts for them.
     pub tag_upstreams: Vec<Arc<Upstream>>,
+    /// How long this registry's tag answers are trusted.
+    pub freshness: Policy,
 }
 
 pub struct Routes {
+    /// Freshness for routes made on demand (`proxy_any_registry`): the `[cache]` settings.
+    default_freshness: Policy,
     by_registry: HashMap<String, Arc<Route>>,
     default: Option<Arc<Route>>,
     any_registry: bool,
@@ -68,6 +73,7 @@ impl Routes {
                 registry: r.registry.clone(),
                 upstreams,
                 tag_upstreams,
+                freshness: Policy::new(&r.cache),
             });
             if r.default {
                 default = Some(route.clone());
@@ -75,6 +81,7 @@ impl Routes {
             by_registry.insert(r.registry, route);
         }
         Ok(Routes {
+            default_freshness: Policy::new(&config.cache),
             by_registry,
             default,
             any_registry: config.proxy_any_registry,
@@ -141,6 +148,7 @@ impl Routes {
             registry: registry.to_string(),
             upstreams: vec![upstream.clone()],
             tag_upstreams: vec![upstream],
+            freshness: self.default_freshness.clone(),
         });
         tracing::info!(
             registry,

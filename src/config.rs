@@ -48,6 +48,17 @@ pub struct Config {
     pub offline: bool,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin API: off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the admin API listens. Keep it on loopback; any other address needs a token.
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token admin requests must carry.
+    pub token_file: Option<PathBuf>,
 }
 
 /// One registry served through an ordered list of upstreams.
@@ -213,6 +224,7 @@ impl Default for Config {
             offline: false,
             cache: CacheConfig::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -457,6 +469,15 @@ impl Config {
                     "must not be empty".into(),
                 );
             }
+        }
+        if let Some(addr) = self.admin.listen
+            && !addr.ip().is_loopback()
+            && self.admin.token_file.is_none()
+        {
+            return invalid(
+                "admin.token_file",
+                format!("required when admin.listen ({addr}) is not a loopback address"),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid(

@@ -39,6 +39,8 @@ pub enum ErrorKind {
     /// The upstream sent content that fails verification: wrong digest, wrong length, a
     /// manifest over the size cap.
     UpstreamInvalid,
+    /// The admin API's bearer token is missing or wrong.
+    AdminUnauthorized,
     // --- cistern itself.
     /// Local disk trouble.
     Storage,

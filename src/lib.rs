@@ -41,7 +41,41 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let admin = match config.admin.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin.listen: binding {addr}"))?,
+        ),
+        None => None,
+    };
+    run_with_admin(listener, admin, config, shutdown).await
+}
+
+/// [`run`], with the admin listener bound by the caller (`None`: no admin API). Tests use
+/// this to bind both on `127.0.0.1:0`.
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.validate()?;
+    let admin_token = match &config.admin.token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("admin.token_file: {}", path.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "admin.token_file: {} is empty",
+                path.display()
+            );
+            Some(token)
+        }
+        None => None,
+    };
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || storage::DiskStore::open(&data_dir))
         .await?
@@ -61,9 +95,12 @@ pub async fn run(
     let usage = cache::evict::Usage::new(budget);
     {
         let (usage, store) = (usage.clone(), store.clone());
-        tokio::task::spawn_blocking(move || usage.load(&store))
-            .await?
-            .context("indexing the cached blobs")?;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            usage.set_pins(store.read_pins()?);
+            usage.load(&store)
+        })
+        .await?
+        .context("indexing the cached blobs")?;
     }
     let stop_eviction = CancellationToken::new();
     let eviction = tokio::spawn(cache::evict::run(
@@ -111,6 +148,25 @@ pub async fn run(
         cached_bytes = usage.total(),
         "cistern serving"
     );
+    let admin_loop = admin_listener.map(|admin_listener| {
+        if let Ok(addr) = admin_listener.local_addr() {
+            tracing::info!(admin = %addr, token = admin_token.is_some(), "admin API listening");
+        }
+        let admin = Arc::new(server::admin::Admin {
+            app: app.clone(),
+            usage: usage.clone(),
+            store: store.clone(),
+            token: admin_token,
+            max_size: config.cache.max_size.map(|m| m.as_u64()),
+        });
+        tokio::spawn(server::accept_loop(
+            admin_listener,
+            admin,
+            shutdown.clone(),
+            abort_connections.clone(),
+            connections.clone(),
+        ))
+    });
     server::accept_loop(
         listener,
         app,
@@ -119,6 +175,9 @@ pub async fn run(
         connections.clone(),
     )
     .await;
+    if let Some(admin_loop) = admin_loop {
+        let _ = admin_loop.await;
+    }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining responses and fills");
     stop_eviction.cancel();

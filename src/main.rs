@@ -35,6 +35,43 @@ enum Command {
     /// Re-hash every cached blob and manifest of a stopped cache and remove the ones that do
     /// not match their digest. Exits 1 if it found (and removed) any.
     Verify(VerifyArgs),
+    /// Cache administration: against a running server's admin API (--url, or [admin] listen
+    /// in --config), or directly on a stopped cache directory (--data-dir).
+    Admin(AdminArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The running server's admin API, e.g. http://127.0.0.1:5001.
+    #[arg(long)]
+    url: Option<String>,
+    /// File holding the admin bearer token (default: [admin] token_file from --config).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Config file: its [admin] listen is the API to use, else its data_dir.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Work directly on this stopped cache directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    action: AdminAction,
+}
+
+#[derive(Subcommand, Clone)]
+enum AdminAction {
+    /// Cache size, entries, hit ratio.
+    Stats,
+    /// Remove a blob from the cache.
+    PurgeBlob { digest: String },
+    /// Remove a manifest from the cache.
+    PurgeManifest { digest: String },
+    /// Never evict this blob.
+    Pin { digest: String },
+    /// Let this blob be evicted again.
+    Unpin { digest: String },
+    /// List pinned digests.
+    Pins,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +103,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify(args),
+        Command::Admin(args) => admin(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -114,6 +152,147 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
+    };
+    let url = args.url.clone().or_else(|| {
+        if args.data_dir.is_some() {
+            return None;
+        }
+        config
+            .as_ref()
+            .and_then(|c| c.admin.listen)
+            .map(|a| format!("http://{a}"))
+    });
+    if let Some(url) = url {
+        let token_file = args
+            .token_file
+            .clone()
+            .or_else(|| config.as_ref().and_then(|c| c.admin.token_file.clone()));
+        return admin_remote(&url, token_file.as_deref(), &args.action);
+    }
+    let dir = args
+        .data_dir
+        .clone()
+        .or_else(|| config.map(|c| c.data_dir))
+        .ok_or_else(|| anyhow::anyhow!("give --url, --data-dir or --config"))?;
+    admin_local(&dir, &args.action)
+}
+
+fn admin_request(action: &AdminAction) -> anyhow::Result<(reqwest::Method, String)> {
+    let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
+    Ok(match action {
+        AdminAction::Stats => (reqwest::Method::GET, "admin/stats".into()),
+        AdminAction::Pins => (reqwest::Method::GET, "admin/pins".into()),
+        AdminAction::PurgeBlob { digest } => (
+            reqwest::Method::DELETE,
+            format!("admin/blobs/{}", parse(digest)?),
+        ),
+        AdminAction::PurgeManifest { digest } => (
+            reqwest::Method::DELETE,
+            format!("admin/manifests/{}", parse(digest)?),
+        ),
+        AdminAction::Pin { digest } => (
+            reqwest::Method::PUT,
+            format!("admin/pins/{}", parse(digest)?),
+        ),
+        AdminAction::Unpin { digest } => (
+            reqwest::Method::DELETE,
+            format!("admin/pins/{}", parse(digest)?),
+        ),
+    })
+}
+
+fn admin_remote(
+    url: &str,
+    token_file: Option<&std::path::Path>,
+    action: &AdminAction,
+) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (method, path) = admin_request(action)?;
+    let base = reqwest::Url::parse(&format!("{}/", url.trim_end_matches('/')))
+        .with_context(|| format!("--url {url:?}"))?;
+    let target = base.join(&path)?;
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut request = reqwest::Client::new().request(method, target.clone());
+        if let Some(t) = &token {
+            request = request.bearer_auth(t);
+        }
+        let resp = request.send().await.with_context(|| format!("{target}"))?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("{target}: {status}: {body}");
+        }
+        println!("{body}");
+        Ok(())
+    })
+}
+
+fn admin_local(dir: &std::path::Path, action: &AdminAction) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        anyhow::bail!("data_dir {} does not exist", dir.display());
+    }
+    // Taking the lock refuses a cache a server is using: use --url for that one.
+    let store = cistern::storage::DiskStore::open(dir)
+        .with_context(|| format!("opening the cache at {}", dir.display()))?;
+    let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
+    match action {
+        AdminAction::Stats => {
+            let blobs = store.list_blobs()?;
+            let bytes: u64 = blobs.iter().map(|(_, size, _)| size).sum();
+            let value = serde_json::json!({
+                "blobs": blobs.len(),
+                "blob_bytes": bytes,
+                "pins": store.read_pins()?.len(),
+            });
+            println!("{value}");
+        }
+        AdminAction::Pins => {
+            let pins: Vec<String> = store.read_pins()?.iter().map(|d| d.to_string()).collect();
+            println!("{}", serde_json::json!({ "pins": pins }));
+        }
+        AdminAction::PurgeBlob { digest } => {
+            store.remove_blob(&parse(digest)?)?;
+            println!("{}", serde_json::json!({ "purged": digest }));
+        }
+        AdminAction::PurgeManifest { digest } => {
+            store.remove_manifest(&parse(digest)?)?;
+            println!("{}", serde_json::json!({ "purged": digest }));
+        }
+        AdminAction::Pin { digest } | AdminAction::Unpin { digest } => {
+            let d = parse(digest)?;
+            let mut pins = store.read_pins()?;
+            let pin = matches!(action, AdminAction::Pin { .. });
+            let had = pins.contains(&d);
+            pins.retain(|p| *p != d);
+            if pin {
+                pins.push(d.clone());
+            }
+            store.write_pins(&pins)?;
+            println!(
+                "{}",
+                serde_json::json!({ "digest": digest, "changed": had != pin })
+            );
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -40,6 +40,9 @@ pub struct BlobCache {
     bad_sources: Arc<BadSources>,
     /// Committed blobs, their sizes and use: the disk budget's index.
     usage: Arc<Usage>,
+    /// Blob GETs served from the cache, and those that needed a fill (for stats).
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 /// Where a blob's bytes come from.
@@ -81,6 +84,8 @@ impl BlobCache {
             tracker,
             cancel,
             bad_sources: Arc::default(),
+            hits: Default::default(),
+            misses: Default::default(),
         }
     }
 
@@ -109,9 +114,12 @@ impl BlobCache {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobSource> {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(found) = self.open_cached(digest).await? {
+            self.hits.fetch_add(1, Relaxed);
             return Ok(found);
         }
+        self.misses.fetch_add(1, Relaxed);
         let mut progress = self.join_or_start(route, name, digest);
         loop {
             let state = progress.borrow_and_update().clone();
@@ -218,6 +226,21 @@ impl BlobCache {
             guard.finish(outcome);
         });
         rx
+    }
+
+    /// (blob GETs served from the cache, blob GETs that needed the upstream).
+    pub fn hit_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed))
+    }
+
+    /// Removes a cached blob (admin purge). A reader that has it open keeps reading; the
+    /// next request fetches it again.
+    pub async fn purge(&self, digest: &Digest) -> Result<()> {
+        self.usage.forget(digest);
+        let store = self.store.clone();
+        let d = digest.clone();
+        blocking(move || store.remove_blob(&d), "removing a blob").await
     }
 
     /// Number of fills running now (for tests and stats).

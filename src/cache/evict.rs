@@ -43,6 +43,8 @@ pub struct Budget {
 pub struct Usage {
     inner: Mutex<Inner>,
     budget: Option<Budget>,
+    /// Digests pinned at run time (admin API), on top of the budget's patterns.
+    pins: Mutex<std::collections::BTreeSet<Digest>>,
     /// Wakes the eviction task when the total passes the high watermark.
     over: Notify,
 }
@@ -73,6 +75,7 @@ impl Usage {
         Arc::new(Usage {
             inner: Mutex::default(),
             budget,
+            pins: Mutex::default(),
             over: Notify::new(),
         })
     }
@@ -95,6 +98,39 @@ impl Usage {
         drop(inner);
         self.check();
         Ok(())
+    }
+
+    /// Replaces the run-time pins.
+    pub fn set_pins(&self, pins: impl IntoIterator<Item = Digest>) {
+        *self.pins.lock().expect("pins poisoned") = pins.into_iter().collect();
+    }
+
+    pub fn pin(&self, digest: &Digest) -> bool {
+        self.pins
+            .lock()
+            .expect("pins poisoned")
+            .insert(digest.clone())
+    }
+
+    pub fn unpin(&self, digest: &Digest) -> bool {
+        self.pins.lock().expect("pins poisoned").remove(digest)
+    }
+
+    pub fn pins(&self) -> Vec<Digest> {
+        self.pins
+            .lock()
+            .expect("pins poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Takes a blob out of the index (it was purged).
+    pub fn forget(&self, digest: &Digest) {
+        let mut inner = self.inner.lock().expect("usage poisoned");
+        if let Some(e) = inner.blobs.remove(digest) {
+            inner.total -= e.size;
+        }
     }
 
     /// Total bytes of committed blobs.
@@ -166,6 +202,7 @@ impl Usage {
         let Some(budget) = &self.budget else {
             return Vec::new();
         };
+        let pins = self.pins.lock().expect("pins poisoned").clone();
         let mut inner = self.inner.lock().expect("usage poisoned");
         if inner.total <= budget.high {
             return Vec::new();
@@ -174,7 +211,7 @@ impl Usage {
             digest: d.clone(),
             size: e.size,
             last_access: e.last_access,
-            keep: e.readers > 0 || is_pinned(&budget.pinned, d),
+            keep: e.readers > 0 || pins.contains(d) || is_pinned(&budget.pinned, d),
         });
         let victims = choose_victims(candidates, inner.total, budget.low);
         let mut out = Vec::with_capacity(victims.len());

@@ -117,6 +117,19 @@ impl ManifestCache {
         }
     }
 
+    /// Removes a cached manifest from memory and disk (admin purge).
+    pub async fn purge(&self, digest: &Digest) -> Result<()> {
+        self.inner.by_digest.invalidate(digest).await;
+        let store = self.inner.store.clone();
+        let d = digest.clone();
+        blocking(move || store.remove_manifest(&d), "removing a manifest").await
+    }
+
+    /// Manifests held in memory (for stats).
+    pub fn in_memory(&self) -> u64 {
+        self.inner.by_digest.entry_count()
+    }
+
     /// The manifest for a GET, and whether a stale tag answer named it (stale-if-error).
     pub async fn get(
         &self,

@@ -38,8 +38,14 @@ pub struct App {
     pub offline: bool,
 }
 
+impl super::Service for App {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        self.handle_request(req).await
+    }
+}
+
 impl App {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle_request(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -279,11 +285,11 @@ fn header_value(s: &str) -> Result<HeaderValue> {
     })
 }
 
-fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
-fn full(bytes: Bytes) -> Body {
+pub(crate) fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()

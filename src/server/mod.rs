@@ -1,6 +1,7 @@
 //! The HTTP edge: the accept loop, connections, graceful shutdown. Knows HTTP, not OCI; the
 //! OCI handling is in [`handlers`].
 
+pub mod admin;
 pub mod handlers;
 
 use std::convert::Infallible;
@@ -14,7 +15,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use handlers::App;
+pub use handlers::{App, Body};
+
+/// Something that answers HTTP requests: the registry API, or the admin API.
+pub trait Service: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = hyper::Response<Body>> + Send;
+}
 
 /// A client that has not sent its request headers after this long is dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,9 +31,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accepts connections until `shutdown` is cancelled. Each connection runs on `connections`;
 /// on shutdown it finishes its in-flight request and closes, or is dropped outright when
 /// `abort` is cancelled (end of the grace period).
-pub async fn accept_loop(
+pub async fn accept_loop<S: Service>(
     listener: TcpListener,
-    app: Arc<App>,
+    app: Arc<S>,
     shutdown: CancellationToken,
     abort: CancellationToken,
     connections: TaskTracker,

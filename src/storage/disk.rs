@@ -154,6 +154,43 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Removes a cached manifest (purge). Gone already is fine.
+    pub fn remove_manifest(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.manifest_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The digests pinned through the admin API (`pins.json`).
+    pub fn read_pins(&self) -> io::Result<Vec<Digest>> {
+        let raw = match fs::read(self.root.join("pins.json")) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let list: Vec<String> = serde_json::from_slice(&raw)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("pins.json: {e}")))?;
+        list.iter()
+            .map(|d| {
+                Digest::parse(d).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("pins.json: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    /// Saves the pins atomically (they are a user's decision: fsynced).
+    pub fn write_pins(&self, pins: &[Digest]) -> io::Result<()> {
+        let list: Vec<String> = pins.iter().map(Digest::to_string).collect();
+        let bytes = serde_json::to_vec_pretty(&list).map_err(io::Error::other)?;
+        let partial = self.create_partial(&Digest::of(&bytes))?;
+        (&*partial.file).write_all(&bytes)?;
+        partial.file.sync_all()?;
+        partial.persist_to(&self.root.join("pins.json"))?;
+        sync_dir(&self.root)
+    }
+
     /// Removes a committed blob (eviction). Gone already is fine.
     pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
         match fs::remove_file(self.blob_path(digest)) {

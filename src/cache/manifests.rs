@@ -183,6 +183,24 @@ impl Inner {
             .map_err(|e| (*e).clone())
     }
 
+    /// The manifest from disk, if cached there. A damaged file counts as absent (it is
+    /// refetched and overwritten), never as content or a fatal error.
+    async fn from_disk(&self, digest: &Digest) -> Option<Manifest> {
+        let store = self.store.clone();
+        let d = digest.clone();
+        match blocking(move || store.read_manifest(&d), "reading a cached manifest").await {
+            Ok(found) => found.map(|m| Manifest {
+                digest: digest.clone(),
+                media_type: m.media_type,
+                bytes: m.bytes,
+            }),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cached manifest unreadable; refetching");
+                None
+            }
+        }
+    }
+
     /// From disk, else from the first upstream of the route that has it (verified, then
     /// stored). A mirror that sends the wrong bytes is passed over like one that lacks them.
     async fn load_by_digest(
@@ -192,19 +210,8 @@ impl Inner {
         digest: &Digest,
         accept: &[String],
     ) -> Result<Arc<Manifest>> {
-        let store = self.store.clone();
-        let d = digest.clone();
-        match blocking(move || store.read_manifest(&d), "reading a cached manifest").await {
-            Ok(Some(m)) => {
-                return Ok(Arc::new(Manifest {
-                    digest: digest.clone(),
-                    media_type: m.media_type,
-                    bytes: m.bytes,
-                }));
-            }
-            Ok(None) => {}
-            // A damaged file is refetched (and overwritten) rather than served or fatal.
-            Err(e) => tracing::warn!(%digest, error = %e, "cached manifest unreadable; refetching"),
+        if let Some(m) = self.from_disk(digest).await {
+            return Ok(Arc::new(m));
         }
         if self.offline {
             return Err(offline_miss(format!("manifest {name}@{digest}")));
@@ -472,17 +479,8 @@ impl Inner {
                     if let Some(m) = self.by_digest.get(&digest).await {
                         return Ok(m.info());
                     }
-                    let store = self.store.clone();
-                    let d = digest.clone();
-                    if let Ok(Some(m)) =
-                        blocking(move || store.read_manifest(&d), "reading a cached manifest").await
-                    {
-                        return Ok(ManifestInfo {
-                            digest,
-                            size: m.bytes.len() as u64,
-                            media_type: m.media_type,
-                            stale: false,
-                        });
+                    if let Some(m) = self.from_disk(&digest).await {
+                        return Ok(m.info());
                     }
                     // The upstream's HEAD is complete: answer HEADs from it; a GET fetches the
                     // bytes by digest (verified) when it needs them.

@@ -185,7 +185,7 @@ impl Inner {
 
     /// The manifest from disk, if cached there. A damaged file counts as absent (it is
     /// refetched and overwritten), never as content or a fatal error.
-    async fn from_disk(&self, digest: &Digest) -> Option<Manifest> {
+    async fn read_from_disk(&self, digest: &Digest) -> Option<Manifest> {
         let store = self.store.clone();
         let d = digest.clone();
         match blocking(move || store.read_manifest(&d), "reading a cached manifest").await {
@@ -210,7 +210,7 @@ impl Inner {
         digest: &Digest,
         accept: &[String],
     ) -> Result<Arc<Manifest>> {
-        if let Some(m) = self.from_disk(digest).await {
+        if let Some(m) = self.read_from_disk(digest).await {
             return Ok(Arc::new(m));
         }
         if self.offline {
@@ -479,7 +479,7 @@ impl Inner {
                     if let Some(m) = self.by_digest.get(&digest).await {
                         return Ok(m.info());
                     }
-                    if let Some(m) = self.from_disk(&digest).await {
+                    if let Some(m) = self.read_from_disk(&digest).await {
                         return Ok(m.info());
                     }
                     // The upstream's HEAD is complete: answer HEADs from it; a GET fetches the

@@ -1,0 +1,214 @@
+//! Routing: which registry a request means (`?ns=`, a registry as the first path component,
+//! or the default route), and the name the upstream is asked for. Two fake registries stand
+//! for Docker Hub and ghcr.io; each test checks who was asked, not just what came back.
+
+mod fallback_support;
+mod support;
+
+use fallback_support::{Cistern, Setup, at, default_route, image_manifest, route};
+use http::StatusCode;
+use support::*;
+
+const REPO: &str = "org/app";
+
+/// docker.io (the default route) → `docker-hub`; ghcr.io → `ghcr`.
+async fn hub_and_ghcr(hub: &FakeRegistry, ghcr: &FakeRegistry) -> Cistern {
+    Setup::new()
+        .upstream("docker-hub", at(&hub.url()))
+        .upstream("ghcr", at(&ghcr.url()))
+        .route(default_route("docker.io", &["docker-hub"]))
+        .route(route("ghcr.io", &["ghcr"]))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ns_picks_the_registry() {
+    let on_hub = blob_bytes(64 * KIB, 1);
+    let on_ghcr = blob_bytes(64 * KIB, 2);
+    let (hub_digest, ghcr_digest) = (sha256_digest(&on_hub), sha256_digest(&on_ghcr));
+    let hub = FakeRegistry::builder()
+        .blob(REPO, on_hub.clone())
+        .start()
+        .await;
+    let ghcr = FakeRegistry::builder()
+        .blob(REPO, on_ghcr.clone())
+        .start()
+        .await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+    let client = cistern.client();
+
+    let got = client
+        .get(&format!("{}?ns=ghcr.io", blob_route(REPO, &ghcr_digest)))
+        .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    assert_same_bytes(got.bytes(), &on_ghcr, "?ns=ghcr.io");
+    assert_eq!(ghcr.blob_gets(&ghcr_digest), 1);
+    assert!(hub.requests().is_empty(), "docker.io's upstream was asked");
+
+    let got = client
+        .get(&format!("{}?ns=docker.io", blob_route(REPO, &hub_digest)))
+        .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    assert_same_bytes(got.bytes(), &on_hub, "?ns=docker.io");
+    assert_eq!(hub.blob_gets(&hub_digest), 1);
+    assert_eq!(
+        ghcr.requests().len(),
+        1,
+        "ghcr.io's upstream was asked again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ns_takes_the_default_route() {
+    let blob = blob_bytes(64 * KIB, 3);
+    let digest = sha256_digest(&blob);
+    let hub = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let ghcr = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob by the default route");
+    assert_eq!(hub.blob_gets(&digest), 1);
+    assert!(ghcr.requests().is_empty(), "ghcr.io is not the default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_in_the_path_is_stripped_before_the_upstream() {
+    let blob = blob_bytes(64 * KIB, 4);
+    let digest = sha256_digest(&blob);
+    let hub = FakeRegistry::builder().start().await;
+    let ghcr = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+
+    let got = cistern
+        .client()
+        .get_blob(&format!("ghcr.io/{REPO}"), &digest)
+        .await
+        .unwrap();
+    assert_same_bytes(&got, &blob, "/v2/ghcr.io/org/app/blobs/<d>");
+    let asked = ghcr.requests();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].repo, REPO, "the upstream's name has no registry");
+    assert_eq!(asked[0].reference, digest);
+    assert!(hub.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_registry_is_404_name_unknown_and_asks_nobody() {
+    let blob = blob_bytes(KIB, 5);
+    let digest = sha256_digest(&blob);
+    let hub = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let ghcr = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+    let client = cistern.client();
+
+    let blob = client
+        .get(&format!("{}?ns=quay.io", blob_route(REPO, &digest)))
+        .await;
+    blob.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    let manifest = client
+        .get(&format!("{}?ns=quay.io", manifest_route(REPO, "1")))
+        .await;
+    manifest.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+    assert!(ghcr.requests().is_empty(), "{:?}", ghcr.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_default_route_a_request_naming_no_registry_is_404() {
+    let blob = blob_bytes(KIB, 6);
+    let digest = sha256_digest(&blob);
+    let ghcr = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .start()
+        .await;
+    let cistern = Setup::new()
+        .upstream("ghcr", at(&ghcr.url()))
+        .route(route("ghcr.io", &["ghcr"]))
+        .start()
+        .await;
+
+    let got = cistern.client().get(&blob_route(REPO, &digest)).await;
+    got.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    assert!(ghcr.requests().is_empty(), "{:?}", ghcr.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_hub_official_images_are_asked_for_under_library() {
+    let manifest = image_manifest(7);
+    let hub = FakeRegistry::builder()
+        .manifest(
+            "library/alpine",
+            Some("3.20"),
+            OCI_MANIFEST,
+            manifest.clone(),
+        )
+        .start()
+        .await;
+    let ghcr = FakeRegistry::builder().start().await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+
+    let got = cistern
+        .client()
+        .get(&format!(
+            "{}?ns=docker.io",
+            manifest_route("alpine", "3.20")
+        ))
+        .await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    assert_eq!(got.bytes(), &manifest);
+
+    let asked = hub.requests();
+    assert!(!asked.is_empty());
+    for r in &asked {
+        assert_eq!(r.repo, "library/alpine", "{} {:?}", r.method, r.reference);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_tag_on_two_registries_is_two_manifests() {
+    let (hub_manifest, ghcr_manifest) = (image_manifest(8), image_manifest(9));
+    let hub = FakeRegistry::builder()
+        .manifest(REPO, Some("1"), OCI_MANIFEST, hub_manifest.clone())
+        .start()
+        .await;
+    let ghcr = FakeRegistry::builder()
+        .manifest(REPO, Some("1"), OCI_MANIFEST, ghcr_manifest.clone())
+        .start()
+        .await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+    let client = cistern.client();
+    let tag = manifest_route(REPO, "1");
+
+    // docker.io's answer is cached first; ghcr.io's tag must not be answered from it.
+    for _ in 0..2 {
+        let got = client.get(&format!("{tag}?ns=docker.io")).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+        assert_eq!(got.bytes(), &hub_manifest, "docker.io org/app:1");
+
+        let got = client.get(&format!("{tag}?ns=ghcr.io")).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+        assert_eq!(got.bytes(), &ghcr_manifest, "ghcr.io org/app:1");
+
+        let got = client.get(&format!("/v2/ghcr.io/{REPO}/manifests/1")).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+        assert_eq!(got.bytes(), &ghcr_manifest, "ghcr.io/org/app:1 by path");
+    }
+}

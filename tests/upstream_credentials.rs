@@ -1,0 +1,309 @@
+//! Upstream credentials go only where they belong: the upstream's own host, and token realms
+//! on its allow-list (its host, its parent domain, `token_realm_hosts`). A realm elsewhere is
+//! asked anonymously, a redirect to another host (a blob store) carries no `Authorization`,
+//! and a client's own `Authorization` never reaches any upstream.
+//!
+//! The registries here are small scripted servers (`tests/fallback_support`); `127.0.0.2`
+//! plays a foreign host.
+
+mod fallback_support;
+mod support;
+
+use ::cistern::config::UpstreamConfig;
+use bytes::Bytes;
+use fallback_support::{
+    Cistern, FOREIGN, HOME, Scripted, Seen, Setup, at, basic_authorization, blob_reply, challenge,
+    default_route, oci_error, redirect, token_reply,
+};
+use http::StatusCode;
+use support::*;
+
+const REPO: &str = "org/app";
+const USER: &str = "puller";
+const PASSWORD: &str = "s3cret-Pw-91";
+/// The token every scripted token endpoint issues, and every scripted registry accepts.
+const TOKEN: &str = "issued-token";
+
+/// A single upstream, `hub`, as the default route.
+async fn through(hub: UpstreamConfig) -> Cistern {
+    Setup::new()
+        .upstream("hub", hub)
+        .route(default_route("docker.io", &["hub"]))
+        .start()
+        .await
+}
+
+/// `url` with this upstream's username and password.
+fn with_password(url: &str) -> UpstreamConfig {
+    UpstreamConfig {
+        username: Some(USER.into()),
+        password: Some(PASSWORD.into()),
+        ..at(url)
+    }
+}
+
+/// A registry that serves `blob` to `Bearer <TOKEN>` and challenges everyone else to get a
+/// token from `realm`.
+fn bearer_registry(realm: String, blob: Bytes) -> impl Fn(&Seen) -> fallback_support::Reply {
+    move |req| {
+        if req.authorization().as_deref() == Some(&format!("Bearer {TOKEN}")) {
+            blob_reply(&blob)
+        } else {
+            challenge(&format!(
+                r#"Bearer realm="{realm}",service="registry.test",scope="repository:{REPO}:pull""#
+            ))
+        }
+    }
+}
+
+/// A token endpoint that gives [`TOKEN`] to anyone.
+fn open_token_endpoint(_: &Seen) -> fallback_support::Reply {
+    token_reply(TOKEN)
+}
+
+#[track_caller]
+fn assert_no_authorization(requests: &[Seen], whose: &str) {
+    for r in requests {
+        assert_eq!(
+            r.authorization(),
+            None,
+            "{whose} got credentials: {} {}",
+            r.method,
+            r.path
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_realm_on_a_foreign_host_is_asked_anonymously() {
+    let blob = blob_bytes(64 * KIB, 1);
+    let digest = sha256_digest(&blob);
+    let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
+    let registry = Scripted::start(
+        HOME,
+        bearer_registry(format!("{}/token", tokens.url()), blob.clone()),
+    )
+    .await;
+    let cistern = through(with_password(&registry.url())).await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob with an anonymous token");
+    assert!(!tokens.requests().is_empty(), "the realm was asked");
+    assert_no_authorization(&tokens.requests(), "the foreign token realm");
+    let basic = basic_authorization(USER, PASSWORD);
+    for r in registry.requests() {
+        assert_ne!(r.authorization(), Some(basic.clone()), "{}", r.path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_realm_on_the_upstreams_own_host_gets_basic_credentials() {
+    let blob = blob_bytes(64 * KIB, 2);
+    let digest = sha256_digest(&blob);
+    let basic = basic_authorization(USER, PASSWORD);
+    let registry = Scripted::bind(HOME).await;
+    let serve_blob = bearer_registry(format!("{}/token", registry.url()), blob.clone());
+    let expected = basic.clone();
+    registry.serve(move |req| match req.path.as_str() {
+        "/token" if req.authorization() == Some(expected.clone()) => token_reply(TOKEN),
+        "/token" => oci_error(401, "UNAUTHORIZED"),
+        _ => serve_blob(req),
+    });
+    let cistern = through(with_password(&registry.url())).await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob with a token bought with Basic");
+    let token_requests = registry.requests_to("/token");
+    assert_eq!(token_requests.len(), 1, "{token_requests:?}");
+    assert_eq!(token_requests[0].authorization(), Some(basic));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_realm_hosts_lets_a_foreign_realm_have_credentials() {
+    let blob = blob_bytes(64 * KIB, 3);
+    let digest = sha256_digest(&blob);
+    let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
+    let registry = Scripted::start(
+        HOME,
+        bearer_registry(format!("{}/token", tokens.url()), blob.clone()),
+    )
+    .await;
+    let cistern = through(UpstreamConfig {
+        token_realm_hosts: vec![FOREIGN.to_string()],
+        ..with_password(&registry.url())
+    })
+    .await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob");
+    let token_requests = tokens.requests();
+    assert_eq!(token_requests.len(), 1, "{token_requests:?}");
+    assert_eq!(
+        token_requests[0].authorization(),
+        Some(basic_authorization(USER, PASSWORD))
+    );
+}
+
+/// A blob store on the foreign host that serves `blob` to anyone at `/store/<digest>`.
+async fn blob_store(blob: &Bytes) -> Scripted {
+    let blob = blob.clone();
+    Scripted::start(FOREIGN, move |_| blob_reply(&blob)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_host_carries_no_basic_credentials() {
+    let blob = blob_bytes(256 * KIB, 4);
+    let digest = sha256_digest(&blob);
+    let store = blob_store(&blob).await;
+    let basic = basic_authorization(USER, PASSWORD);
+    let (expected, store_url) = (basic.clone(), store.url());
+    let registry = Scripted::start(HOME, move |req| {
+        if req.authorization() == Some(expected.clone()) {
+            redirect(&format!("{store_url}/store/{}", req.last_segment()))
+        } else {
+            challenge(r#"Basic realm="registry""#)
+        }
+    })
+    .await;
+    let cistern = through(with_password(&registry.url())).await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob through the redirect");
+    assert!(
+        registry
+            .requests()
+            .iter()
+            .any(|r| r.authorization() == Some(basic.clone())),
+        "the registry got the credentials, so the redirect followed an authenticated GET"
+    );
+    let stored = store.requests_to(&format!("/store/{digest}"));
+    assert_eq!(stored.len(), 1, "{:?}", store.requests());
+    assert_no_authorization(&store.requests(), "the blob store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_host_carries_no_bearer_token() {
+    let blob = blob_bytes(256 * KIB, 5);
+    let digest = sha256_digest(&blob);
+    let store = blob_store(&blob).await;
+    let store_url = store.url();
+    let registry = Scripted::bind(HOME).await;
+    let realm = format!("{}/token", registry.url());
+    registry.serve(move |req| {
+        if req.path == "/token" {
+            token_reply(TOKEN)
+        } else if req.authorization().as_deref() == Some(&format!("Bearer {TOKEN}")) {
+            redirect(&format!("{store_url}/store/{}", req.last_segment()))
+        } else {
+            challenge(&format!(
+                r#"Bearer realm="{realm}",service="registry.test""#
+            ))
+        }
+    });
+    let cistern = through(with_password(&registry.url())).await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob through the redirect");
+    assert_eq!(store.requests().len(), 1, "{:?}", store.requests());
+    assert_no_authorization(&store.requests(), "the blob store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_is_sent_as_a_bearer_token_as_is() {
+    let blob = blob_bytes(64 * KIB, 6);
+    let digest = sha256_digest(&blob);
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), format!("{TOKEN}\n")).unwrap();
+    let registry = Scripted::start(
+        HOME,
+        bearer_registry(format!("http://{FOREIGN}:1/token"), blob.clone()),
+    )
+    .await;
+    let cistern = through(UpstreamConfig {
+        token_file: Some(token_file.path().to_path_buf()),
+        ..at(&registry.url())
+    })
+    .await;
+
+    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
+    assert_same_bytes(&got, &blob, "blob with the file's token");
+    let asked = registry.requests();
+    assert_eq!(asked.len(), 1, "no challenge round trip: {asked:?}");
+    assert_eq!(asked[0].authorization(), Some(format!("Bearer {TOKEN}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_authorization_never_reaches_any_upstream() {
+    let blob = blob_bytes(64 * KIB, 7);
+    let digest = sha256_digest(&blob);
+    let manifest = fallback_support::image_manifest(8);
+    let mirror = FakeRegistry::builder().start().await; // has nothing: every request falls through
+    let origin = FakeRegistry::builder()
+        .blob("library/app", blob.clone())
+        .manifest("library/app", Some("1"), OCI_MANIFEST, manifest.clone())
+        .start()
+        .await;
+    let cistern = Setup::new()
+        .upstream("mirror", at(&mirror.url()))
+        .upstream("origin", at(&origin.url()))
+        .route(default_route("docker.io", &["mirror", "origin"]))
+        .start()
+        .await;
+    let client = cistern.client();
+
+    for (method, path, want) in [
+        (
+            http::Method::HEAD,
+            blob_route("app", &digest),
+            StatusCode::OK,
+        ),
+        (
+            http::Method::GET,
+            blob_route("app", &digest),
+            StatusCode::OK,
+        ),
+        (
+            http::Method::HEAD,
+            manifest_route("app", "1"),
+            StatusCode::OK,
+        ),
+        (
+            http::Method::GET,
+            manifest_route("app", "1"),
+            StatusCode::OK,
+        ),
+        (
+            http::Method::GET,
+            "/v2/app/tags/list".to_string(),
+            StatusCode::OK,
+        ),
+        (
+            http::Method::GET,
+            blob_route("app", &sha256_digest(b"none")),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let request = client
+            .request(method.clone(), &path)
+            .header("authorization", "Basic Y2xpZW50OmNsaWVudC1zZWNyZXQ=")
+            .header("cookie", "session=client-secret");
+        let got = client.send(request).await;
+        assert_eq!(got.status, want, "{method} {path}: {}", got.body_text());
+    }
+
+    for (name, upstream) in [("mirror", &mirror), ("origin", &origin)] {
+        let requests = upstream.requests();
+        assert!(!requests.is_empty(), "{name} was never asked");
+        for r in requests {
+            for header in ["authorization", "cookie"] {
+                assert!(
+                    r.headers.get(header).is_none(),
+                    "{name} got the client's {header}: {} {:?} {}",
+                    r.method,
+                    r.kind,
+                    r.reference
+                );
+            }
+        }
+    }
+}

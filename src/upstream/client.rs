@@ -358,8 +358,12 @@ impl Upstream {
         }
     }
 
-    /// May this realm receive our credentials?
+    /// May this realm receive our credentials? Only over https when the upstream is https (a
+    /// realm must not downgrade them to plain text), and only on an allowed host.
     fn realm_allowed(&self, realm: &Url) -> bool {
+        if self.base.scheme() == "https" && realm.scheme() != "https" {
+            return false;
+        }
         let Some(host) = realm.host_str().map(str::to_ascii_lowercase) else {
             return false;
         };
@@ -753,15 +757,15 @@ enum Auth<'a> {
     Basic(&'a str, &'a str),
 }
 
-/// The parent domain of a host with at least three labels (`registry-1.docker.io` →
-/// `docker.io`), so its token service (`auth.docker.io`) may get credentials. Two-label hosts
-/// (`ghcr.io`) have no parent we would trust, and IP addresses have none at all.
+/// The registrable domain of a host (`registry-1.docker.io` → `docker.io`, `foo.co.uk` →
+/// `foo.co.uk`), by the public suffix list, so its token service (`auth.docker.io`) may get
+/// credentials but a whole public suffix never does. IP addresses and single labels have none.
 fn parent_domain(host: &str) -> Option<String> {
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') || !host.contains('.') {
         return None;
     }
-    let (_, parent) = host.split_once('.')?;
-    (parent.matches('.').count() >= 1).then(|| parent.to_string())
+    let domain = psl::domain_str(host)?;
+    Some(domain.to_string())
 }
 
 fn with_accept(req: reqwest::RequestBuilder, accept: &[String]) -> reqwest::RequestBuilder {
@@ -824,7 +828,16 @@ mod tests {
             parent_domain("registry-1.docker.io").as_deref(),
             Some("docker.io")
         );
-        assert_eq!(parent_domain("ghcr.io"), None);
+        assert_eq!(parent_domain("ghcr.io").as_deref(), Some("ghcr.io"));
+        assert_eq!(parent_domain("foo.co.uk").as_deref(), Some("foo.co.uk"));
+        assert_eq!(
+            parent_domain("registry.foo.co.uk").as_deref(),
+            Some("foo.co.uk")
+        );
+        assert_eq!(
+            parent_domain("me.github.io").as_deref(),
+            Some("me.github.io")
+        );
         assert_eq!(parent_domain("127.0.0.1"), None);
         assert_eq!(parent_domain("localhost"), None);
     }
@@ -841,9 +854,17 @@ mod tests {
         assert!(!ok("https://evil.example/token"));
         assert!(!ok("https://docker.io.evil.example/token"));
         assert!(!ok("https://evildocker.io/token"));
+        assert!(
+            !ok("http://auth.docker.io/token"),
+            "no downgrade to plain http"
+        );
         let ghcr = Upstream::new("ghcr", &UpstreamConfig::new("https://ghcr.io")).unwrap();
         assert!(ghcr.realm_allowed(&Url::parse("https://ghcr.io/token").unwrap()));
         assert!(!ghcr.realm_allowed(&Url::parse("https://other.io/token").unwrap()));
+        let uk = Upstream::new("uk", &UpstreamConfig::new("https://foo.co.uk")).unwrap();
+        assert!(!uk.realm_allowed(&Url::parse("https://evil.co.uk/token").unwrap()));
+        let pages = Upstream::new("p", &UpstreamConfig::new("https://me.github.io")).unwrap();
+        assert!(!pages.realm_allowed(&Url::parse("https://you.github.io/token").unwrap()));
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! - [`cistern`]: the binary under test.
 //! - [`containerd`]: a private containerd and `ctr`.
 //! - [`skopeo`]: `skopeo` invocations.
+//! - [`podman`]: a private podman (own storage and config files).
+//! - [`dockerd`]: a private Docker daemon and the docker CLI.
 //! - [`fixtures`]: the seeded images and what the clients must see.
 
 pub mod cistern;
 pub mod containerd;
 pub mod daemon;
+pub mod dockerd;
 pub mod fixtures;
 pub mod image;
+pub mod podman;
 pub mod registry;
 pub mod skopeo;
 

@@ -342,17 +342,28 @@ impl Upstream {
             Auth::Bearer(t) => make().bearer_auth(t),
             Auth::Basic(u, p) => make().basic_auth(u, Some(p)),
         };
+        self.timed_send(request, &format!("upstream {}", self.name), what)
+            .await
+    }
+
+    /// Sends a request under `header_timeout`; `peer` names who failed to answer.
+    async fn timed_send(
+        &self,
+        request: reqwest::RequestBuilder,
+        peer: &str,
+        what: &str,
+    ) -> Result<reqwest::Response> {
         match tokio::time::timeout(self.header_timeout, request.send()).await {
             Err(_) => Err(Error::new(
                 ErrorKind::UpstreamTimeout,
                 format!(
-                    "{what}: upstream {} sent no response within {:?}",
-                    self.name, self.header_timeout
+                    "{what}: {peer} sent no response within {:?}",
+                    self.header_timeout
                 ),
             )),
             Ok(Err(e)) => Err(Error::new(
                 ErrorKind::UpstreamUnavailable,
-                format!("{what}: upstream {}: {}", self.name, error_chain(&e)),
+                format!("{what}: {peer}: {}", error_chain(&e)),
             )),
             Ok(Ok(resp)) => Ok(resp),
         }
@@ -409,28 +420,9 @@ impl Upstream {
                 );
             }
         }
-        let resp = match tokio::time::timeout(self.header_timeout, request.send()).await {
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "{what}: token endpoint {} did not answer within {:?}",
-                        endpoint.realm, self.header_timeout
-                    ),
-                ));
-            }
-            Ok(Err(e)) => {
-                return Err(Error::new(
-                    ErrorKind::UpstreamUnavailable,
-                    format!(
-                        "{what}: token endpoint {}: {}",
-                        endpoint.realm,
-                        error_chain(&e)
-                    ),
-                ));
-            }
-            Ok(Ok(resp)) => resp,
-        };
+        let resp = self
+            .timed_send(request, &format!("token endpoint {}", endpoint.realm), what)
+            .await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(denied(format!("answered {status}")));

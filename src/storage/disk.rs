@@ -156,10 +156,7 @@ impl DiskStore {
 
     /// Removes a cached manifest (purge). Gone already is fine.
     pub fn remove_manifest(&self, digest: &Digest) -> io::Result<()> {
-        match fs::remove_file(self.manifest_path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(&self.manifest_path(digest))
     }
 
     /// The digests pinned through the admin API (`pins.json`).
@@ -193,10 +190,7 @@ impl DiskStore {
 
     /// Removes a committed blob (eviction). Gone already is fine.
     pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
-        match fs::remove_file(self.blob_path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(&self.blob_path(digest))
     }
 
     /// Is the blob committed? (A cheap check used under the fill lock.)
@@ -382,6 +376,14 @@ fn files_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Removes a file; one that is already gone is not an error.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -319,10 +319,13 @@ fn bench_tee(c: &mut Criterion) {
                 total += start.elapsed();
                 let gets = s.upstream.blob_gets.load(Ordering::SeqCst) - before;
                 assert_eq!(gets, 1, "a cold GET must make exactly one upstream GET");
-                assert!(
-                    s.committed.is_file(),
-                    "the blob is committed by the time the GET ends"
-                );
+                // Clients finish once the blob is verified; its commit (fsync, rename) follows
+                // off their path. Wait for it, untimed, so the next purge finds it.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !s.committed.is_file() {
+                    assert!(Instant::now() < deadline, "the blob was never committed");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
             total
         })

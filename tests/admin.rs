@@ -79,6 +79,8 @@ async fn admin_api_needs_its_token_and_reports_stats() {
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
     s.api.get_blob(REPO, &digest).await.unwrap();
+    // The second GET is a hit only once the first fill's commit is done.
+    data.committed_blob(&digest).await;
     s.api.get_blob(REPO, &digest).await.unwrap();
 
     let anonymous = s.admin.get("/admin/stats").await;

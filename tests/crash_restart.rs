@@ -140,5 +140,5 @@ async fn sigkill_mid_fill_leaves_nothing_servable_and_restart_cleans_up() {
         2,
         "the partial file was not reused"
     );
-    assert!(data.blob_path(&digest).is_file());
+    data.committed_blob(&digest).await;
 }

@@ -83,7 +83,7 @@ async fn mirror_without_the_blob_falls_back_to_origin() {
         (mirror.blob_gets(&digest), origin.blob_gets(&digest)),
         (1, 1)
     );
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,7 +561,7 @@ async fn blob_cut_by_the_mirror_resumes_from_origin_at_the_cut() {
         [Some(RESUME_AT_1_MIB.to_string())]
     );
     assert_same_bytes(
-        &std::fs::read(cistern.data().blob_path(&digest)).expect("the blob is committed"),
+        &cistern.data().committed_blob(&digest).await,
         &blob,
         "committed blob",
     );
@@ -595,7 +595,7 @@ async fn blob_aborted_by_the_mirror_resumes_from_origin() {
         from.is_some_and(|k| k > 0 && k <= MIB as u64),
         "one resume from what the mirror delivered (at most 1 MiB): {ranges:?}"
     );
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -626,7 +626,7 @@ async fn blob_stalled_by_the_mirror_resumes_from_origin() {
         blob_get_ranges(&origin, &digest),
         [Some(RESUME_AT_1_MIB.to_string())]
     );
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,7 +642,7 @@ async fn origin_that_ignores_range_still_gives_the_right_bytes() {
     let asked = origin.requests();
     assert_eq!(asked.len(), 1, "{asked:?}");
     assert_eq!(asked[0].header("range").as_deref(), Some(RESUME_AT_1_MIB));
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 /// An upstream that answers a resume with a 206 for the *wrong* range: bytes from 0, exactly
@@ -691,7 +691,7 @@ async fn a_206_for_the_wrong_range_moves_on_to_the_next_upstream() {
         blob_get_ranges(&backup, &digest),
         [Some(RESUME_AT_1_MIB.to_string())]
     );
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -742,7 +742,7 @@ async fn twenty_clients_ride_one_failover() {
         blob_get_ranges(&origin, &digest),
         [Some(RESUME_AT_1_MIB.to_string())]
     );
-    assert!(cistern.data().blob_path(&digest).is_file());
+    cistern.data().committed_blob(&digest).await;
 }
 
 // === Rate-limit headers on a success ===

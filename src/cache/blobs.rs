@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::evict::{ReadGuard, Usage};
-use super::fill::{self, BadSources, FillGuard, FillState, blocking};
+use super::fill::{self, BadSources, Detach, FillContext, FillGuard, FillState, blocking};
+use super::spill::{Cursor, Followers};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
@@ -31,7 +32,7 @@ pub struct BlobCache {
     store: Arc<DiskStore>,
     /// Running fills by digest. A std mutex: it is held only for map operations and a `stat`,
     /// never across an await.
-    fills: Arc<Mutex<HashMap<Digest, watch::Receiver<FillState>>>>,
+    fills: Arc<Mutex<HashMap<Digest, RunningFill>>>,
     /// Where fills run, so shutdown can wait for them.
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
@@ -45,6 +46,18 @@ pub struct BlobCache {
     misses: std::sync::atomic::AtomicU64,
 }
 
+/// A fill in the map: its progress, and its readers (each joins under the map's lock).
+struct RunningFill {
+    progress: watch::Receiver<FillState>,
+    followers: Arc<Followers>,
+}
+
+impl RunningFill {
+    fn subscribe(&self) -> (watch::Receiver<FillState>, Cursor) {
+        (self.progress.clone(), self.followers.join())
+    }
+}
+
 /// Where a blob's bytes come from.
 pub enum BlobSource {
     /// Committed and verified on disk. The guard keeps eviction away while it is read.
@@ -53,9 +66,11 @@ pub enum BlobSource {
         size: u64,
         guard: Option<ReadGuard>,
     },
-    /// A fill in progress (past the upstream's headers); follow its progress.
+    /// A fill in progress (past the upstream's headers); follow its progress. The cursor
+    /// keeps the bytes this reader needs if the fill has to pass them through memory.
     Filling {
         progress: watch::Receiver<FillState>,
+        cursor: Cursor,
         size: Option<u64>,
     },
 }
@@ -68,6 +83,57 @@ impl BlobSource {
             BlobSource::Filling { size, .. } => *size,
         }
     }
+
+    /// Follows a fill until the blob's size is known (an upstream that sent no length makes
+    /// it known only at the end). For ranges, which need the size up front.
+    pub async fn with_size(self) -> Result<BlobSource> {
+        let BlobSource::Filling {
+            mut progress,
+            cursor,
+            size: None,
+        } = self
+        else {
+            return Ok(self);
+        };
+        let size = follow_until(&mut progress, |s| match s {
+            FillState::Verified(p) => p.size,
+            FillState::Complete { size, .. } => Some(*size),
+            _ => None,
+        })
+        .await?;
+        Ok(BlobSource::Filling {
+            progress,
+            cursor,
+            size: Some(size),
+        })
+    }
+}
+
+/// Follows a fill's states until `found` picks a value out of one; fails if the fill fails.
+async fn follow_until<T>(
+    progress: &mut watch::Receiver<FillState>,
+    found: impl Fn(&FillState) -> Option<T>,
+) -> Result<T> {
+    loop {
+        {
+            let state = progress.borrow_and_update();
+            if let FillState::Failed(e) = &*state {
+                return Err(e.clone());
+            }
+            if let Some(v) = found(&state) {
+                return Ok(v);
+            }
+        }
+        if progress.changed().await.is_err() {
+            return Err(Error::internal("the cache fill vanished"));
+        }
+    }
+}
+
+/// What a cache miss found once it held the fill map's lock.
+enum Joined {
+    Fill(watch::Receiver<FillState>, Cursor),
+    Committed(Arc<File>, u64),
 }
 
 impl BlobCache {
@@ -120,27 +186,29 @@ impl BlobCache {
             return Ok(found);
         }
         self.misses.fetch_add(1, Relaxed);
-        let mut progress = self.join_or_start(route, name, digest);
-        loop {
-            let state = progress.borrow_and_update().clone();
-            match state {
-                FillState::Connecting => {}
-                FillState::Streaming { size, .. } => {
-                    return Ok(BlobSource::Filling { progress, size });
-                }
-                FillState::Complete { file, size } => {
-                    return Ok(BlobSource::Cached {
-                        file,
-                        size,
-                        guard: None,
-                    });
-                }
-                FillState::Failed(e) => return Err(e),
+        let (mut progress, cursor) = match self.join_or_start(route, name, digest) {
+            Joined::Fill(progress, cursor) => (progress, cursor),
+            Joined::Committed(file, size) => {
+                return Ok(BlobSource::Cached {
+                    file,
+                    size,
+                    guard: None,
+                });
             }
-            if progress.changed().await.is_err() {
-                return Err(Error::internal("the cache fill vanished"));
-            }
-        }
+        };
+        // Wait for the upstream's headers, so errors before any byte get a proper status.
+        let size = follow_until(&mut progress, |s| match s {
+            FillState::Connecting => None,
+            FillState::Receiving(p) | FillState::Verified(p) => Some(p.size),
+            FillState::Complete { size, .. } => Some(Some(*size)),
+            FillState::Failed(_) => None,
+        })
+        .await?;
+        Ok(BlobSource::Filling {
+            progress,
+            cursor,
+            size,
+        })
     }
 
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
@@ -154,12 +222,12 @@ impl BlobCache {
             .lock()
             .expect("fill map poisoned")
             .get(digest)
-            .cloned();
+            .map(|f| f.progress.clone());
         if let Some(rx) = running {
             match &*rx.borrow() {
-                FillState::Streaming {
-                    size: Some(size), ..
-                } => return Ok(*size),
+                FillState::Receiving(p) | FillState::Verified(p) if p.size.is_some() => {
+                    return Ok(p.size.expect("checked"));
+                }
                 FillState::Complete { size, .. } => return Ok(*size),
                 _ => {}
             }
@@ -171,40 +239,48 @@ impl BlobCache {
     }
 
     /// Subscribes to the running fill for `digest`, starting one if there is none.
-    fn join_or_start(
-        &self,
-        route: &Arc<Route>,
-        name: &RepoName,
-        digest: &Digest,
-    ) -> watch::Receiver<FillState> {
+    fn join_or_start(&self, route: &Arc<Route>, name: &RepoName, digest: &Digest) -> Joined {
         let mut fills = self.fills.lock().expect("fill map poisoned");
-        if let Some(rx) = fills.get(digest) {
-            return rx.clone();
+        if let Some(running) = fills.get(digest) {
+            let (rx, cursor) = running.subscribe();
+            return Joined::Fill(rx, cursor);
         }
         // A fill may have committed and left the map since our disk lookup. Checking again
         // under the lock closes that window.
         if let Ok(Some((file, size))) = self.store.open_blob(digest) {
-            let (_tx, rx) = watch::channel(FillState::Complete {
-                file: Arc::new(file),
-                size,
-            });
-            return rx;
+            return Joined::Committed(Arc::new(file), size);
         }
         let (tx, rx) = watch::channel(FillState::Connecting);
-        fills.insert(digest.clone(), rx.clone());
+        let running = RunningFill {
+            progress: rx,
+            followers: Arc::default(),
+        };
+        let (rx, cursor) = running.subscribe();
+        let followers = running.followers.clone();
+        fills.insert(digest.clone(), running);
         drop(fills);
 
         let map = self.fills.clone();
         let key = digest.clone();
-        let guard = FillGuard::new(
-            tx,
-            Box::new(move || {
-                map.lock().expect("fill map poisoned").remove(&key);
-            }),
-        );
-        let store = self.store.clone();
+        let mine = rx.clone();
+        let detach = Detach::new(Box::new(move || {
+            let mut fills = map.lock().expect("fill map poisoned");
+            // Only this fill's own entry: after an early detach, a newer fill may hold the key.
+            if fills
+                .get(&key)
+                .is_some_and(|f| f.progress.same_channel(&mine))
+            {
+                fills.remove(&key);
+            }
+        }));
+        let guard = FillGuard::new(tx, followers, detach);
+        let usage = self.usage.clone();
+        let cx = FillContext {
+            store: self.store.clone(),
+            bad_sources: self.bad_sources.clone(),
+            disk_full: Box::new(move |needed| usage.disk_full(needed)),
+        };
         let route = route.clone();
-        let bad_sources = self.bad_sources.clone();
         let usage = self.usage.clone();
         let token = self.cancel.child_token();
         let name = name.clone();
@@ -212,7 +288,7 @@ impl BlobCache {
         tracing::debug!(%digest, %name, "starting cache fill");
         self.tracker.spawn(async move {
             let outcome = tokio::select! {
-                r = fill::run(&guard, &store, &route, &bad_sources, &name, &digest) => r,
+                r = fill::run(&guard, &cx, &route, &name, &digest) => r,
                 () = token.cancelled() => Err(Error::new(
                     ErrorKind::ShuttingDown,
                     format!("blob {digest}: fill cancelled by shutdown"),
@@ -225,7 +301,7 @@ impl BlobCache {
             }
             guard.finish(outcome);
         });
-        rx
+        Joined::Fill(rx, cursor)
     }
 
     /// (blob GETs served from the cache, blob GETs that needed the upstream).

@@ -47,6 +47,9 @@ pub struct Usage {
     pins: Mutex<std::collections::BTreeSet<Digest>>,
     /// Wakes the eviction task when the total passes the high watermark.
     over: Notify,
+    /// Bytes a fill could not write because the disk was full: the next pass frees at least
+    /// this much, budget or not.
+    room_wanted: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -77,6 +80,7 @@ impl Usage {
             budget,
             pins: Mutex::default(),
             over: Notify::new(),
+            room_wanted: Default::default(),
         })
     }
 
@@ -188,6 +192,15 @@ impl Usage {
         }
     }
 
+    /// The disk ran full while a fill needed `needed` bytes: evict least recently used blobs
+    /// until that much is free, even below the budget (or with none): a cache that cannot
+    /// write is worse than a smaller one.
+    pub fn disk_full(&self, needed: u64) {
+        self.room_wanted
+            .fetch_max(needed, std::sync::atomic::Ordering::Relaxed);
+        self.over.notify_one();
+    }
+
     fn check(&self) {
         if let Some(b) = &self.budget
             && self.total() > b.high
@@ -199,21 +212,28 @@ impl Usage {
     /// Picks blobs to remove and takes them out of the index (so no new reader is promised
     /// them). The caller deletes the files.
     fn take_victims(&self) -> Vec<(Digest, u64)> {
-        let Some(budget) = &self.budget else {
+        let wanted = self
+            .room_wanted
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        let pins = self.pins.lock().expect("pins poisoned").clone();
+        let patterns = self.budget.as_ref().map_or(&[][..], |b| &b.pinned[..]);
+        let mut inner = self.inner.lock().expect("usage poisoned");
+        let over_budget = self
+            .budget
+            .as_ref()
+            .filter(|b| inner.total > b.high)
+            .map(|b| b.low);
+        let for_room = (wanted > 0).then(|| inner.total.saturating_sub(wanted));
+        let Some(target) = over_budget.into_iter().chain(for_room).min() else {
             return Vec::new();
         };
-        let pins = self.pins.lock().expect("pins poisoned").clone();
-        let mut inner = self.inner.lock().expect("usage poisoned");
-        if inner.total <= budget.high {
-            return Vec::new();
-        }
         let candidates = inner.blobs.iter().map(|(d, e)| Candidate {
             digest: d.clone(),
             size: e.size,
             last_access: e.last_access,
-            keep: e.readers > 0 || pins.contains(d) || is_pinned(&budget.pinned, d),
+            keep: e.readers > 0 || pins.contains(d) || is_pinned(patterns, d),
         });
-        let victims = choose_victims(candidates, inner.total, budget.low);
+        let victims = choose_victims(candidates, inner.total, target);
         let mut out = Vec::with_capacity(victims.len());
         for d in victims {
             if let Some(e) = inner.blobs.remove(&d) {
@@ -268,9 +288,6 @@ pub fn choose_victims(
 /// Runs until `stop`: whenever the blobs pass the high watermark, removes the least recently
 /// used down to the low watermark.
 pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationToken) {
-    if usage.budget.is_none() {
-        return;
-    }
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

@@ -7,6 +7,7 @@ pub mod freshness;
 pub mod manifests;
 pub mod reader;
 pub mod singleflight;
+pub mod spill;
 
 pub use blobs::{BlobCache, BlobSource};
 pub use manifests::{Manifest, ManifestCache};

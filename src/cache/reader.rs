@@ -3,37 +3,45 @@
 //!
 //! Architecture invariants:
 //! - **The final byte of every response is withheld until the blob is verified.** While the
-//!   fill runs, a reader sends at most up to one byte short of the response's end. If the
-//!   fill fails (wrong digest, upstream cut, stall), the reader returns an error, which makes
-//!   hyper abort the connection; with `Content-Length` set, the client sees a short body and
-//!   an error. No client ever gets a complete body that did not verify.
+//!   fill runs, a reader may *read* up to the response's end, but it keeps the final byte
+//!   back until the fill publishes `Verified`. If the fill fails (wrong digest, upstream cut,
+//!   stall), the reader returns an error, which makes hyper abort the connection; with
+//!   `Content-Length` set, the client sees a short body and an error. No client ever gets a
+//!   complete body that did not verify.
 //! - **A short body is always an error.** A reader never ends cleanly before its end offset.
-//! - Memory per client is one chunk of [`CHUNK`] bytes in flight.
-//! - A reader owns nothing but its receiver and a file handle; dropping it (client gone)
-//!   affects no one else.
+//! - Memory per client is one chunk of [`CHUNK`] bytes in flight (plus, only while a fill
+//!   passes through memory after a disk failure, its share of that fill's bounded window).
+//! - A reader owns nothing but its receiver, its cursor and a file handle; dropping it (client
+//!   gone) affects no one else.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::blobs::BlobSource;
-use super::fill::FillState;
+use super::fill::{FillState, Progress};
+use super::spill::Cursor;
 use crate::error::{Error, Result};
 
 /// Bytes per read. Large enough to keep syscall and task overhead small, small enough that
 /// fifty clients on one cold blob stay within a few MiB.
-pub const CHUNK: usize = 128 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 
 pub struct BlobReader {
     /// Keeps the blob from eviction until the response is done.
     _guard: Option<super::evict::ReadGuard>,
-    file: Option<Arc<File>>,
+    /// The fill being followed; `None` once the blob is verified (or was committed).
     progress: Option<watch::Receiver<FillState>>,
-    /// Next offset to send.
+    /// This reader's place among the fill's followers.
+    cursor: Option<Cursor>,
+    /// Where the bytes are, as last seen.
+    data: Option<Progress>,
+    verified: bool,
+    /// Next offset to read.
     pos: u64,
+    /// The response's final byte, read but held back until the blob is verified.
+    held: Option<Bytes>,
     /// End of the response (exclusive). `None`: the blob's end, not yet known (an upstream
     /// that sent no length).
     end: Option<u64>,
@@ -45,18 +53,32 @@ impl BlobReader {
         match source {
             BlobSource::Cached { file, size, guard } => BlobReader {
                 _guard: guard,
-                file: Some(file),
                 progress: None,
+                cursor: None,
+                data: Some(Progress::committed(file, size)),
+                verified: true,
                 pos: start,
+                held: None,
                 end: Some(end.unwrap_or(size)),
             },
-            BlobSource::Filling { progress, size } => BlobReader {
-                _guard: None,
-                file: None,
-                progress: Some(progress),
-                pos: start,
-                end: end.or(size),
-            },
+            BlobSource::Filling {
+                progress,
+                cursor,
+                size,
+            } => {
+                // The window must keep bytes from `start` on for us; nothing below.
+                let _ = cursor.advance(start);
+                BlobReader {
+                    _guard: None,
+                    progress: Some(progress),
+                    cursor: Some(cursor),
+                    data: None,
+                    verified: false,
+                    pos: start,
+                    held: None,
+                    end: end.or(size),
+                }
+            }
         }
     }
 
@@ -64,33 +86,27 @@ impl BlobReader {
     /// completed (the caller must abort the response).
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
         loop {
-            // How far may we read, and is the blob verified?
-            let (limit, verified) = match &mut self.progress {
-                None => (self.end.expect("cached readers know their end"), true),
-                Some(rx) => match &*rx.borrow_and_update() {
-                    FillState::Connecting => (self.pos, false),
-                    FillState::Streaming { file, written, .. } => {
-                        self.file.get_or_insert_with(|| file.clone());
-                        // Never reach the end before verification: hold back one byte of
-                        // the response's end (or of what has landed, if the end is unknown).
-                        let cap = match self.end {
-                            Some(end) => end.saturating_sub(1),
-                            None => written.saturating_sub(1),
-                        };
-                        (cap.min(*written), false)
-                    }
-                    FillState::Complete { file, size } => {
-                        self.file.get_or_insert_with(|| file.clone());
-                        let end = *self.end.get_or_insert(*size);
-                        (end.min(*size), true)
-                    }
-                    FillState::Failed(e) => return Some(Err(e.clone())),
-                },
-            };
-            if self.pos < limit {
-                return Some(self.read(limit).await);
+            if let Err(e) = self.observe() {
+                return Some(Err(e));
             }
-            if verified {
+            let available = self.data.as_ref().map_or(0, |d| d.available);
+            let limit = match self.end {
+                Some(end) => end.min(available),
+                None => available,
+            };
+            // A held byte goes out once verified, or once more bytes follow it (with the end
+            // unknown, the byte held was only the last to have arrived).
+            if self.held.is_some() && (self.verified || self.pos < limit) {
+                return self.held.take().map(Ok);
+            }
+            if self.pos < limit {
+                let chunk = match self.read(limit).await {
+                    Ok(c) => c,
+                    Err(e) => return Some(Err(e)),
+                };
+                return Some(Ok(self.hold_back_last(chunk)));
+            }
+            if self.verified {
                 let end = self.end.expect("known once verified");
                 if self.pos >= end {
                     return None;
@@ -100,6 +116,11 @@ impl BlobReader {
                 return Some(Err(Error::internal(format!(
                     "blob is shorter than the response (ends at {limit}, response at {end})"
                 ))));
+            }
+            if let Some(cursor) = &self.cursor
+                && cursor.is_dropped()
+            {
+                return Some(Err(dropped()));
             }
             let rx = self
                 .progress
@@ -111,19 +132,139 @@ impl BlobReader {
         }
     }
 
+    /// Takes in the fill's latest state. Once verified, stops following it.
+    fn observe(&mut self) -> Result<()> {
+        let Some(rx) = &mut self.progress else {
+            return Ok(());
+        };
+        match &*rx.borrow_and_update() {
+            FillState::Connecting => {}
+            FillState::Receiving(p) => self.data = Some(p.clone()),
+            FillState::Verified(p) => {
+                self.data = Some(p.clone());
+                self.verified = true;
+            }
+            FillState::Complete { file, size } => {
+                self.data = Some(Progress::committed(file.clone(), *size));
+                self.verified = true;
+            }
+            FillState::Failed(e) => return Err(e.clone()),
+        }
+        if self.verified {
+            let size = self
+                .data
+                .as_ref()
+                .and_then(|d| d.size)
+                .expect("a verified blob has a size");
+            self.end.get_or_insert(size);
+            self.progress = None;
+        }
+        Ok(())
+    }
+
+    /// Until the blob is verified, a chunk that reaches the response's end (or, with the end
+    /// unknown, the bytes available so far) keeps its final byte back.
+    fn hold_back_last(&mut self, mut chunk: Bytes) -> Bytes {
+        if self.verified {
+            return chunk;
+        }
+        let reaches_end = match self.end {
+            Some(end) => self.pos >= end,
+            None => true,
+        };
+        if reaches_end && !chunk.is_empty() {
+            self.held = Some(chunk.split_off(chunk.len() - 1));
+        }
+        chunk
+    }
+
+    /// Reads the next chunk below `limit`, from the file or from the pass-through window, and
+    /// moves the cursor past it.
     async fn read(&mut self, limit: u64) -> Result<Bytes> {
-        let file = self.file.clone().expect("a readable range has a file");
+        let data = self.data.as_ref().expect("a readable range has data");
         let len = ((limit - self.pos) as usize).min(CHUNK);
         let pos = self.pos;
-        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let mut buf = BytesMut::zeroed(len);
-            file.read_exact_at(&mut buf, pos)?;
-            Ok(buf.freeze())
-        })
-        .await
-        .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
-        .map_err(|e| Error::storage("reading a cached blob", &e))?;
+        let buf = if pos < data.on_disk {
+            let file = data.file.clone().expect("bytes on disk have a file");
+            let len = len.min((data.on_disk - pos) as usize);
+            tokio::task::spawn_blocking(move || read_at(&file, len, pos))
+                .await
+                .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
+                .map_err(|e| Error::storage("reading a cached blob", &e))?
+        } else {
+            let spill = data
+                .spill
+                .as_ref()
+                .ok_or_else(|| Error::internal("blob bytes are neither on disk nor in memory"))?;
+            match spill.read(pos, len) {
+                Ok(Some(b)) => b,
+                Ok(None) => return Err(Error::internal("pass-through bytes went missing")),
+                Err(_) => return Err(dropped()),
+            }
+        };
         self.pos += buf.len() as u64;
+        if let Some(cursor) = &self.cursor
+            && cursor.advance(self.pos).is_err()
+        {
+            return Err(dropped());
+        }
         Ok(buf)
+    }
+}
+
+fn dropped() -> Error {
+    Error::internal("this client fell too far behind a pass-through download and was dropped")
+}
+
+/// Reads exactly `len` bytes at `pos` into a fresh buffer, without zeroing it first.
+fn read_at(file: &File, len: usize, pos: u64) -> std::io::Result<Bytes> {
+    use std::os::fd::AsRawFd;
+    let mut buf = BytesMut::with_capacity(len);
+    let mut done = 0;
+    while done < len {
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // SAFETY: `spare` is `len - done` writable bytes of `buf`'s capacity; pread writes at
+        // most that many and reports how many, and only those are exposed by `set_len`.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                (pos + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the blob file is shorter than expected",
+            ));
+        }
+        // SAFETY: pread initialised the next `n` bytes.
+        unsafe { buf.set_len(done + n as usize) };
+        done += n as usize;
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn read_at_reads_exactly_and_fails_short() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"hello, world").unwrap();
+        assert_eq!(&read_at(&f, 5, 7).unwrap()[..], b"world");
+        assert_eq!(&read_at(&f, 0, 3).unwrap()[..], b"");
+        let e = read_at(&f, 6, 7).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }

@@ -19,7 +19,7 @@ use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
 };
 use crate::api::route::{self, Route as ApiRoute};
-use crate::cache::{BlobCache, BlobReader, BlobSource, ManifestCache};
+use crate::cache::{BlobCache, BlobReader, ManifestCache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 use crate::upstream::fallback::first_success;
@@ -196,7 +196,7 @@ impl App {
         };
         if range.is_some() && source.size().is_none() {
             // A range needs the size, and this upstream sent none: wait for the fill to end.
-            source = wait_for_size(source).await?;
+            source = source.with_size().await?;
         }
         let builder = blob_headers(Response::builder(), digest);
         let request = match (range, source.size()) {
@@ -238,30 +238,6 @@ fn offline_blob_miss(digest: &Digest) -> Error {
         ErrorKind::BlobUnknown,
         format!("blob {digest} is not in the cache, and this mirror is offline"),
     )
-}
-
-/// Follows a fill that has no known size to its end.
-async fn wait_for_size(source: BlobSource) -> Result<BlobSource> {
-    let BlobSource::Filling { mut progress, .. } = source else {
-        return Ok(source);
-    };
-    loop {
-        let state = progress.borrow_and_update().clone();
-        match state {
-            crate::cache::fill::FillState::Complete { file, size } => {
-                return Ok(BlobSource::Cached {
-                    file,
-                    size,
-                    guard: None,
-                });
-            }
-            crate::cache::fill::FillState::Failed(e) => return Err(e),
-            _ => {}
-        }
-        if progress.changed().await.is_err() {
-            return Err(Error::internal("the cache fill vanished"));
-        }
-    }
 }
 
 fn with_api_version(b: http::response::Builder) -> http::response::Builder {

@@ -64,6 +64,19 @@ impl DataDir {
         self.data.join("blobs").join(shard(digest))
     }
 
+    /// The committed blob's bytes, once its commit is done. A client's GET ends as soon as
+    /// the blob is verified, a moment before the commit (fsync, rename) makes it visible.
+    pub async fn committed_blob(&self, digest: &str) -> Vec<u8> {
+        let path = self.blob_path(digest);
+        super::eventually(
+            &format!("blob {digest} to be committed"),
+            super::patience(),
+            || path.is_file(),
+        )
+        .await;
+        std::fs::read(&path).expect("read the committed blob")
+    }
+
     /// Where a committed manifest lives: `manifests/sha256/<2 hex>/<64 hex>`.
     pub fn manifest_path(&self, digest: &str) -> PathBuf {
         self.data.join("manifests").join(shard(digest))

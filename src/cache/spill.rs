@@ -1,0 +1,377 @@
+//! Pass-through for a fill whose disk write failed (a full disk, an I/O error): the bytes the
+//! disk no longer takes reach the attached readers from memory, through a bounded window,
+//! paced by the slowest of them. The upstream stream is not interrupted and the digest is
+//! still checked over every byte before any reader sends its last one.
+//!
+//! Architecture invariants:
+//! - **Every reader of a fill is a follower from the moment it subscribes** (under the fill
+//!   map's lock), with a cursor at the next offset it still needs. The window drops only bytes
+//!   every follower has passed, so no attached reader ever misses a byte.
+//! - **The window is bounded.** A chunk waits until the window holds less than
+//!   [`WINDOW`] bytes; the upstream is then paced by the slowest reader, as in any proxy.
+//! - **A stuck follower cannot hold the others forever.** One whose cursor has not moved for
+//!   [`STALL`] while the window is full is dropped: its next read fails and its client sees
+//!   an aborted body.
+//! - **With no follower left, a pass-through fill stops**: it has left the fill map (nobody new
+//!   can join it) and nothing of it will be cached, so the rest of the download is wasted.
+//!
+//! Everything here is synchronous: the fill's writer thread blocks on a condition variable;
+//! readers only take short locks.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// At most this many bytes wait in memory ahead of the slowest follower.
+pub const WINDOW: u64 = 4 << 20;
+
+/// A follower whose cursor stays put this long while the window is full is dropped.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// A cursor's value once its follower was dropped for stalling.
+const DROPPED: u64 = u64::MAX;
+
+/// The readers of one fill and how far each has got.
+#[derive(Default)]
+pub struct Followers {
+    cursors: Mutex<HashMap<u64, Arc<AtomicU64>>>,
+    moved: Condvar,
+    next_id: AtomicU64,
+    /// Set once the fill passes through: only then do readers wake the writer when they move.
+    passing_through: AtomicBool,
+}
+
+impl std::fmt::Debug for Followers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `try_lock`: a Debug impl must never wait on the writer.
+        let count = self.cursors.try_lock().map(|c| c.len()).ok();
+        f.debug_struct("Followers").field("count", &count).finish()
+    }
+}
+
+/// One follower's place in the fill. Dropping it (the client went away) lets the window move
+/// on without it.
+pub struct Cursor {
+    followers: Arc<Followers>,
+    id: u64,
+    at: Arc<AtomicU64>,
+}
+
+/// The follower was dropped for stalling a pass-through fill.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Dropped;
+
+impl Followers {
+    /// A new follower, needing everything from offset 0 until it says otherwise.
+    pub fn join(self: &Arc<Self>) -> Cursor {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let at = Arc::new(AtomicU64::new(0));
+        self.cursors
+            .lock()
+            .expect("followers poisoned")
+            .insert(id, at.clone());
+        Cursor {
+            followers: self.clone(),
+            id,
+            at,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cursors.lock().expect("followers poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The smallest offset some follower still needs; `None` with no followers.
+    fn slowest(cursors: &HashMap<u64, Arc<AtomicU64>>) -> Option<u64> {
+        cursors
+            .values()
+            .map(|c| c.load(Ordering::Acquire))
+            .filter(|&c| c != DROPPED)
+            .min()
+    }
+
+    fn wake(&self) {
+        if self.passing_through.load(Ordering::Acquire) {
+            let _held = self.cursors.lock().expect("followers poisoned");
+            self.moved.notify_all();
+        }
+    }
+}
+
+impl Cursor {
+    /// The follower now needs bytes from `to` on. Fails if it was dropped for stalling.
+    pub fn advance(&self, to: u64) -> Result<(), Dropped> {
+        let mut cur = self.at.load(Ordering::Acquire);
+        loop {
+            if cur == DROPPED {
+                return Err(Dropped);
+            }
+            match self
+                .at
+                .compare_exchange(cur, to, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.followers.wake();
+        Ok(())
+    }
+
+    pub fn is_dropped(&self) -> bool {
+        self.at.load(Ordering::Acquire) == DROPPED
+    }
+}
+
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        self.followers
+            .cursors
+            .lock()
+            .expect("followers poisoned")
+            .remove(&self.id);
+        self.followers.moved.notify_all();
+    }
+}
+
+/// The bytes of a pass-through fill that are not on disk: `[base, end)`, in arrival order.
+pub struct Spill {
+    inner: Mutex<Window>,
+}
+
+impl std::fmt::Debug for Spill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.inner.lock().expect("spill poisoned");
+        f.debug_struct("Spill")
+            .field("base", &w.base)
+            .field("end", &w.end)
+            .finish()
+    }
+}
+
+struct Window {
+    base: u64,
+    end: u64,
+    chunks: VecDeque<Bytes>,
+}
+
+/// Why a chunk could not be passed through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PassError {
+    /// Every reader went away: nobody needs the rest of the blob.
+    NoFollowers,
+}
+
+impl Spill {
+    /// A window that starts at `start`: the bytes below it are on disk.
+    pub fn new(start: u64) -> Spill {
+        Spill {
+            inner: Mutex::new(Window {
+                base: start,
+                end: start,
+                chunks: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// Up to `max` bytes at `pos`: `Ok(None)` if they have not arrived yet, `Err` if the
+    /// window has already moved past `pos` (only a follower that was dropped can get there).
+    pub fn read(&self, pos: u64, max: usize) -> Result<Option<Bytes>, Dropped> {
+        let w = self.inner.lock().expect("spill poisoned");
+        if pos < w.base {
+            return Err(Dropped);
+        }
+        if pos >= w.end {
+            return Ok(None);
+        }
+        let mut off = w.base;
+        for c in &w.chunks {
+            let len = c.len() as u64;
+            if pos < off + len {
+                let from = (pos - off) as usize;
+                let to = c.len().min(from + max);
+                return Ok(Some(c.slice(from..to)));
+            }
+            off += len;
+        }
+        unreachable!("pos is below the window's end")
+    }
+
+    /// Offset one past the last byte in the window.
+    pub fn end(&self) -> u64 {
+        self.inner.lock().expect("spill poisoned").end
+    }
+
+    /// Drops whole chunks that end at or below `offset`.
+    fn drop_below(w: &mut Window, offset: u64) {
+        while let Some(c) = w.chunks.front() {
+            let len = c.len() as u64;
+            if w.base + len > offset {
+                break;
+            }
+            w.base += len;
+            w.chunks.pop_front();
+        }
+    }
+
+    /// Appends `chunk`, first waiting until the window has room for it beyond the slowest
+    /// follower. Blocks the calling (writer) thread. Drops followers that stall for `stall`.
+    pub fn pass(
+        &self,
+        followers: &Followers,
+        chunk: Bytes,
+        window: u64,
+        stall: Duration,
+    ) -> Result<(), PassError> {
+        followers.passing_through.store(true, Ordering::Release);
+        let mut cursors = followers.cursors.lock().expect("followers poisoned");
+        let mut last_move = (Followers::slowest(&cursors), Instant::now());
+        loop {
+            let Some(slowest) = Followers::slowest(&cursors) else {
+                return Err(PassError::NoFollowers);
+            };
+            {
+                let mut w = self.inner.lock().expect("spill poisoned");
+                Self::drop_below(&mut w, slowest);
+                let held = w.end - w.base;
+                if held == 0 || held + chunk.len() as u64 <= window {
+                    w.end += chunk.len() as u64;
+                    w.chunks.push_back(chunk);
+                    return Ok(());
+                }
+            }
+            if last_move.0 != Some(slowest) {
+                last_move = (Some(slowest), Instant::now());
+            } else if last_move.1.elapsed() >= stall {
+                for c in cursors.values() {
+                    if c.load(Ordering::Acquire) == slowest {
+                        c.store(DROPPED, Ordering::Release);
+                    }
+                }
+                tracing::warn!(
+                    offset = slowest,
+                    "dropping a client that stalled a pass-through download"
+                );
+                continue;
+            }
+            let wait = stall.saturating_sub(last_move.1.elapsed());
+            cursors = followers
+                .moved
+                .wait_timeout(cursors, wait.min(Duration::from_millis(200)))
+                .expect("followers poisoned")
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn bytes(n: usize, fill: u8) -> Bytes {
+        Bytes::from(vec![fill; n])
+    }
+
+    #[test]
+    fn reads_come_from_the_right_chunk() {
+        let f = Arc::new(Followers::default());
+        let _c = f.join();
+        let s = Spill::new(100);
+        s.pass(&f, bytes(10, 1), 1000, STALL).unwrap();
+        s.pass(&f, bytes(10, 2), 1000, STALL).unwrap();
+        assert_eq!(s.read(100, 4).unwrap().unwrap(), bytes(4, 1));
+        assert_eq!(s.read(108, 100).unwrap().unwrap(), bytes(2, 1));
+        assert_eq!(s.read(115, 100).unwrap().unwrap(), bytes(5, 2));
+        assert_eq!(s.read(120, 100).unwrap(), None);
+        assert_eq!(s.end(), 120);
+    }
+
+    #[test]
+    fn the_window_keeps_what_the_slowest_follower_needs() {
+        let f = Arc::new(Followers::default());
+        let slow = f.join();
+        let fast = f.join();
+        let s = Spill::new(0);
+        s.pass(&f, bytes(10, 1), 20, STALL).unwrap();
+        s.pass(&f, bytes(10, 2), 20, STALL).unwrap();
+        fast.advance(20).unwrap();
+        slow.advance(10).unwrap();
+        // The first chunk is behind both followers: it goes, making room.
+        s.pass(&f, bytes(10, 3), 20, STALL).unwrap();
+        assert_eq!(s.read(0, 10), Err(Dropped));
+        assert_eq!(s.read(10, 10).unwrap().unwrap(), bytes(10, 2));
+    }
+
+    #[test]
+    fn a_full_window_waits_for_the_slowest_follower() {
+        let f = Arc::new(Followers::default());
+        let slow = f.join();
+        let s = Arc::new(Spill::new(0));
+        s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
+        let (s2, f2) = (s.clone(), f.clone());
+        let writer = thread::spawn(move || s2.pass(&f2, bytes(10, 2), 10, STALL));
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.end(), 10, "the writer must wait for room");
+        slow.advance(10).unwrap();
+        assert_eq!(writer.join().unwrap(), Ok(()));
+        assert_eq!(s.end(), 20);
+    }
+
+    #[test]
+    fn a_stalled_follower_is_dropped_and_the_others_go_on() {
+        let f = Arc::new(Followers::default());
+        let stuck = f.join();
+        let moving = f.join();
+        moving.advance(10).unwrap();
+        let s = Spill::new(0);
+        s.pass(&f, bytes(10, 1), 10, Duration::from_millis(50))
+            .unwrap();
+        s.pass(&f, bytes(10, 2), 10, Duration::from_millis(50))
+            .unwrap();
+        assert!(stuck.is_dropped());
+        assert_eq!(stuck.advance(5), Err(Dropped));
+        assert!(!moving.is_dropped());
+        assert_eq!(s.read(10, 10).unwrap().unwrap(), bytes(10, 2));
+    }
+
+    #[test]
+    fn with_no_followers_the_pass_through_stops() {
+        let f = Arc::new(Followers::default());
+        let s = Spill::new(0);
+        assert_eq!(
+            s.pass(&f, bytes(1, 1), 10, STALL),
+            Err(PassError::NoFollowers)
+        );
+        let c = f.join();
+        s.pass(&f, bytes(1, 1), 10, STALL).unwrap();
+        drop(c);
+        assert!(f.is_empty());
+        assert_eq!(
+            s.pass(&f, bytes(1, 1), 10, STALL),
+            Err(PassError::NoFollowers)
+        );
+    }
+
+    #[test]
+    fn a_departing_follower_wakes_a_waiting_writer() {
+        let f = Arc::new(Followers::default());
+        let keep = f.join();
+        keep.advance(10).unwrap();
+        let leaving = f.join();
+        let s = Arc::new(Spill::new(0));
+        s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
+        let (s2, f2) = (s.clone(), f.clone());
+        let writer = thread::spawn(move || s2.pass(&f2, bytes(10, 2), 10, STALL));
+        thread::sleep(Duration::from_millis(30));
+        drop(leaving);
+        assert_eq!(writer.join().unwrap(), Ok(()));
+    }
+}

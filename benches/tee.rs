@@ -170,6 +170,8 @@ struct Setup {
     _data: tempfile::TempDir,
     /// Where the committed blob lands.
     committed: PathBuf,
+    /// The admin API's stats.
+    stats: String,
     /// `DELETE` purges the blob (the admin API).
     purge: String,
     via_cistern: String,
@@ -247,6 +249,7 @@ fn setup() -> Setup {
         client_rt,
         committed: data.path().join("blobs").join(digest.shard_path()),
         purge: format!("http://{admin}/admin/blobs/{digest}"),
+        stats: format!("http://{admin}/admin/stats"),
         via_cistern: format!("http://{addr}/v2/{REPO}/blobs/{digest}"),
         direct: format!("http://{}/v2/{REPO}/blobs/{digest}", upstream.addr),
         upstream,
@@ -272,6 +275,22 @@ impl Setup {
         self.upstream_rt.shutdown_timeout(Duration::from_secs(5));
         self.cistern_rt.shutdown_timeout(Duration::from_secs(5));
     }
+}
+
+/// Fills running in cistern now, from the admin API's stats.
+fn fills_running(s: &Setup, client: &reqwest::Client) -> u64 {
+    s.client_rt.block_on(async {
+        let body = client
+            .get(&s.stats)
+            .send()
+            .await
+            .expect("stats")
+            .bytes()
+            .await
+            .expect("stats body");
+        let stats: serde_json::Value = serde_json::from_slice(&body).expect("stats JSON");
+        stats["fills_running"].as_u64().expect("fills_running")
+    })
 }
 
 fn bench_tee(c: &mut Criterion) {
@@ -321,8 +340,10 @@ fn bench_tee(c: &mut Criterion) {
                 assert_eq!(gets, 1, "a cold GET must make exactly one upstream GET");
                 // Clients finish once the blob is verified; its commit (fsync, rename) follows
                 // off their path. Wait for it, untimed, so the next purge finds it.
+                // The fill leaves the map only after the directory fsync that follows the
+                // rename, so wait for the admin API to report no running fill.
                 let deadline = Instant::now() + Duration::from_secs(30);
-                while !s.committed.is_file() {
+                while !(s.committed.is_file() && fills_running(&s, &client) == 0) {
                     assert!(Instant::now() < deadline, "the blob was never committed");
                     std::thread::sleep(Duration::from_millis(1));
                 }

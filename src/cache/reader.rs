@@ -187,10 +187,15 @@ impl BlobReader {
         let buf = if pos < data.on_disk {
             let file = data.file.clone().expect("bytes on disk have a file");
             let len = len.min((data.on_disk - pos) as usize);
-            tokio::task::spawn_blocking(move || read_at(&file, len, pos))
-                .await
-                .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
-                .map_err(|e| Error::storage("reading a cached blob", &e))?
+            // Bytes in the page cache (a warm blob, or one a fill just wrote) are copied right
+            // here; only a read that would wait for the disk goes to the blocking pool.
+            match read_cached_at(&file, len, pos) {
+                Some(buf) => buf,
+                None => tokio::task::spawn_blocking(move || read_at(&file, len, pos))
+                    .await
+                    .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
+                    .map_err(|e| Error::storage("reading a cached blob", &e))?,
+            }
         } else {
             let spill = data
                 .spill
@@ -214,6 +219,55 @@ impl BlobReader {
 
 fn dropped() -> Error {
     Error::internal("this client fell too far behind a pass-through download and was dropped")
+}
+
+/// Whether `preadv2(RWF_NOWAIT)` works here; cleared the first time the kernel or file
+/// system says it does not.
+static NOWAIT_WORKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Reads up to `len` bytes at `pos` if they are in the page cache, without blocking
+/// (`preadv2` with `RWF_NOWAIT`). `None` when the read would wait for the disk, or cannot be
+/// done this way: the caller then reads on the blocking pool. May return fewer than `len`
+/// bytes (those that were cached), never zero.
+fn read_cached_at(file: &File, len: usize, pos: u64) -> Option<Bytes> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::Relaxed;
+    if !NOWAIT_WORKS.load(Relaxed) || len == 0 {
+        return None;
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    let spare = &mut buf.spare_capacity_mut()[..len];
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // SAFETY: `iov` describes `len` writable bytes of `buf`'s capacity, which outlives the
+    // call; preadv2 writes at most that many and reports how many.
+    let n = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            pos as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if n <= 0 {
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+            ) {
+                NOWAIT_WORKS.store(false, Relaxed);
+            }
+        }
+        // EAGAIN (not cached), EINTR, or an end of file the blocking read will report.
+        return None;
+    }
+    // SAFETY: preadv2 initialised the first `n` bytes.
+    unsafe { buf.set_len(n as usize) };
+    Some(buf.freeze())
 }
 
 /// Reads exactly `len` bytes at `pos` into a fresh buffer, without zeroing it first.
@@ -266,5 +320,19 @@ mod tests {
         assert_eq!(&read_at(&f, 0, 3).unwrap()[..], b"");
         let e = read_at(&f, 6, 7).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn cached_reads_return_what_is_there() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"hello, world").unwrap();
+        // Just written, so in the page cache. (ext4, xfs, btrfs and tmpfs support
+        // RWF_NOWAIT; if this fails on another file system, reads there always take the
+        // blocking pool, which is correct but slower.)
+        let b = read_cached_at(&f, 5, 7).expect("cached bytes are read without blocking");
+        assert_eq!(&b[..], b"world");
+        let b = read_cached_at(&f, 100, 7).expect("a short read past the end");
+        assert_eq!(&b[..], b"world");
+        assert_eq!(read_cached_at(&f, 5, 12), None, "nothing at the end");
     }
 }

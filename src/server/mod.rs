@@ -25,6 +25,9 @@ pub trait Service: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = hyper::Response<Body>> + Send;
 }
 
+/// Bytes hyper may buffer per HTTP/1 connection, each way.
+const MAX_BUFFERED: usize = 64 * 1024;
+
 /// A client that has not sent its request headers after this long is dropped (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -42,7 +45,12 @@ pub async fn accept_loop<S: Service>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // hyper keeps polling a body while less than this is queued for the socket (default
+        // ~400 KiB): with 64 KiB chunks this keeps about one queued per connection, which is
+        // what bounds memory with many clients on one blob. It also caps request headers,
+        // which 64 KiB covers with room to spare.
+        .max_buf_size(MAX_BUFFERED);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {

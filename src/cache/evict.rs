@@ -64,14 +64,16 @@ pub struct Usage {
 
 #[derive(Default)]
 struct Inner {
-    blobs: HashMap<Digest, Entry>,
+    /// Keys are shared (`Arc`) so that a read guard and an eviction pass's copy of the
+    /// candidates take a reference instead of allocating a copy of each digest.
+    blobs: HashMap<Arc<Digest>, Entry>,
     total: u64,
 }
 
 /// Keeps a blob from eviction while a reader has it open.
 pub struct ReadGuard {
     usage: Arc<Usage>,
-    digest: Digest,
+    digest: Arc<Digest>,
 }
 
 impl Drop for ReadGuard {
@@ -103,7 +105,7 @@ impl Usage {
         for (digest, size, last_access) in blobs {
             inner.total += size;
             inner.blobs.insert(
-                digest,
+                Arc::new(digest),
                 Entry {
                     size,
                     last_access,
@@ -224,7 +226,7 @@ impl Usage {
             last_access: SystemTime::now(),
             readers: 0,
         };
-        if let Some(old) = inner.blobs.insert(digest.clone(), entry) {
+        if let Some(old) = inner.blobs.insert(Arc::new(digest.clone()), entry) {
             inner.total -= old.size;
         }
         inner.total += size;
@@ -236,17 +238,26 @@ impl Usage {
     pub fn open(self: &Arc<Self>, digest: &Digest, size: u64) -> ReadGuard {
         let mut inner = self.inner.lock().expect("usage poisoned");
         let now = SystemTime::now();
-        // A blob committed by another process or missed by the scan joins the index here.
-        let added = !inner.blobs.contains_key(digest);
-        let e = inner.blobs.entry(digest.clone()).or_insert(Entry {
-            size,
-            last_access: now,
-            readers: 0,
-        });
-        e.last_access = now;
-        e.readers += 1;
-        if added {
-            inner.total += size;
+        let (key, added) = match inner.blobs.get_key_value(digest) {
+            Some((key, _)) => (key.clone(), false),
+            // A blob committed by another process or missed by the scan joins the index here.
+            None => {
+                let key = Arc::new(digest.clone());
+                inner.blobs.insert(
+                    key.clone(),
+                    Entry {
+                        size,
+                        last_access: now,
+                        readers: 0,
+                    },
+                );
+                inner.total += size;
+                (key, true)
+            }
+        };
+        if let Some(e) = inner.blobs.get_mut(digest) {
+            e.last_access = now;
+            e.readers += 1;
         }
         drop(inner);
         if added {
@@ -254,7 +265,7 @@ impl Usage {
         }
         ReadGuard {
             usage: self.clone(),
-            digest: digest.clone(),
+            digest: key,
         }
     }
 
@@ -300,8 +311,9 @@ impl Usage {
     }
 
     /// The unread blobs (digest, size, last access) and the total, if over `high`. A copy made
-    /// under the lock: no sorting, no pins.
-    fn candidates(&self, high: u64) -> Option<(Vec<Candidate>, u64)> {
+    /// under the lock: no sorting, no pins. (Public for `benches/cache_lookup.rs`, which
+    /// measures how long a pass holds the lock.)
+    pub fn candidates(&self, high: u64) -> Option<(Vec<Candidate>, u64)> {
         let inner = self.inner.lock().expect("usage poisoned");
         if inner.total <= high {
             return None;
@@ -311,7 +323,7 @@ impl Usage {
             .iter()
             .filter(|(_, e)| e.readers == 0)
             .map(|(d, e)| Candidate {
-                digest: d.clone(),
+                digest: Arc::clone(d),
                 size: e.size,
                 last_access: e.last_access,
                 keep: false,
@@ -329,12 +341,12 @@ impl Usage {
             if pinned.contains(&v.digest) {
                 continue;
             }
-            let unchanged = inner.blobs.get(&v.digest).is_some_and(|e| {
+            let unchanged = inner.blobs.get(&*v.digest).is_some_and(|e| {
                 e.readers == 0 && e.last_access == v.last_access && e.size == v.size
             });
-            if unchanged && let Some(e) = inner.blobs.remove(&v.digest) {
+            if unchanged && let Some(e) = inner.blobs.remove(&*v.digest) {
                 inner.total -= e.size;
-                out.push((v.digest, e.size));
+                out.push((Arc::unwrap_or_clone(v.digest), e.size));
             }
         }
         out
@@ -344,7 +356,7 @@ impl Usage {
 /// A blob eviction may consider.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub digest: Digest,
+    pub digest: Arc<Digest>,
     pub size: u64,
     pub last_access: SystemTime,
     /// Pinned or being read: never chosen.
@@ -421,7 +433,7 @@ mod tests {
 
     fn cand(n: u8, size: u64, age_secs: u64, keep: bool) -> Candidate {
         Candidate {
-            digest: Digest::of(&[n]),
+            digest: Arc::new(Digest::of(&[n])),
             size,
             last_access: SystemTime::UNIX_EPOCH + Duration::from_secs(1000 - age_secs),
             keep,
@@ -429,7 +441,7 @@ mod tests {
     }
 
     fn digests(v: &[Candidate]) -> Vec<Digest> {
-        v.iter().map(|c| c.digest.clone()).collect()
+        v.iter().map(|c| (*c.digest).clone()).collect()
     }
 
     #[test]

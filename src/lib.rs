@@ -237,3 +237,29 @@ pub async fn run_with_admin(
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pins_json_of_earlier_versions_reads_as_digest_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::DiskStore::open(dir.path()).unwrap();
+        let d = crate::oci::Digest::of(b"layer");
+        // What earlier versions wrote: a list of digests.
+        std::fs::write(dir.path().join("pins.json"), format!("[\n  \"{d}\"\n]")).unwrap();
+        let pins = super::read_pins(&store).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].exact_digest(), Some(d));
+        // A pattern round-trips; an entry that is no pattern is an error naming the file.
+        store
+            .write_pins(&["docker.io/library/*:1.*".to_string()])
+            .unwrap();
+        assert_eq!(
+            super::read_pins(&store).unwrap()[0].to_string(),
+            "docker.io/library/*:1.*"
+        );
+        store.write_pins(&["alpine".to_string()]).unwrap();
+        let e = super::read_pins(&store).unwrap_err();
+        assert!(e.to_string().contains("pins.json"), "{e}");
+    }
+}

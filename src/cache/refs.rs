@@ -157,7 +157,31 @@ impl Graph {
             return false;
         }
         let starts = roots.tags.values().flat_map(|a| a.values()).cloned();
-        !self.closure(starts).contains(digest)
+        !self.reaches(starts, digest)
+    }
+
+    /// Is `target` reachable from `starts`? Stops at the first sighting: this runs on every
+    /// manifest served by digest.
+    fn reaches(&self, starts: impl IntoIterator<Item = Digest>, target: &Digest) -> bool {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<Digest> = starts.into_iter().collect();
+        if stack.contains(target) {
+            return true;
+        }
+        while let Some(d) = stack.pop() {
+            if let Some(refs) = self.manifests.get(&d) {
+                for c in &refs.manifests {
+                    if c == target {
+                        return true;
+                    }
+                    if !seen.contains(c) {
+                        stack.push(c.clone());
+                    }
+                }
+            }
+            seen.insert(d);
+        }
+        false
     }
 
     pub fn manifest_count(&self) -> usize {

@@ -16,11 +16,16 @@
 //!   directly (without and with the access-time update).
 //! - `index/open_hit/<n>`: `Usage::open` and dropping its `ReadGuard` (the index side of a
 //!   hit) on an index of `n` blobs; `index/choose_victims/<n>`: one eviction pass's choice of
-//!   victims among `n` blobs.
+//!   victims among `n` blobs (outside the index lock); `index/copy_candidates/<n>`: what a
+//!   pass does under the lock, copying the unread entries out.
 //! - `manifest/get_memory_hit`: `ManifestCache::get` by digest when the manifest is in memory
 //!   (moka), the path of every warm manifest-by-digest GET.
 //! - `manifest/get_disk_hit`: the same on a fresh `ManifestCache` (not in memory, on disk):
 //!   read, re-hash against the digest, insert into memory.
+//! - `refs/load/<n>`: the reference index rebuilt at start (`RefIndex::load`) from `n` stored
+//!   image manifests (config + 3 layers each), one tag record per manifest and one index per
+//!   ten manifests; `refs/pinned/<n>`: one eviction pass's pinned set over that index, with a
+//!   repository pattern that matches a tenth of the tags.
 //!
 //! The upstream in the config points at a closed port: none of these may reach it.
 
@@ -32,9 +37,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use cistern::Config;
 use cistern::cache::evict::{Candidate, Usage, choose_victims};
+use cistern::cache::pins::Pin;
+use cistern::cache::refs::RefIndex;
 use cistern::cache::{BlobCache, ManifestCache};
 use cistern::oci::{Digest, Reference, RepoName};
-use cistern::storage::{DiskStore, StoredManifest};
+use cistern::storage::{DiskStore, StoredManifest, TagRecord};
 use cistern::upstream::Routes;
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use tokio_util::sync::CancellationToken;
@@ -186,6 +193,9 @@ fn bench_index(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("open_hit", n), &n, |b, _| {
             b.iter(|| drop(usage.open(black_box(probe), 1 << 20)))
         });
+        group.bench_with_input(BenchmarkId::new("copy_candidates", n), &n, |b, _| {
+            b.iter(|| usage.candidates())
+        });
         let now = SystemTime::now();
         group.bench_with_input(BenchmarkId::new("choose_victims", n), &n, |b, _| {
             b.iter_batched(
@@ -193,7 +203,7 @@ fn bench_index(c: &mut Criterion) {
                     all.iter()
                         .enumerate()
                         .map(|(i, d)| Candidate {
-                            digest: d.clone(),
+                            digest: Arc::new(d.clone()),
                             size: 1 << 20,
                             last_access: now - Duration::from_secs((i * 7919 % n) as u64),
                             keep: i % 100 == 0,
@@ -258,5 +268,102 @@ fn bench_manifests(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_blobs, bench_index, bench_manifests);
+/// A store with `n` image manifests, a tag for each, and an index over every ten.
+fn refs_fixture(n: usize) -> (tempfile::TempDir, DiskStore) {
+    let dir = tempfile::Builder::new()
+        .prefix("cistern-bench-refs-")
+        .tempdir()
+        .expect("temp dir");
+    let store = DiskStore::open(dir.path()).expect("open store");
+    let put = |bytes: String, repo: &str, tag: &str, media_type: &str| {
+        let bytes = Bytes::from(bytes);
+        let digest = Digest::of(&bytes);
+        store
+            .write_manifest(
+                &digest,
+                &StoredManifest {
+                    media_type: media_type.to_string(),
+                    bytes,
+                },
+            )
+            .expect("write manifest");
+        store
+            .write_tag(&TagRecord {
+                registry: "docker.io".into(),
+                repository: repo.into(),
+                tag: tag.into(),
+                accept: String::new(),
+                digest: digest.to_string(),
+                media_type: media_type.into(),
+                size: 1,
+                fetched_at_ms: 0,
+            })
+            .expect("write tag");
+        digest
+    };
+    let mut children = Vec::new();
+    for i in 0..n {
+        let d = |k: usize| Digest::of(format!("blob {i} {k}").as_bytes());
+        let layer = |k: usize| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":1048576}}"#,
+                d(k)
+            )
+        };
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MANIFEST_TYPE}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":1234}},"layers":[{},{},{}]}}"#,
+            d(0),
+            layer(1),
+            layer(2),
+            layer(3)
+        );
+        let repo = format!("team{}/app{}", i % 10, i / 10);
+        children.push(put(manifest, &repo, "arch", MANIFEST_TYPE));
+        if children.len() == 10 {
+            let list: Vec<String> = children
+                .drain(..)
+                .map(|c| format!(r#"{{"mediaType":"{MANIFEST_TYPE}","digest":"{c}","size":500}}"#))
+                .collect();
+            let index = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+                list.join(",")
+            );
+            put(
+                index,
+                &format!("multi/app{i}"),
+                "latest",
+                "application/vnd.oci.image.index.v1+json",
+            );
+        }
+    }
+    (dir, store)
+}
+
+fn bench_refs(c: &mut Criterion) {
+    let sizes: &[usize] = if smoke_test() { &[100] } else { &[10_000] };
+    let mut group = c.benchmark_group("refs");
+    group.sample_size(10);
+    for &n in sizes {
+        let (_dir, store) = refs_fixture(n);
+        let index = RefIndex::load(&store).expect("load");
+        assert_eq!(index.counts().0, n + n / 10);
+        group.bench_with_input(BenchmarkId::new("load", n), &n, |b, _| {
+            b.iter(|| RefIndex::load(&store).expect("load"))
+        });
+        let pins = vec![Pin::parse("docker.io/team1/*").expect("pin")];
+        assert!(!index.pinned(&pins).blobs.is_empty());
+        group.bench_with_input(BenchmarkId::new("pinned", n), &n, |b, _| {
+            b.iter(|| index.pinned(black_box(&pins)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_blobs,
+    bench_index,
+    bench_manifests,
+    bench_refs
+);
 criterion_main!(benches);

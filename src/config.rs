@@ -180,8 +180,23 @@ pub struct CacheConfig {
     pub max_size: Option<ByteSize>,
     pub high_watermark: f64,
     pub low_watermark: f64,
-    /// Blobs never evicted, by digest glob (`sha256:abc*`).
+    /// What is never evicted (and kept by purges of other repositories): digests, or
+    /// repositories and tags by glob (`cache::pins`): `sha256:<hex>`, `docker.io/library/*`,
+    /// `docker.io/library/*:1.*`.
+    pub pins: Vec<String>,
+    /// Deprecated alias of `pins` for digest globs (`sha256:abc*`); both lists apply.
     pub pinned_digests: Vec<String>,
+}
+
+impl CacheConfig {
+    /// `pins` and `pinned_digests`, parsed (`validate` has checked them).
+    pub fn pin_patterns(&self) -> Vec<crate::cache::pins::Pin> {
+        self.pins
+            .iter()
+            .chain(&self.pinned_digests)
+            .filter_map(|p| crate::cache::pins::Pin::parse(p).ok())
+            .collect()
+    }
 }
 
 /// A TTL for the tags matching a glob pattern (`*` any run of characters, `?` any one).
@@ -286,6 +301,7 @@ impl Default for CacheConfig {
             max_size: None,
             high_watermark: 0.95,
             low_watermark: 0.85,
+            pins: Vec::new(),
             pinned_digests: Vec::new(),
         }
     }
@@ -461,6 +477,23 @@ impl Config {
                 "cache.max_size",
                 "must be more than 0 (leave it out for no limit)".into(),
             );
+        }
+        for (i, p) in self.cache.pins.iter().enumerate() {
+            if let Err(e) = crate::cache::pins::Pin::parse(p) {
+                return invalid(&format!("cache.pins[{i}]"), e);
+            }
+        }
+        for (i, p) in self.cache.pinned_digests.iter().enumerate() {
+            match crate::cache::pins::Pin::parse(p) {
+                Ok(crate::cache::pins::Pin::Digest(_)) => {}
+                Ok(_) => {
+                    return invalid(
+                        &format!("cache.pinned_digests[{i}]"),
+                        format!("{p:?} is not a digest pattern; put it in cache.pins"),
+                    );
+                }
+                Err(e) => return invalid(&format!("cache.pinned_digests[{i}]"), e),
+            }
         }
         for (i, rule) in self.cache.tag_rules.iter().enumerate() {
             if rule.pattern.is_empty() {
@@ -648,6 +681,32 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn pins_are_checked_and_name_their_key() {
+        let c = Config::from_toml(
+            "[cache]\npins = [\"docker.io/library/*:1.*\", \"registry.example.com/base/*\"]\npinned_digests = [\"sha256:4f1b*\"]\n",
+        )
+        .unwrap();
+        let pins: Vec<String> = c
+            .cache
+            .pin_patterns()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            pins,
+            [
+                "docker.io/library/*:1.*",
+                "registry.example.com/base/*",
+                "sha256:4f1b*"
+            ]
+        );
+        let e = error_of("[cache]\npins = [\"docker.io/library/*\", \"alpine\"]\n");
+        assert!(e.contains("cache.pins[1]"), "{e}");
+        let e = error_of("[cache]\npinned_digests = [\"docker.io/library/*\"]\n");
+        assert!(e.contains("cache.pinned_digests[0]"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,20 @@ pub async fn run(
     run_with_admin(listener, admin, config, shutdown).await
 }
 
+/// The run-time pins in `pins.json`. Digests, as written by earlier versions, are pins too;
+/// an entry that is not a pin pattern is an error, naming it.
+pub fn read_pins(store: &storage::DiskStore) -> std::io::Result<Vec<cache::pins::Pin>> {
+    store
+        .read_pins()?
+        .iter()
+        .map(|p| {
+            cache::pins::Pin::parse(p).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("pins.json: {e}"))
+            })
+        })
+        .collect()
+}
+
 /// [`run`], with the admin listener bound by the caller (`None`: no admin API). Tests use
 /// this to bind both on `127.0.0.1:0`.
 pub async fn run_with_admin(
@@ -89,19 +103,32 @@ pub async fn run_with_admin(
         cache::evict::Budget {
             high: (max * config.cache.high_watermark) as u64,
             low: (max * config.cache.low_watermark) as u64,
-            pinned: config.cache.pinned_digests.clone(),
         }
     });
     let usage = cache::evict::Usage::new(budget);
+    usage.set_config_pins(config.cache.pin_patterns());
     {
         let (usage, store) = (usage.clone(), store.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            usage.set_pins(store.read_pins()?);
+            usage.set_pins(read_pins(&store)?);
             usage.load(&store)
         })
         .await?
         .context("indexing the cached blobs")?;
     }
+    // Which manifests each repository and tag names, and what each manifest references:
+    // rebuilt from the files at every start (see cache::refs).
+    let started = std::time::Instant::now();
+    let index = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || cache::refs::RefIndex::load(&store))
+            .await?
+            .context("indexing the cached manifests")?
+    };
+    let index = Arc::new(index);
+    let (manifests, tags, links) = index.counts();
+    tracing::info!(manifests, tags, links, elapsed = ?started.elapsed(), "reference index built");
+    usage.attach_index(index.clone());
     let stop_eviction = CancellationToken::new();
     let eviction = tokio::spawn(cache::evict::run(
         usage.clone(),
@@ -120,7 +147,12 @@ pub async fn run_with_admin(
             fills.clone(),
             cancel_fills.clone(),
         ),
-        manifests: cache::ManifestCache::new(store.clone(), &config.cache, config.offline),
+        manifests: cache::ManifestCache::with_index(
+            store.clone(),
+            &config.cache,
+            config.offline,
+            index,
+        ),
         routes,
         offline: config.offline,
     });
@@ -158,6 +190,7 @@ pub async fn run_with_admin(
             store: store.clone(),
             token: admin_token,
             max_size: config.cache.max_size.map(|m| m.as_u64()),
+            pin_writes: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(server::accept_loop(
             admin_listener,
@@ -203,4 +236,30 @@ pub async fn run_with_admin(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pins_json_of_earlier_versions_reads_as_digest_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::DiskStore::open(dir.path()).unwrap();
+        let d = crate::oci::Digest::of(b"layer");
+        // What earlier versions wrote: a list of digests.
+        std::fs::write(dir.path().join("pins.json"), format!("[\n  \"{d}\"\n]")).unwrap();
+        let pins = super::read_pins(&store).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].exact_digest(), Some(d));
+        // A pattern round-trips; an entry that is no pattern is an error naming the file.
+        store
+            .write_pins(&["docker.io/library/*:1.*".to_string()])
+            .unwrap();
+        assert_eq!(
+            super::read_pins(&store).unwrap()[0].to_string(),
+            "docker.io/library/*:1.*"
+        );
+        store.write_pins(&["alpine".to_string()]).unwrap();
+        let e = super::read_pins(&store).unwrap_err();
+        assert!(e.to_string().contains("pins.json"), "{e}");
+    }
 }

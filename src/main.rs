@@ -66,11 +66,25 @@ enum AdminAction {
     PurgeBlob { digest: String },
     /// Remove a manifest from the cache.
     PurgeManifest { digest: String },
-    /// Never evict this blob.
-    Pin { digest: String },
-    /// Let this blob be evicted again.
-    Unpin { digest: String },
-    /// List pinned digests.
+    /// Remove a repository's tags and links, then the manifests and blobs nothing else uses.
+    PurgeRepo {
+        /// <registry>/<repository>, e.g. docker.io/library/alpine.
+        repository: String,
+    },
+    /// Remove a tag's records, then the manifests and blobs nothing else uses.
+    PurgeTag {
+        /// <registry>/<repository>:<tag>, e.g. docker.io/library/alpine:3.20.
+        tag: String,
+    },
+    /// Never evict what this pattern names.
+    Pin {
+        /// sha256:<hex>, <registry>/<repository> or <registry>/<repository>:<tag>, with * and
+        /// ? globs.
+        pattern: String,
+    },
+    /// Remove a pin made with `pin`.
+    Unpin { pattern: String },
+    /// List the pins.
     Pins,
 }
 
@@ -178,13 +192,24 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
     let dir = args
         .data_dir
         .clone()
-        .or_else(|| config.map(|c| c.data_dir))
+        .or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
         .ok_or_else(|| anyhow::anyhow!("give --url, --data-dir or --config"))?;
-    admin_local(&dir, &args.action)
+    let config_pins = config
+        .as_ref()
+        .map(|c| c.cache.pin_patterns())
+        .unwrap_or_default();
+    admin_local(&dir, &args.action, &config_pins)
 }
 
 fn admin_request(action: &AdminAction) -> anyhow::Result<(reqwest::Method, String)> {
     let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
+    let pin = |p: &str| {
+        let pin = cistern::cache::pins::Pin::parse(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("pattern", &pin.to_string())
+            .finish();
+        anyhow::Ok(format!("admin/pins?{query}"))
+    };
     Ok(match action {
         AdminAction::Stats => (reqwest::Method::GET, "admin/stats".into()),
         AdminAction::Pins => (reqwest::Method::GET, "admin/pins".into()),
@@ -196,15 +221,35 @@ fn admin_request(action: &AdminAction) -> anyhow::Result<(reqwest::Method, Strin
             reqwest::Method::DELETE,
             format!("admin/manifests/{}", parse(digest)?),
         ),
-        AdminAction::Pin { digest } => (
-            reqwest::Method::PUT,
-            format!("admin/pins/{}", parse(digest)?),
-        ),
-        AdminAction::Unpin { digest } => (
-            reqwest::Method::DELETE,
-            format!("admin/pins/{}", parse(digest)?),
-        ),
+        AdminAction::PurgeRepo { .. } | AdminAction::PurgeTag { .. } => {
+            let target = purge_target(action)?;
+            let path = match &target {
+                cistern::cache::refs::Target::Repository(k) => format!("admin/repositories/{k}"),
+                cistern::cache::refs::Target::Tag(k, t) => format!("admin/tags/{k}:{t}"),
+            };
+            (reqwest::Method::DELETE, path)
+        }
+        AdminAction::Pin { pattern } => (reqwest::Method::PUT, pin(pattern)?),
+        AdminAction::Unpin { pattern } => (reqwest::Method::DELETE, pin(pattern)?),
     })
+}
+
+/// The repository or tag a purge names, checked as the admin API checks it.
+fn purge_target(action: &AdminAction) -> anyhow::Result<cistern::cache::refs::Target> {
+    use cistern::cache::refs::Target;
+    use cistern::server::admin::repo_key;
+    let key = |s: &str| repo_key(s).map_err(|e| anyhow::anyhow!("{s:?}: {}", e.message));
+    match action {
+        AdminAction::PurgeRepo { repository } => Ok(Target::Repository(key(repository)?)),
+        AdminAction::PurgeTag { tag } => {
+            let (repo, t) = tag
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow::anyhow!("{tag:?}: give <registry>/<repository>:<tag>"))?;
+            let t = cistern::oci::Tag::parse(t).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok(Target::Tag(key(repo)?, t.to_string()))
+        }
+        _ => anyhow::bail!("not a purge by repository or tag"),
+    }
 }
 
 fn admin_remote(
@@ -245,7 +290,14 @@ fn admin_remote(
     })
 }
 
-fn admin_local(dir: &std::path::Path, action: &AdminAction) -> anyhow::Result<()> {
+/// The admin actions on a stopped cache. `config_pins`: the config's `cache.pins` (known only
+/// with --config), which purges respect as the server does.
+fn admin_local(
+    dir: &std::path::Path,
+    action: &AdminAction,
+    config_pins: &[cistern::cache::pins::Pin],
+) -> anyhow::Result<()> {
+    use cistern::cache::pins::Pin;
     if !dir.is_dir() {
         anyhow::bail!("data_dir {} does not exist", dir.display());
     }
@@ -253,6 +305,7 @@ fn admin_local(dir: &std::path::Path, action: &AdminAction) -> anyhow::Result<()
     let store = cistern::storage::DiskStore::open(dir)
         .with_context(|| format!("opening the cache at {}", dir.display()))?;
     let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
+    let strings = |pins: &[Pin]| -> Vec<String> { pins.iter().map(Pin::to_string).collect() };
     match action {
         AdminAction::Stats => {
             let blobs = store.list_blobs()?;
@@ -265,8 +318,11 @@ fn admin_local(dir: &std::path::Path, action: &AdminAction) -> anyhow::Result<()
             println!("{value}");
         }
         AdminAction::Pins => {
-            let pins: Vec<String> = store.read_pins()?.iter().map(|d| d.to_string()).collect();
-            println!("{}", serde_json::json!({ "pins": pins }));
+            let pins = cistern::read_pins(&store)?;
+            println!(
+                "{}",
+                serde_json::json!({ "pins": strings(&pins), "config": strings(config_pins) })
+            );
         }
         AdminAction::PurgeBlob { digest } => {
             store.remove_blob(&parse(digest)?)?;
@@ -276,19 +332,32 @@ fn admin_local(dir: &std::path::Path, action: &AdminAction) -> anyhow::Result<()
             store.remove_manifest(&parse(digest)?)?;
             println!("{}", serde_json::json!({ "purged": digest }));
         }
-        AdminAction::Pin { digest } | AdminAction::Unpin { digest } => {
-            let d = parse(digest)?;
-            let mut pins = store.read_pins()?;
-            let pin = matches!(action, AdminAction::Pin { .. });
-            let had = pins.contains(&d);
-            pins.retain(|p| *p != d);
-            if pin {
-                pins.push(d.clone());
+        AdminAction::PurgeRepo { .. } | AdminAction::PurgeTag { .. } => {
+            let target = purge_target(action)?;
+            let index = cistern::cache::refs::RefIndex::load(&store)?;
+            let mut pins = config_pins.to_vec();
+            pins.extend(cistern::read_pins(&store)?);
+            let plan = index.plan_purge(&target, &pins);
+            if !plan.found() {
+                anyhow::bail!("{target}: nothing of it is cached in {}", dir.display());
             }
-            store.write_pins(&pins)?;
+            let report = cistern::cache::refs::execute(&store, &plan)?;
+            println!("{}", cistern::server::admin::purge_answer(&target, &report));
+        }
+        AdminAction::Pin { pattern } | AdminAction::Unpin { pattern } => {
+            let p = Pin::parse(pattern).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut pins = cistern::read_pins(&store)?;
+            let pin = matches!(action, AdminAction::Pin { .. });
+            let had = pins.contains(&p);
+            pins.retain(|x| *x != p);
+            if pin {
+                pins.push(p.clone());
+            }
+            pins.sort();
+            store.write_pins(&strings(&pins))?;
             println!(
                 "{}",
-                serde_json::json!({ "digest": digest, "changed": had != pin })
+                serde_json::json!({ "pattern": p.to_string(), "changed": had != pin })
             );
         }
     }

@@ -229,3 +229,339 @@ async fn pins_survive_eviction_and_restarts() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pins"], 1);
 }
+
+const OTHER: &str = "library/other";
+
+/// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
+async fn pull(api: &Client, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
+    let m = api.get_manifest(repo, reference).await;
+    assert_eq!(
+        m.status,
+        StatusCode::OK,
+        "{repo}:{reference}: {}",
+        m.body_text()
+    );
+    for b in blobs {
+        let got = api.get_blob(repo, &sha256_digest(b)).await.unwrap();
+        assert_same_bytes(&got, b, "a layer");
+    }
+}
+
+/// Upstream requests for a repository's tag.
+fn tag_requests(upstream: &FakeRegistry, repo: &str, tag: &str) -> usize {
+    upstream
+        .requests_for(Kind::Manifest, tag)
+        .iter()
+        .filter(|s| s.repo == repo)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
+    let base = blob_bytes(64 * KIB, 40);
+    let (cfg_a, a1) = (blob_bytes(KIB, 41), blob_bytes(32 * KIB, 42));
+    let (cfg_b, b1) = (blob_bytes(KIB, 43), blob_bytes(16 * KIB, 44));
+    let app = oci_image_manifest(&cfg_a, &[&base, &a1]);
+    let other = oci_image_manifest(&cfg_b, &[&base, &b1]);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, base.clone())
+        .blob(REPO, cfg_a.clone())
+        .blob(REPO, a1.clone())
+        .blob(OTHER, base.clone())
+        .blob(OTHER, cfg_b.clone())
+        .blob(OTHER, b1.clone())
+        .manifest(REPO, Some("1"), OCI_MANIFEST, app.clone())
+        .manifest(OTHER, Some("1"), OCI_MANIFEST, other.clone())
+        .start()
+        .await;
+    // The [upstream] shorthand's registry is the upstream's host and port.
+    let registry = upstream.addr().to_string();
+    let data = DataDir::new();
+    let s = start(&upstream, &data, None).await;
+    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
+    pull(&s.api, OTHER, "1", &[&cfg_b, &base, &b1]).await;
+    let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
+
+    // The tag goes, with what only it used; `base` stays for library/other.
+    let r = s
+        .admin(Method::DELETE, &format!("/admin/tags/{registry}/{REPO}:1"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+    let v = r.json();
+    assert_eq!(v["purged"], format!("{registry}/{REPO}:1"));
+    assert_eq!(v["tags"], 1);
+    assert_eq!(v["removed"]["manifests"], 1);
+    assert_eq!(v["removed"]["blobs"], 2);
+    assert_eq!(v["removed"]["blob_bytes"], (cfg_a.len() + a1.len()) as u64);
+    assert_eq!(v["kept"]["blobs"], 1);
+    assert_eq!(v["kept"]["blob_bytes"], base.len() as u64);
+    assert!(!data.manifest_path(&sha256_digest(&app)).exists());
+    assert!(!exists(&cfg_a) && !exists(&a1));
+    assert!(exists(&base) && exists(&cfg_b) && exists(&b1));
+    assert!(data.manifest_path(&sha256_digest(&other)).exists());
+    let stats = s.admin(Method::GET, "/admin/stats").await.json();
+    assert_eq!(
+        stats["blob_bytes"],
+        (base.len() + cfg_b.len() + b1.len()) as u64
+    );
+
+    // The tag's answer is gone from memory too: the next pull asks the upstream (tag_ttl is
+    // five minutes, so a remembered answer would have been served).
+    let before = tag_requests(&upstream, REPO, "1");
+    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
+    assert!(
+        tag_requests(&upstream, REPO, "1") > before,
+        "a purged tag was answered from memory"
+    );
+
+    // The whole of library/other; `base` is used by library/app again.
+    let r = s
+        .admin(
+            Method::DELETE,
+            &format!("/admin/repositories/{registry}/{OTHER}"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+    let v = r.json();
+    assert_eq!(v["removed"]["manifests"], 1);
+    assert_eq!(v["removed"]["blobs"], 2);
+    assert_eq!(v["kept"]["blobs"], 1);
+    assert!(!exists(&cfg_b) && !exists(&b1) && exists(&base));
+    assert!(!data.manifest_path(&sha256_digest(&other)).exists());
+
+    // Nothing left to purge: 404, not a silent success.
+    let again = s
+        .admin(
+            Method::DELETE,
+            &format!("/admin/repositories/{registry}/{OTHER}"),
+        )
+        .await;
+    again.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    let again = s
+        .admin(Method::DELETE, &format!("/admin/tags/{registry}/{OTHER}:1"))
+        .await;
+    again.assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+
+    // Every component is checked: 400s with OCI error bodies, nothing removed.
+    for (path, code) in [
+        (
+            format!("/admin/repositories/{registry}/Library/App"),
+            "NAME_INVALID",
+        ),
+        (
+            format!("/admin/repositories/{registry}/a%2f..%2fetc"),
+            "NAME_INVALID",
+        ),
+        (
+            "/admin/repositories/no-repository".to_string(),
+            "NAME_INVALID",
+        ),
+        (
+            format!("/admin/repositories/bad_host!/{REPO}"),
+            "NAME_INVALID",
+        ),
+        (format!("/admin/tags/{registry}/{REPO}:-1"), "TAG_INVALID"),
+        (format!("/admin/tags/{registry}/{REPO}"), "TAG_INVALID"),
+    ] {
+        let r = s.admin(Method::DELETE, &path).await;
+        r.assert_oci_error(StatusCode::BAD_REQUEST, code);
+    }
+    let wrong_method = s
+        .admin(
+            Method::GET,
+            &format!("/admin/repositories/{registry}/{REPO}"),
+        )
+        .await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(exists(&base) && exists(&cfg_a) && exists(&a1));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
+    // library/keep:1 is an index over one image: the pin must reach through it to the layers.
+    let (cfg, k1, k2) = (
+        blob_bytes(KIB, 50),
+        blob_bytes(MIB, 51),
+        blob_bytes(MIB, 52),
+    );
+    let image = oci_image_manifest(&cfg, &[&k1, &k2]);
+    let index = oci_index(&[&image]);
+    const KEEP: &str = "library/keep";
+    let fillers: Vec<_> = (0..5).map(|i| blob_bytes(MIB, 60 + i)).collect();
+    let mut builder = FakeRegistry::builder()
+        .blob(KEEP, cfg.clone())
+        .blob(KEEP, k1.clone())
+        .blob(KEEP, k2.clone())
+        .manifest(KEEP, None, OCI_MANIFEST, image.clone())
+        .manifest(KEEP, Some("1"), OCI_INDEX, index.clone());
+    for f in &fillers {
+        builder = builder.blob(REPO, f.clone());
+    }
+    let upstream = builder.start().await;
+    let registry = upstream.addr().to_string();
+    let pattern = format!("{registry}/library/kee*");
+    let data = DataDir::new();
+    let budget = Some(3 * MIB as u64);
+    let s = start(&upstream, &data, budget).await;
+
+    // Bad patterns are refused.
+    let r = s.admin(Method::PUT, "/admin/pins?pattern=alpine").await;
+    r.assert_oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID");
+    let r = s.admin(Method::PUT, "/admin/pins").await;
+    r.assert_oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID");
+
+    // The CLI pins through the API (the pattern is percent-encoded in the query).
+    let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["admin", "--url", &s.admin_url, "--token-file"])
+        .arg(&s.token_file)
+        .args(["pin", &pattern])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["pattern"].as_str(), v["changed"].as_bool()),
+        (Some(pattern.as_str()), Some(true))
+    );
+
+    pull(&s.api, KEEP, "1", &[]).await;
+    pull(&s.api, KEEP, &sha256_digest(&image), &[&cfg, &k1, &k2]).await;
+    for f in &fillers[..3] {
+        pull_blob(&s.api, f).await;
+    }
+    let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
+    eventually("eviction", patience(), || !exists(&fillers[0])).await;
+    assert!(
+        exists(&k1) && exists(&k2) && exists(&cfg),
+        "a blob of a pinned repository was evicted"
+    );
+    s.stop().await;
+
+    // After a restart the pin (pins.json) and the references (rebuilt from disk) still hold.
+    let s = start(&upstream, &data, budget).await;
+    let pins = s.admin(Method::GET, "/admin/pins").await.json();
+    assert_eq!(pins["pins"], serde_json::json!([pattern]));
+    for f in &fillers[3..] {
+        pull_blob(&s.api, f).await;
+    }
+    eventually("eviction after the restart", patience(), || {
+        !exists(&fillers[3])
+    })
+    .await;
+    assert!(exists(&k1) && exists(&k2) && exists(&cfg));
+
+    // Unpinned, they are ordinary blobs again: the oldest, so the next pass takes them.
+    let query: String = form_urlencoded_pattern(&pattern);
+    let r = s
+        .admin(Method::DELETE, &format!("/admin/pins?{query}"))
+        .await;
+    assert_eq!(r.json()["changed"], true, "{}", r.body_text());
+    pull_blob(&s.api, &fillers[0]).await;
+    eventually("the unpinned layers evicted", patience(), || {
+        !exists(&k1) || !exists(&k2)
+    })
+    .await;
+    s.stop().await;
+}
+
+async fn pull_blob(api: &Client, blob: &bytes::Bytes) {
+    let got = api.get_blob(REPO, &sha256_digest(blob)).await.unwrap();
+    assert_same_bytes(&got, blob, "a blob");
+}
+
+fn form_urlencoded_pattern(pattern: &str) -> String {
+    reqwest::Url::parse_with_params("http://x/", &[("pattern", pattern)])
+        .unwrap()
+        .query()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repository() {
+    const PINNED: &str = "library/deploy";
+    let base = blob_bytes(16 * KIB, 70);
+    let (cfg_a, a1) = (blob_bytes(KIB, 71), blob_bytes(8 * KIB, 72));
+    let (cfg_d, d1) = (blob_bytes(KIB, 73), blob_bytes(4 * KIB, 74));
+    let app = oci_image_manifest(&cfg_a, &[&base, &a1]);
+    // library/deploy is pulled by digest only (a deployment pinned to a digest).
+    let deploy = oci_image_manifest(&cfg_d, &[&base, &d1]);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, base.clone())
+        .blob(REPO, cfg_a.clone())
+        .blob(REPO, a1.clone())
+        .blob(PINNED, base.clone())
+        .blob(PINNED, cfg_d.clone())
+        .blob(PINNED, d1.clone())
+        .manifest(REPO, Some("1"), OCI_MANIFEST, app.clone())
+        .manifest(PINNED, None, OCI_MANIFEST, deploy.clone())
+        .start()
+        .await;
+    let registry = upstream.addr().to_string();
+    let data = DataDir::new();
+    let s = start(&upstream, &data, None).await;
+    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
+    pull(
+        &s.api,
+        PINNED,
+        &sha256_digest(&deploy),
+        &[&cfg_d, &base, &d1],
+    )
+    .await;
+    s.stop().await;
+
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .arg("admin")
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
+
+    // The repository owns the manifest it served by digest (a link recorded on disk, read
+    // back by this separate process).
+    let v = json(&cli(&["purge-repo", &format!("{registry}/{PINNED}")]));
+    assert_eq!(v["links"], 1, "{v}");
+    assert_eq!(v["removed"]["manifests"], 1);
+    assert_eq!(v["removed"]["blobs"], 2);
+    assert_eq!(v["removed"]["blob_bytes"], (cfg_d.len() + d1.len()) as u64);
+    assert_eq!(v["kept"]["blobs"], 1);
+    assert!(!exists(&cfg_d) && !exists(&d1) && exists(&base));
+    assert!(!data.manifest_path(&sha256_digest(&deploy)).exists());
+
+    // A digest pin keeps a blob a purge would otherwise remove.
+    json(&cli(&["pin", &sha256_digest(&a1)]));
+    let v = json(&cli(&["purge-tag", &format!("{registry}/{REPO}:1")]));
+    assert_eq!(v["tags"], 1);
+    assert_eq!(v["removed"]["blobs"], 2, "{v}");
+    assert_eq!(v["kept"]["blobs"], 1);
+    assert!(!exists(&cfg_a) && !exists(&base) && exists(&a1));
+
+    let out = cli(&["purge-tag", &format!("{registry}/{REPO}:1")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing"));
+    for bad in ["no-repository", "docker.io/X", "docker.io/a/../b"] {
+        let out = cli(&["purge-repo", bad]);
+        assert!(!out.status.success(), "{bad} was accepted");
+    }
+    let v = json(&cli(&["pins"]));
+    assert_eq!(v["pins"], serde_json::json!([sha256_digest(&a1)]));
+}

@@ -32,6 +32,10 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url"),
         ("[cache]\ntag_tll = \"5m\"\n", "tag_tll"),
         (
+            "[cache]\npins = [\"docker.io/library/*\", \"alpine\"]\n",
+            "cache.pins[1]",
+        ),
+        (
             "[upstreams.a]\nurl = \"http://x\"\n[[routes]]\nregistry = \"docker.io\"\nupstreams = [\"b\"]\n",
             "routes[0].upstreams",
         ),

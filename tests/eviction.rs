@@ -169,3 +169,46 @@ async fn lru_order_survives_a_restart() {
     );
     assert!(cistern.data().blob_path(&d[3]).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_pattern_in_the_config_pins_its_images_only() {
+    // app:1.2 matches the pin, app:2 does not; both are pulled first, so both are the least
+    // recently used when the fillers push the cache over its budget.
+    let (cfg1, l1) = (blob_bytes(KIB, 400), blob_bytes(MIB, 401));
+    let (cfg2, l2) = (blob_bytes(KIB, 402), blob_bytes(MIB, 403));
+    let one = oci_image_manifest(&cfg1, &[&l1]);
+    let two = oci_image_manifest(&cfg2, &[&l2]);
+    let fillers: Vec<_> = (0..4).map(|i| blob_bytes(MIB, 410 + i)).collect();
+    let mut builder = FakeRegistry::builder()
+        .manifest(REPO, Some("1.2"), OCI_MANIFEST, one.clone())
+        .manifest(REPO, Some("2"), OCI_MANIFEST, two.clone());
+    for b in [&cfg1, &l1, &cfg2, &l2].into_iter().chain(&fillers) {
+        builder = builder.blob(REPO, b.clone());
+    }
+    let upstream = builder.start().await;
+    let pin = format!("{}/library/*:1.*", upstream.addr());
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.cache.max_size = Some(ByteSize::b(3 * MIB as u64));
+        c.cache.pins = vec![pin];
+    })
+    .await;
+    let client = cistern.client();
+    for (tag, blobs) in [("1.2", [&cfg1, &l1]), ("2", [&cfg2, &l2])] {
+        let m = client.get_manifest(REPO, tag).await;
+        assert_eq!(m.status, http::StatusCode::OK, "{}", m.body_text());
+        for b in blobs {
+            client.get_blob(REPO, &sha256_digest(b)).await.unwrap();
+        }
+        tick().await;
+    }
+    for f in &fillers {
+        client.get_blob(REPO, &sha256_digest(f)).await.unwrap();
+        tick().await;
+    }
+    let exists = |b: &[u8]| cistern.data().blob_path(&sha256_digest(b)).exists();
+    eventually("app:2's layer evicted", patience(), || !exists(&l2)).await;
+    assert!(
+        exists(&l1) && exists(&cfg1),
+        "a pinned tag's blobs were evicted"
+    );
+}

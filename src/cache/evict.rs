@@ -11,16 +11,23 @@
 //! - A blob with an open reader, a pinned blob, or a blob still being filled (not yet in the
 //!   index) is never chosen. A reader that opens a blob in the instant it is removed keeps
 //!   reading it: an open file outlives its name.
+//! - A pass holds the index lock only to copy the unread entries out and to take the victims
+//!   out; victims are chosen (sorted) outside it, and one whose entry changed in between
+//!   (opened, read, re-committed) stays. The pinned set (digest, repository and tag pins,
+//!   through `cache::refs`) is computed once per pass, again only if a pin, tag, link or
+//!   manifest was added while the pass chose.
 //! - Removing a blob never breaks a cached manifest: the blob is fetched again on demand.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::freshness::glob_match;
+use super::pins::Pin;
+use super::refs::{Graph, Pinned, RefIndex};
 use crate::oci::Digest;
 use crate::storage::DiskStore;
 
@@ -31,20 +38,26 @@ struct Entry {
     readers: u32,
 }
 
-/// The budget: where the watermarks are, and what may never go.
+/// The budget: where the watermarks are.
 #[derive(Debug, Clone)]
 pub struct Budget {
     pub high: u64,
     pub low: u64,
-    pub pinned: Vec<String>,
 }
 
-/// Committed blobs and their use.
+/// Committed blobs and their use, and the pins.
 pub struct Usage {
     inner: Mutex<Inner>,
     budget: Option<Budget>,
-    /// Digests pinned at run time (admin API), on top of the budget's patterns.
-    pins: Mutex<std::collections::BTreeSet<Digest>>,
+    /// `cache.pins` (and the deprecated `cache.pinned_digests`).
+    config_pins: Mutex<Vec<Pin>>,
+    /// Pins made at run time (admin API, `pins.json`), sorted, each once.
+    pins: Mutex<Vec<Pin>>,
+    /// Moves whenever a pin is added or removed.
+    pins_generation: AtomicU64,
+    /// Manifest → blob references, for repository and tag pins. Without it only digest pins
+    /// hold.
+    index: OnceLock<Arc<RefIndex>>,
     /// Wakes the eviction task when the total passes the high watermark.
     over: Notify,
     /// Bytes a fill could not write because the disk was full: the next pass frees at least
@@ -54,14 +67,16 @@ pub struct Usage {
 
 #[derive(Default)]
 struct Inner {
-    blobs: HashMap<Digest, Entry>,
+    /// Keys are shared (`Arc`) so that a read guard and an eviction pass's copy of the
+    /// candidates take a reference instead of allocating a copy of each digest.
+    blobs: HashMap<Arc<Digest>, Entry>,
     total: u64,
 }
 
 /// Keeps a blob from eviction while a reader has it open.
 pub struct ReadGuard {
     usage: Arc<Usage>,
-    digest: Digest,
+    digest: Arc<Digest>,
 }
 
 impl Drop for ReadGuard {
@@ -78,7 +93,10 @@ impl Usage {
         Arc::new(Usage {
             inner: Mutex::default(),
             budget,
+            config_pins: Mutex::default(),
             pins: Mutex::default(),
+            pins_generation: AtomicU64::new(0),
+            index: OnceLock::new(),
             over: Notify::new(),
             room_wanted: Default::default(),
         })
@@ -91,7 +109,7 @@ impl Usage {
         for (digest, size, last_access) in blobs {
             inner.total += size;
             inner.blobs.insert(
-                digest,
+                Arc::new(digest),
                 Entry {
                     size,
                     last_access,
@@ -104,29 +122,83 @@ impl Usage {
         Ok(())
     }
 
+    /// Gives repository and tag pins the reference index to reach blobs through.
+    pub fn attach_index(&self, index: Arc<RefIndex>) {
+        let _ = self.index.set(index);
+    }
+
+    /// Sets the pins from the config.
+    pub fn set_config_pins(&self, pins: Vec<Pin>) {
+        *self.config_pins.lock().expect("pins poisoned") = pins;
+        self.pins_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Replaces the run-time pins.
-    pub fn set_pins(&self, pins: impl IntoIterator<Item = Digest>) {
-        *self.pins.lock().expect("pins poisoned") = pins.into_iter().collect();
+    pub fn set_pins(&self, pins: impl IntoIterator<Item = Pin>) {
+        let mut list: Vec<Pin> = pins.into_iter().collect();
+        list.sort();
+        list.dedup();
+        *self.pins.lock().expect("pins poisoned") = list;
+        self.pins_generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn pin(&self, digest: &Digest) -> bool {
-        self.pins
-            .lock()
-            .expect("pins poisoned")
-            .insert(digest.clone())
+    /// Adds a run-time pin; false if it was there already.
+    pub fn pin(&self, pin: &Pin) -> bool {
+        let mut pins = self.pins.lock().expect("pins poisoned");
+        match pins.binary_search(pin) {
+            Ok(_) => false,
+            Err(at) => {
+                pins.insert(at, pin.clone());
+                self.pins_generation.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+        }
     }
 
-    pub fn unpin(&self, digest: &Digest) -> bool {
-        self.pins.lock().expect("pins poisoned").remove(digest)
+    /// Removes a run-time pin; false if it was not there.
+    pub fn unpin(&self, pin: &Pin) -> bool {
+        let mut pins = self.pins.lock().expect("pins poisoned");
+        match pins.binary_search(pin) {
+            Ok(at) => {
+                pins.remove(at);
+                self.pins_generation.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
-    pub fn pins(&self) -> Vec<Digest> {
-        self.pins
-            .lock()
-            .expect("pins poisoned")
-            .iter()
-            .cloned()
-            .collect()
+    /// The run-time pins.
+    pub fn pins(&self) -> Vec<Pin> {
+        self.pins.lock().expect("pins poisoned").clone()
+    }
+
+    /// The pins from the config.
+    pub fn config_pins(&self) -> Vec<Pin> {
+        self.config_pins.lock().expect("pins poisoned").clone()
+    }
+
+    /// Config and run-time pins together.
+    pub fn all_pins(&self) -> Vec<Pin> {
+        let mut all = self.config_pins();
+        all.extend(self.pins());
+        all
+    }
+
+    /// What the pins cover now: one walk of the reference index.
+    pub fn pinned(&self) -> Pinned {
+        let pins = self.all_pins();
+        match self.index.get() {
+            Some(index) => index.pinned(&pins),
+            None => Graph::default().pinned(&pins),
+        }
+    }
+
+    /// Moves whenever the pinned set may have grown (a pin, a tag, a link or a manifest was
+    /// added).
+    fn pin_generation(&self) -> u64 {
+        self.pins_generation.load(Ordering::Acquire)
+            + self.index.get().map_or(0, |i| i.generation())
     }
 
     /// Takes a blob out of the index (it was purged).
@@ -158,7 +230,7 @@ impl Usage {
             last_access: SystemTime::now(),
             readers: 0,
         };
-        if let Some(old) = inner.blobs.insert(digest.clone(), entry) {
+        if let Some(old) = inner.blobs.insert(Arc::new(digest.clone()), entry) {
             inner.total -= old.size;
         }
         inner.total += size;
@@ -170,17 +242,26 @@ impl Usage {
     pub fn open(self: &Arc<Self>, digest: &Digest, size: u64) -> ReadGuard {
         let mut inner = self.inner.lock().expect("usage poisoned");
         let now = SystemTime::now();
-        // A blob committed by another process or missed by the scan joins the index here.
-        let added = !inner.blobs.contains_key(digest);
-        let e = inner.blobs.entry(digest.clone()).or_insert(Entry {
-            size,
-            last_access: now,
-            readers: 0,
-        });
-        e.last_access = now;
-        e.readers += 1;
-        if added {
-            inner.total += size;
+        let (key, added) = match inner.blobs.get_key_value(digest) {
+            Some((key, _)) => (key.clone(), false),
+            // A blob committed by another process or missed by the scan joins the index here.
+            None => {
+                let key = Arc::new(digest.clone());
+                inner.blobs.insert(
+                    key.clone(),
+                    Entry {
+                        size,
+                        last_access: now,
+                        readers: 0,
+                    },
+                );
+                inner.total += size;
+                (key, true)
+            }
+        };
+        if let Some(e) = inner.blobs.get_mut(digest) {
+            e.last_access = now;
+            e.readers += 1;
         }
         drop(inner);
         if added {
@@ -188,7 +269,7 @@ impl Usage {
         }
         ReadGuard {
             usage: self.clone(),
-            digest: digest.clone(),
+            digest: key,
         }
     }
 
@@ -211,49 +292,90 @@ impl Usage {
 
     /// Picks blobs to remove and takes them out of the index (so no new reader is promised
     /// them). The caller deletes the files.
+    ///
+    /// The `Usage` lock is held only to copy the unread entries out and, at the end, to take
+    /// the victims out; sorting and the pinned set happen outside it, so hits and commits are
+    /// not stalled by a pass.
     fn take_victims(&self) -> Vec<(Digest, u64)> {
         let wanted = self
             .room_wanted
             .swap(0, std::sync::atomic::Ordering::Relaxed);
-        let pins = self.pins.lock().expect("pins poisoned").clone();
-        let patterns = self.budget.as_ref().map_or(&[][..], |b| &b.pinned[..]);
-        let mut inner = self.inner.lock().expect("usage poisoned");
+        let total = self.total();
         let over_budget = self
             .budget
             .as_ref()
-            .filter(|b| inner.total > b.high)
+            .filter(|b| total > b.high)
             .map(|b| b.low);
-        let for_room = (wanted > 0).then(|| inner.total.saturating_sub(wanted));
+        // A full disk asks for room even under the budget (or with none).
+        let for_room = (wanted > 0).then(|| total.saturating_sub(wanted));
         let Some(target) = over_budget.into_iter().chain(for_room).min() else {
             return Vec::new();
         };
-        let candidates = inner.blobs.iter().map(|(d, e)| Candidate {
-            digest: d.clone(),
-            size: e.size,
-            last_access: e.last_access,
-            keep: e.readers > 0 || pins.contains(d) || is_pinned(patterns, d),
-        });
-        let victims = choose_victims(candidates, inner.total, target);
+        let generation = self.pin_generation();
+        let mut pinned = self.pinned();
+        let (candidates, total) = self.candidates();
+        let victims = choose_victims(
+            candidates.into_iter().map(|mut c| {
+                c.keep = pinned.contains(&c.digest);
+                c
+            }),
+            total,
+            target,
+        );
+        if victims.is_empty() {
+            return Vec::new();
+        }
+        // Something was pinned, tagged or stored while we chose: look again (once per pass).
+        if self.pin_generation() != generation {
+            pinned = self.pinned();
+        }
+        self.take(victims, &pinned)
+    }
+
+    /// The unread blobs (digest, size, last access) and the total. A copy made under the
+    /// lock: no sorting, no pins. (Public for `benches/cache_lookup.rs`, which measures how
+    /// long a pass holds the lock.)
+    pub fn candidates(&self) -> (Vec<Candidate>, u64) {
+        let inner = self.inner.lock().expect("usage poisoned");
+        let candidates = inner
+            .blobs
+            .iter()
+            .filter(|(_, e)| e.readers == 0)
+            .map(|(d, e)| Candidate {
+                digest: Arc::clone(d),
+                size: e.size,
+                last_access: e.last_access,
+                keep: false,
+            })
+            .collect();
+        (candidates, inner.total)
+    }
+
+    /// Takes the chosen victims out of the index, except those pinned now and those whose
+    /// entry changed since they were copied out (opened, read, re-committed).
+    fn take(&self, victims: Vec<Candidate>, pinned: &Pinned) -> Vec<(Digest, u64)> {
+        let mut inner = self.inner.lock().expect("usage poisoned");
         let mut out = Vec::with_capacity(victims.len());
-        for d in victims {
-            if let Some(e) = inner.blobs.remove(&d) {
+        for v in victims {
+            if pinned.contains(&v.digest) {
+                continue;
+            }
+            let unchanged = inner.blobs.get(&*v.digest).is_some_and(|e| {
+                e.readers == 0 && e.last_access == v.last_access && e.size == v.size
+            });
+            if unchanged && let Some(e) = inner.blobs.remove(&*v.digest) {
                 inner.total -= e.size;
-                out.push((d, e.size));
+                out.push((Arc::unwrap_or_clone(v.digest), e.size));
             }
         }
         out
     }
 }
 
-fn is_pinned(patterns: &[String], digest: &Digest) -> bool {
-    let d = digest.to_string();
-    patterns.iter().any(|p| glob_match(p, &d))
-}
-
 /// A blob eviction may consider.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub digest: Digest,
+    pub digest: Arc<Digest>,
     pub size: u64,
     pub last_access: SystemTime,
     /// Pinned or being read: never chosen.
@@ -261,12 +383,12 @@ pub struct Candidate {
 }
 
 /// The least recently used blobs whose removal brings `total` to `target` or below (or as
-/// close as the blobs that may go allow).
+/// close as the blobs that may go allow). Pure.
 pub fn choose_victims(
     candidates: impl Iterator<Item = Candidate>,
     total: u64,
     target: u64,
-) -> Vec<Digest> {
+) -> Vec<Candidate> {
     let mut c: Vec<Candidate> = candidates.filter(|c| !c.keep).collect();
     c.sort_by(|a, b| {
         a.last_access
@@ -280,7 +402,7 @@ pub fn choose_victims(
             break;
         }
         remaining = remaining.saturating_sub(cand.size);
-        out.push(cand.digest);
+        out.push(cand);
     }
     out
 }
@@ -327,11 +449,15 @@ mod tests {
 
     fn cand(n: u8, size: u64, age_secs: u64, keep: bool) -> Candidate {
         Candidate {
-            digest: Digest::of(&[n]),
+            digest: Arc::new(Digest::of(&[n])),
             size,
             last_access: SystemTime::UNIX_EPOCH + Duration::from_secs(1000 - age_secs),
             keep,
         }
+    }
+
+    fn digests(v: &[Candidate]) -> Vec<Digest> {
+        v.iter().map(|c| (*c.digest).clone()).collect()
     }
 
     #[test]
@@ -342,14 +468,14 @@ mod tests {
             cand(3, 10, 500, false),
         ];
         let v = choose_victims(c.into_iter(), 30, 15);
-        assert_eq!(v, vec![Digest::of(&[3]), Digest::of(&[2])]);
+        assert_eq!(digests(&v), vec![Digest::of(&[3]), Digest::of(&[2])]);
     }
 
     #[test]
     fn kept_blobs_are_never_chosen() {
         let c = vec![cand(1, 10, 5, false), cand(2, 10, 500, true)];
         let v = choose_victims(c.into_iter(), 20, 0);
-        assert_eq!(v, vec![Digest::of(&[1])]);
+        assert_eq!(digests(&v), vec![Digest::of(&[1])]);
     }
 
     #[test]
@@ -361,11 +487,10 @@ mod tests {
     #[test]
     fn index_tracks_totals_readers_and_pins() {
         let pinned = Digest::of(b"pinned");
-        let usage = Usage::new(Some(Budget {
-            high: 25,
-            low: 15,
-            pinned: vec![format!("{}*", &pinned.to_string()[..12])],
-        }));
+        let usage = Usage::new(Some(Budget { high: 25, low: 15 }));
+        usage.set_config_pins(vec![
+            Pin::parse(&format!("{}*", &pinned.to_string()[..12])).unwrap(),
+        ]);
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
         usage.committed(&a, 10);
         usage.committed(&pinned, 10);
@@ -381,5 +506,44 @@ mod tests {
         // Recommitting the same digest does not double-count.
         usage.committed(&b, 10);
         assert_eq!(usage.total(), 30);
+    }
+
+    #[test]
+    fn victims_that_changed_after_the_copy_stay() {
+        let usage = Usage::new(Some(Budget { high: 5, low: 0 }));
+        let (a, b, c, d) = (
+            Digest::of(b"a"),
+            Digest::of(b"b"),
+            Digest::of(b"c"),
+            Digest::of(b"d"),
+        );
+        for x in [&a, &b, &c, &d] {
+            usage.committed(x, 10);
+        }
+        let (candidates, total) = usage.candidates();
+        assert_eq!((candidates.len(), total), (4, 40));
+        let victims = choose_victims(candidates.into_iter(), total, 0);
+        assert_eq!(victims.len(), 4);
+        // Between the copy and the take: a is opened (and still read), b is read and
+        // released (newer access), c is pinned at run time. Only d may go.
+        std::thread::sleep(Duration::from_millis(2));
+        let _reading = usage.open(&a, 10);
+        drop(usage.open(&b, 10));
+        usage.pin(&Pin::parse(&c.to_string()).unwrap());
+        let taken = usage.take(victims, &usage.pinned());
+        assert_eq!(taken, vec![(d.clone(), 10)]);
+        assert_eq!(usage.total(), 30);
+        assert_eq!(usage.len(), 3);
+    }
+
+    #[test]
+    fn run_time_pins_are_sorted_sets() {
+        let usage = Usage::new(None);
+        let p = Pin::parse("docker.io/library/*").unwrap();
+        assert!(usage.pin(&p));
+        assert!(!usage.pin(&p));
+        assert_eq!(usage.pins(), vec![p.clone()]);
+        assert!(usage.unpin(&p));
+        assert!(!usage.unpin(&p));
     }
 }

@@ -16,6 +16,11 @@
 //!   whose media type the client accepts), manifests and blobs from disk only.
 //! - Concurrent requests for the same manifest or tag share one upstream request (moka's
 //!   `try_get_with` by digest, `SingleFlight` for tags). Errors are not cached.
+//! - The reference index (`cache::refs`) hears of every manifest stored, every tag recorded,
+//!   and every manifest pulled by digest that none of its repository's tags reaches (which
+//!   is then linked to the repository on disk, `storage::links`).
+//! - A purge by repository or tag drops the purged tags' answers from memory too, so the next
+//!   pull asks the upstream.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,6 +29,8 @@ use bytes::Bytes;
 
 use super::fill::blocking;
 use super::freshness::Freshness;
+use super::pins::Pin;
+use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
@@ -92,10 +99,25 @@ struct Inner {
     refreshing: SingleFlight<TagKey, Result<ManifestInfo>>,
     max_size: u64,
     offline: bool,
+    /// What repositories, tags and manifests reference.
+    index: Arc<RefIndex>,
+    /// One purge at a time.
+    purging: tokio::sync::Mutex<()>,
 }
 
 impl ManifestCache {
+    /// A manifest cache with an empty reference index (benchmarks, tests).
     pub fn new(store: Arc<DiskStore>, config: &CacheConfig, offline: bool) -> Self {
+        Self::with_index(store, config, offline, Arc::default())
+    }
+
+    /// A manifest cache that keeps `index` (built by `RefIndex::load`) current.
+    pub fn with_index(
+        store: Arc<DiskStore>,
+        config: &CacheConfig,
+        offline: bool,
+        index: Arc<RefIndex>,
+    ) -> Self {
         let by_digest = moka::future::Cache::builder()
             .max_capacity(config.manifest_memory.as_u64())
             .weigher(|_k: &Digest, m: &Arc<Manifest>| {
@@ -113,8 +135,14 @@ impl ManifestCache {
                 refreshing: SingleFlight::default(),
                 max_size: config.max_manifest_size.as_u64(),
                 offline,
+                index,
+                purging: tokio::sync::Mutex::new(()),
             }),
         }
+    }
+
+    pub fn index(&self) -> &Arc<RefIndex> {
+        &self.inner.index
     }
 
     /// Removes a cached manifest from memory and disk (admin purge).
@@ -122,7 +150,61 @@ impl ManifestCache {
         self.inner.by_digest.invalidate(digest).await;
         let store = self.inner.store.clone();
         let d = digest.clone();
-        blocking(move || store.remove_manifest(&d), "removing a manifest").await
+        blocking(move || store.remove_manifest(&d), "removing a manifest").await?;
+        self.inner.index.manifest_purged(digest);
+        Ok(())
+    }
+
+    /// Purges a repository or a tag (see `cache::refs` for what goes and what stays): its
+    /// records, then the manifests and blobs nothing else uses, on disk, in the index and in
+    /// memory. Returns the plan (the caller drops the removed blobs from the blob index) and
+    /// what it measured. A target with no records is `NAME_UNKNOWN` / `MANIFEST_UNKNOWN`.
+    pub async fn purge_refs(
+        &self,
+        target: &Target,
+        pins: &[Pin],
+    ) -> Result<(PurgePlan, PurgeReport)> {
+        let inner = &self.inner;
+        let _one_at_a_time = inner.purging.lock().await;
+        let plan = inner.index.plan_purge(target, pins);
+        if !plan.found() {
+            let kind = match target {
+                Target::Repository(_) => ErrorKind::NameUnknown,
+                Target::Tag(..) => ErrorKind::ManifestUnknown,
+            };
+            return Err(Error::new(
+                kind,
+                format!("{target}: nothing of it is cached"),
+            ));
+        }
+        let store = inner.store.clone();
+        let p = plan.clone();
+        let report = blocking(move || refs::execute(&store, &p), "purging").await;
+        // Whatever was removed before a failure is gone from disk: forget it either way.
+        inner.index.apply(&plan);
+        for d in &plan.remove_manifests {
+            inner.by_digest.invalidate(d).await;
+        }
+        let stale: Vec<TagKey> = inner
+            .tags
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                let key = RepoKey {
+                    registry: k.registry.clone(),
+                    repository: k.name.to_string(),
+                };
+                match target {
+                    Target::Repository(r) => *r == key,
+                    Target::Tag(r, t) => *r == key && k.tag.as_str() == t,
+                }
+            })
+            .map(|k| (*k).clone())
+            .collect();
+        for k in stale {
+            inner.tags.invalidate(&k).await;
+        }
+        Ok((plan, report?))
     }
 
     /// Manifests held in memory (for stats).
@@ -146,7 +228,11 @@ impl ManifestCache {
                 (info.digest, info.stale)
             }
         };
-        Ok((inner.by_digest(route, name, &digest, accept).await?, stale))
+        let m = inner.by_digest(route, name, &digest, accept).await?;
+        if let Reference::Digest(d) = reference {
+            inner.pulled_by_digest(route, name, d).await;
+        }
+        Ok((m, stale))
     }
 
     /// The facts for a HEAD. A tag whose upstream HEAD told us everything is answered without
@@ -160,13 +246,40 @@ impl ManifestCache {
     ) -> Result<ManifestInfo> {
         let inner = &self.inner;
         match reference {
-            Reference::Digest(d) => Ok(inner.by_digest(route, name, d, accept).await?.info()),
+            Reference::Digest(d) => {
+                let info = inner.by_digest(route, name, d, accept).await?.info();
+                inner.pulled_by_digest(route, name, d).await;
+                Ok(info)
+            }
             Reference::Tag(t) => inner.resolve_tag(route, name, t, accept).await,
         }
     }
 }
 
 impl Inner {
+    /// A manifest was served by digest: link it to its repository if no tag of the repository
+    /// reaches it (so a repository purge or pin sees it). Written once per (repository,
+    /// manifest); a failed write is logged, not fatal.
+    async fn pulled_by_digest(&self, route: &Route, name: &RepoName, digest: &Digest) {
+        let key = RepoKey {
+            registry: route.registry.clone(),
+            repository: name.to_string(),
+        };
+        if !self.index.claim_link(&key, digest) {
+            return;
+        }
+        let store = self.store.clone();
+        let d = digest.clone();
+        if let Err(e) = blocking(
+            move || store.write_link(&key.registry, &key.repository, &d),
+            "linking a manifest to its repository",
+        )
+        .await
+        {
+            tracing::warn!(%name, %digest, error = %e, "could not record the manifest's repository");
+        }
+    }
+
     async fn by_digest(
         &self,
         route: &Route,
@@ -261,13 +374,14 @@ impl Inner {
             bytes: bytes.clone(),
         };
         let d = digest.clone();
-        if let Err(e) = blocking(
+        match blocking(
             move || store.write_manifest(&d, &stored),
             "storing a manifest",
         )
         .await
         {
-            tracing::warn!(%digest, error = %e, "could not cache manifest");
+            Ok(()) => self.index.manifest_stored(&digest, &bytes),
+            Err(e) => tracing::warn!(%digest, error = %e, "could not cache manifest"),
         }
         Arc::new(Manifest {
             digest,
@@ -437,10 +551,20 @@ impl Inner {
                             fetched_at_ms: millis_since_epoch(now),
                         };
                         let store = self.store.clone();
-                        if let Err(e) =
-                            blocking(move || store.write_tag(&record), "recording a tag").await
+                        match blocking(move || store.write_tag(&record), "recording a tag").await
                         {
-                            tracing::warn!(%name, %tag, error = %e, "could not record tag on disk");
+                            Ok(()) => self.index.tag_recorded(
+                                RepoKey {
+                                    registry: key.registry.clone(),
+                                    repository: key.name.to_string(),
+                                },
+                                key.tag.as_str(),
+                                &key.accept,
+                                &info.digest,
+                            ),
+                            Err(e) => {
+                                tracing::warn!(%name, %tag, error = %e, "could not record tag on disk")
+                            }
                         }
                     }
                     Err(e)

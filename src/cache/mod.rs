@@ -5,7 +5,9 @@ pub mod evict;
 pub mod fill;
 pub mod freshness;
 pub mod manifests;
+pub mod pins;
 pub mod reader;
+pub mod refs;
 pub mod singleflight;
 pub mod spill;
 

@@ -7,6 +7,7 @@
 pub mod digest;
 pub mod media_types;
 pub mod name;
+pub mod references;
 
 pub use digest::{Digest, DigestVerifier};
 pub use name::{Reference, RepoName, Tag};

@@ -89,6 +89,41 @@ impl fmt::Debug for RepoName {
     }
 }
 
+/// Checks a registry host as clients name it: DNS labels (`[a-z0-9]`, inner `-`) joined by
+/// `.`, or `localhost`, with an optional `:port`. Lowercase only (canonicalize first).
+pub fn check_registry(s: &str) -> Result<(), NameError> {
+    let invalid = || NameError::Invalid(s.chars().take(80).collect());
+    if s.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    let (host, port) = match s.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port
+        && (p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid());
+    }
+    let label_ok = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    if host.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(invalid())
+    }
+}
+
 /// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tag(String);
@@ -212,6 +247,38 @@ mod tests {
             long.as_str(),
         ] {
             assert!(RepoName::parse(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn registries() {
+        for ok in [
+            "docker.io",
+            "ghcr.io",
+            "localhost",
+            "127.0.0.1:5000",
+            "a-b.example.com:443",
+        ] {
+            assert!(check_registry(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Docker.io",
+            "a..b",
+            ".a",
+            "a.",
+            "-a.io",
+            "a-.io",
+            "a.io:",
+            "a.io:x",
+            "a.io:123456",
+            "a/b",
+            "a%2fb",
+            "..",
+            "a b",
+            "a\0b",
+        ] {
+            assert!(check_registry(bad).is_err(), "{bad:?}");
         }
     }
 

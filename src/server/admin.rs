@@ -2,15 +2,30 @@
 //! loopback), guarded by an optional bearer token.
 //!
 //! ```text
-//! GET    /admin/stats               cache size, entries, hit ratio, running fills
-//! DELETE /admin/blobs/<digest>      purge a blob (readers that have it open finish)
-//! DELETE /admin/manifests/<digest>  purge a manifest
-//! GET    /admin/pins                digests pinned at run time
-//! PUT    /admin/pins/<digest>       pin: never evicted (kept in data_dir/pins.json)
-//! DELETE /admin/pins/<digest>       unpin
+//! GET    /admin/stats                               cache size, entries, hit ratio, fills
+//! DELETE /admin/blobs/<digest>                      purge a blob (open readers finish)
+//! DELETE /admin/manifests/<digest>                  purge a manifest
+//! DELETE /admin/repositories/<registry>/<repo>      purge a repository
+//! DELETE /admin/tags/<registry>/<repo>:<tag>        purge a tag
+//! GET    /admin/pins                                pins (run time, and from the config)
+//! PUT    /admin/pins?pattern=<pattern>              pin (kept in data_dir/pins.json)
+//! DELETE /admin/pins?pattern=<pattern>              unpin
+//! PUT    /admin/pins/<digest>                       pin a digest (the older form)
+//! DELETE /admin/pins/<digest>                       unpin a digest
 //! ```
 //!
-//! Answers are JSON; errors use the same OCI error bodies as the registry API.
+//! A pattern (`cache::pins`) is `sha256:<hex>`, `<registry>/<repo>` or `<registry>/<repo>:<tag>`
+//! with `*` and `?` globs, percent-encoded in the query (`docker.io%2Flibrary%2F*`; a `/` may
+//! also be left as is). `<registry>` is the name requests are recorded under: the route's
+//! registry (`docker.io`, `ghcr.io`, or the `[upstream]` URL's host and port).
+//!
+//! A repository or tag purge removes its records, then the manifests and blobs that no other
+//! repository, tag or pin uses (see `cache::refs`), and answers with what it removed and kept:
+//! `{"purged": "...", "tags": n, "links": n, "removed": {"manifests", "manifest_bytes",
+//! "blobs", "blob_bytes"}, "kept": {...}}`. Purging something with no records is a 404.
+//!
+//! Answers are JSON; errors use the same OCI error bodies as the registry API (every path
+//! component is checked against the OCI grammars: a bad one is a 400).
 
 use std::sync::Arc;
 
@@ -21,8 +36,11 @@ use hyper::body::Incoming;
 use super::Body;
 use super::handlers::{App, error_response, full};
 use crate::cache::evict::Usage;
+use crate::cache::pins::Pin;
+use crate::cache::refs::{PurgeReport, RepoKey, Target};
 use crate::error::{Error, ErrorKind, Result};
-use crate::oci::Digest;
+use crate::oci::name::check_registry;
+use crate::oci::{Digest, RepoName, Tag};
 use crate::storage::DiskStore;
 
 pub struct Admin {
@@ -33,6 +51,8 @@ pub struct Admin {
     pub token: Option<String>,
     /// `cache.max_size`, for stats.
     pub max_size: Option<u64>,
+    /// Pin changes and their `pins.json` writes happen one at a time.
+    pub pin_writes: tokio::sync::Mutex<()>,
 }
 
 impl super::Service for Admin {
@@ -57,9 +77,33 @@ impl Admin {
         if path == "/admin/stats" && method == Method::GET {
             return Ok(json(StatusCode::OK, self.stats()));
         }
-        if path == "/admin/pins" && method == Method::GET {
-            let pins: Vec<String> = self.usage.pins().iter().map(Digest::to_string).collect();
-            return Ok(json(StatusCode::OK, serde_json::json!({ "pins": pins })));
+        if path == "/admin/pins" {
+            return match *method {
+                Method::GET => {
+                    let strings = |pins: Vec<Pin>| -> Vec<String> {
+                        pins.iter().map(Pin::to_string).collect()
+                    };
+                    Ok(json(
+                        StatusCode::OK,
+                        serde_json::json!({
+                            "pins": strings(self.usage.pins()),
+                            "config": strings(self.usage.config_pins()),
+                        }),
+                    ))
+                }
+                Method::PUT | Method::DELETE => {
+                    let pattern = query_param(req.uri().query(), "pattern").ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::NameInvalid,
+                            "give the pin pattern as ?pattern=<sha256:…|registry/repo[:tag]>",
+                        )
+                    })?;
+                    let pin =
+                        Pin::parse(&pattern).map_err(|e| Error::new(ErrorKind::NameInvalid, e))?;
+                    self.change_pin(method, pin).await
+                }
+                _ => Err(not_allowed(method)),
+            };
         }
         let digest_in = |prefix: &str| -> Option<Result<Digest>> {
             path.strip_prefix(prefix).map(|d| {
@@ -88,23 +132,69 @@ impl Admin {
         }
         if let Some(d) = digest_in("/admin/pins/") {
             let d = d?;
-            let changed = match *method {
-                Method::PUT => self.usage.pin(&d),
-                Method::DELETE => self.usage.unpin(&d),
-                _ => return Err(not_allowed(method)),
-            };
-            let store = self.store.clone();
-            let pins = self.usage.pins();
-            crate::cache::fill::blocking(move || store.write_pins(&pins), "saving pins").await?;
-            return Ok(json(
-                StatusCode::OK,
-                serde_json::json!({ "digest": d.to_string(), "changed": changed }),
-            ));
+            let pin = Pin::Digest(d.to_string());
+            return self.change_pin(method, pin).await;
+        }
+        if let Some(rest) = path.strip_prefix("/admin/repositories/") {
+            let target = Target::Repository(repo_key(rest)?);
+            expect(method, &Method::DELETE)?;
+            return self.purge(target).await;
+        }
+        if let Some(rest) = path.strip_prefix("/admin/tags/") {
+            let (repo, tag) = rest.rsplit_once(':').ok_or_else(|| {
+                Error::new(
+                    ErrorKind::TagInvalid,
+                    format!("{rest:?}: give <registry>/<repository>:<tag>"),
+                )
+            })?;
+            let tag =
+                Tag::parse(tag).map_err(|e| Error::new(ErrorKind::TagInvalid, e.to_string()))?;
+            let target = Target::Tag(repo_key(repo)?, tag.to_string());
+            expect(method, &Method::DELETE)?;
+            return self.purge(target).await;
         }
         Err(Error::new(
             ErrorKind::NameUnknown,
             format!("{method} {path} is not an admin endpoint"),
         ))
+    }
+
+    /// Adds or removes a run-time pin and saves the pins.
+    async fn change_pin(&self, method: &Method, pin: Pin) -> Result<Response<Body>> {
+        let _one_at_a_time = self.pin_writes.lock().await;
+        let changed = match *method {
+            Method::PUT => self.usage.pin(&pin),
+            Method::DELETE => self.usage.unpin(&pin),
+            _ => return Err(not_allowed(method)),
+        };
+        if changed {
+            let store = self.store.clone();
+            let pins: Vec<String> = self.usage.pins().iter().map(Pin::to_string).collect();
+            crate::cache::fill::blocking(move || store.write_pins(&pins), "saving pins").await?;
+            tracing::info!(%pin, pinned = *method == Method::PUT, "pins changed");
+        }
+        let mut answer = serde_json::json!({ "pattern": pin.to_string(), "changed": changed });
+        if let Some(d) = pin.exact_digest() {
+            answer["digest"] = serde_json::json!(d.to_string());
+        }
+        Ok(json(StatusCode::OK, answer))
+    }
+
+    /// Purges a repository or a tag, and drops the removed blobs from the disk budget's index.
+    async fn purge(&self, target: Target) -> Result<Response<Body>> {
+        let pins = self.usage.all_pins();
+        let (plan, report) = self.app.manifests.purge_refs(&target, &pins).await?;
+        for d in &plan.remove_blobs {
+            self.usage.forget(d);
+        }
+        tracing::info!(
+            %target,
+            manifests = report.removed.manifests,
+            blobs = report.removed.blobs,
+            bytes = report.removed.blob_bytes + report.removed.manifest_bytes,
+            "purged"
+        );
+        Ok(json(StatusCode::OK, purge_answer(&target, &report)))
     }
 
     fn authorize(&self, req: &Request<Incoming>) -> Result<()> {
@@ -128,6 +218,7 @@ impl Admin {
     }
 
     fn stats(&self) -> serde_json::Value {
+        let (manifests, tags, links) = self.app.manifests.index().counts();
         let (hits, misses) = self.app.blobs.hit_counts();
         let ratio = if hits + misses == 0 {
             serde_json::Value::Null
@@ -144,8 +235,45 @@ impl Admin {
             "hit_ratio": ratio,
             "fills_running": self.app.blobs.running_fills(),
             "pins": self.usage.pins().len(),
+            "config_pins": self.usage.config_pins().len(),
+            "manifests_indexed": manifests,
+            "tags": tags,
+            "links": links,
         })
     }
+}
+
+/// The JSON answer to a purge (the CLI prints the same on a stopped cache).
+pub fn purge_answer(target: &Target, report: &PurgeReport) -> serde_json::Value {
+    let mut v = serde_json::to_value(report).unwrap_or_default();
+    v["purged"] = serde_json::json!(target.to_string());
+    v
+}
+
+/// `<registry>/<repository>`, each checked against its grammar.
+pub fn repo_key(s: &str) -> Result<RepoKey> {
+    let (registry, repository) = s.split_once('/').ok_or_else(|| {
+        Error::new(
+            ErrorKind::NameInvalid,
+            format!("{s:?}: give <registry>/<repository>"),
+        )
+    })?;
+    let registry = crate::api::registry::canonical_registry(registry);
+    check_registry(&registry)
+        .map_err(|e| Error::new(ErrorKind::NameInvalid, format!("registry: {e}")))?;
+    let repository = RepoName::parse(repository)
+        .map_err(|e| Error::new(ErrorKind::NameInvalid, e.to_string()))?;
+    Ok(RepoKey {
+        registry,
+        repository: repository.to_string(),
+    })
+}
+
+/// A query parameter, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 fn expect(method: &Method, want: &Method) -> Result<()> {

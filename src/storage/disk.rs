@@ -5,6 +5,8 @@
 //!   lock                        held (flock) by the running server: one process per cache
 //!   blobs/sha256/ab/abcd…       verified blobs, named by their digest
 //!   manifests/sha256/ab/abcd…   "<media type>\n" followed by the manifest's exact bytes
+//!   tags/, links/               what repositories and tags name (`tags.rs`, `links.rs`)
+//!   pins.json                   pins made through the admin API
 //!   tmp/                        fills in progress; never served by lookup, swept at start
 //! ```
 //!
@@ -154,33 +156,45 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Every stored manifest's digest. Files not named by a digest are skipped.
+    pub fn list_manifests(&self) -> io::Result<Vec<Digest>> {
+        Ok(files_below(&self.manifests.join("sha256"))?
+            .iter()
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()))
+            .filter_map(|n| Digest::parse(&format!("sha256:{n}")).ok())
+            .collect())
+    }
+
+    /// The size of a committed blob's file, if it is there.
+    pub fn blob_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        file_size(&self.blob_path(digest))
+    }
+
+    /// The size of a stored manifest's file (media type line included), if it is there.
+    pub fn manifest_file_size(&self, digest: &Digest) -> io::Result<Option<u64>> {
+        file_size(&self.manifest_path(digest))
+    }
+
     /// Removes a cached manifest (purge). Gone already is fine.
     pub fn remove_manifest(&self, digest: &Digest) -> io::Result<()> {
         remove_if_present(&self.manifest_path(digest))
     }
 
-    /// The digests pinned through the admin API (`pins.json`).
-    pub fn read_pins(&self) -> io::Result<Vec<Digest>> {
+    /// The pin patterns made through the admin API (`pins.json`: a JSON list of strings, each
+    /// a digest as in earlier versions, or a `cache::pins` pattern). Not checked here.
+    pub fn read_pins(&self) -> io::Result<Vec<String>> {
         let raw = match fs::read(self.root.join("pins.json")) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let list: Vec<String> = serde_json::from_slice(&raw)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("pins.json: {e}")))?;
-        list.iter()
-            .map(|d| {
-                Digest::parse(d).map_err(|e| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("pins.json: {e}"))
-                })
-            })
-            .collect()
+        serde_json::from_slice(&raw)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("pins.json: {e}")))
     }
 
     /// Saves the pins atomically (they are a user's decision: fsynced).
-    pub fn write_pins(&self, pins: &[Digest]) -> io::Result<()> {
-        let list: Vec<String> = pins.iter().map(Digest::to_string).collect();
-        let bytes = serde_json::to_vec_pretty(&list).map_err(io::Error::other)?;
+    pub fn write_pins(&self, pins: &[String]) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(pins).map_err(io::Error::other)?;
         let partial = self.create_partial(&Digest::of(&bytes))?;
         (&*partial.file).write_all(&bytes)?;
         partial.file.sync_all()?;
@@ -355,7 +369,7 @@ impl DiskStore {
 }
 
 /// Every regular file below `dir`, recursively (none if it does not exist).
-fn files_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
+pub(crate) fn files_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -379,10 +393,18 @@ fn files_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Removes a file; one that is already gone is not an error.
-fn remove_if_present(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+fn file_size(path: &Path) -> io::Result<Option<u64>> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

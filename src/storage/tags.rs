@@ -94,6 +94,25 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Every tag record on disk (records that do not parse are skipped).
+    pub fn list_tags(&self) -> io::Result<Vec<TagRecord>> {
+        let mut out = Vec::new();
+        for path in super::disk::files_below(&self.root().join("tags"))? {
+            if let Some(r) = read_record(&path)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every record of a tag (all Accept sets). Gone already is fine.
+    pub fn remove_tag(&self, registry: &str, repository: &str, tag: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.tag_dir(registry, repository, tag)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     pub fn write_tag(&self, record: &TagRecord) -> io::Result<()> {
         let dir = self.tag_dir(&record.registry, &record.repository, &record.tag);
         fs::create_dir_all(&dir)?;
@@ -175,6 +194,11 @@ mod tests {
             Some(newer)
         );
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+        assert_eq!(s.list_tags().unwrap().len(), 2);
+        s.remove_tag("docker.io", "library/alpine", "3.20").unwrap();
+        s.remove_tag("docker.io", "library/alpine", "3.20").unwrap();
+        assert!(s.list_tags().unwrap().is_empty());
     }
 
     #[test]

@@ -139,3 +139,51 @@ pub async fn eventually(what: &str, patience: Duration, mut cond: impl FnMut() -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An OCI image manifest referencing `config` and `layers` (by digest and size).
+pub fn oci_image_manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
+    let descriptor = |media_type: &str, data: &[u8]| {
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": sha256_digest(data),
+            "size": data.len(),
+        })
+    };
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|l| descriptor("application/vnd.oci.image.layer.v1.tar+gzip", l))
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": layers,
+        })
+        .to_string(),
+    )
+}
+
+/// An OCI index over `manifests` (each an image manifest's bytes).
+pub fn oci_index(manifests: &[&[u8]]) -> Bytes {
+    let children: Vec<_> = manifests
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            serde_json::json!({
+                "mediaType": OCI_MANIFEST,
+                "digest": sha256_digest(m),
+                "size": m.len(),
+                "platform": { "os": "linux", "architecture": format!("arch{i}") },
+            })
+        })
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": children,
+        })
+        .to_string(),
+    )
+}

@@ -1,0 +1,743 @@
+//! The reference index: which manifests each repository and tag names, and which blobs and
+//! child manifests each stored manifest references. It answers "what is pinned" (eviction)
+//! and "what may go" (purge by repository or tag).
+//!
+//! ```text
+//! roots                                    graph
+//! (registry, repository, tag) ─ tag records ─▶ manifest ─ manifests[] ─▶ manifest ─▶ blobs
+//! (registry, repository)      ─ links ───────▶ manifest ─ config, layers ───────────▶ blobs
+//! ```
+//!
+//! The files are the source of truth, as everywhere in cistern: tag records (`storage::tags`),
+//! links (`storage::links`, manifests pulled by digest that no tag of their repository
+//! reaches) and the stored manifests themselves. [`RefIndex::load`] rebuilds the index from
+//! them at start (about 10k manifests per second on one core: see ARCHITECTURE), and the
+//! manifest cache keeps it current as it stores manifests and records tags and links. Nothing
+//! else is persisted, so there is no second store to reconcile after a crash.
+//!
+//! [`Graph`] is pure (no IO): the roots, the references, reachability, the pinned set and the
+//! purge plan. [`RefIndex`] wraps it in a lock and does the IO (load, and carrying out a
+//! purge plan on disk, on the blocking pool).
+//!
+//! Purge invariants:
+//! - A purge removes the roots it names (tag records, links), then the manifests reachable
+//!   from them that no remaining root or pin reaches, then the blobs those manifests
+//!   referenced that no remaining manifest references and no pin covers. Content another
+//!   repository, tag or pin still uses is kept; blobs referenced by no manifest at all, and
+//!   manifests reached by no root (say, one a tag pointed at before it moved), are not a
+//!   repository's to remove: purge them by digest.
+//! - Files go in that order (roots, manifests, blobs), so a crash part-way leaves unreferenced
+//!   content, never a root that promises more than is there (and any miss is fetched again).
+//! - A purge removes the roots it names even if a repository or tag pin matches them (the pin
+//!   stays, and pins them again when next pulled); digest pins keep what they name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::pins::Pin;
+use crate::oci::Digest;
+use crate::oci::references::{self, References};
+use crate::storage::DiskStore;
+
+/// A repository on a registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RepoKey {
+    pub registry: String,
+    pub repository: String,
+}
+
+impl std::fmt::Display for RepoKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)
+    }
+}
+
+/// What a purge names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every tag of the repository and every manifest linked to it.
+    Repository(RepoKey),
+    /// One tag (all its Accept sets).
+    Tag(RepoKey, String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Repository(k) => k.fmt(f),
+            Target::Tag(k, t) => write!(f, "{k}:{t}"),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Roots {
+    /// tag → Accept key → digest (one tag may name different manifests per Accept set).
+    tags: BTreeMap<String, BTreeMap<String, Digest>>,
+    /// Manifests pulled by digest that no tag reached at the time.
+    links: BTreeSet<Digest>,
+}
+
+/// The reference graph. Pure.
+#[derive(Debug, Default, Clone)]
+pub struct Graph {
+    manifests: HashMap<Digest, References>,
+    repos: BTreeMap<RepoKey, Roots>,
+}
+
+/// What is pinned: blobs and manifests reached from pins, and digest globs checked one by one.
+#[derive(Debug, Default)]
+pub struct Pinned {
+    pub blobs: HashSet<Digest>,
+    pub manifests: HashSet<Digest>,
+    globs: Vec<Pin>,
+}
+
+impl Pinned {
+    /// Is this blob (or manifest) pinned?
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.blobs.contains(digest)
+            || self.manifests.contains(digest)
+            || self.globs.iter().any(|p| p.matches_digest(digest))
+    }
+}
+
+/// What a purge will do, decided on the index before any file is touched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgePlan {
+    /// Tags whose records go.
+    pub tags: Vec<(RepoKey, String)>,
+    /// Links that go.
+    pub links: Vec<(RepoKey, Digest)>,
+    pub remove_manifests: Vec<Digest>,
+    /// Reached from the purged roots, but still used elsewhere (or pinned).
+    pub keep_manifests: Vec<Digest>,
+    pub remove_blobs: Vec<Digest>,
+    pub keep_blobs: Vec<Digest>,
+}
+
+impl PurgePlan {
+    /// Does the target name anything at all?
+    pub fn found(&self) -> bool {
+        !self.tags.is_empty() || !self.links.is_empty()
+    }
+}
+
+impl Graph {
+    /// Records a stored manifest's references. True if it is new to the index.
+    pub fn add_manifest(&mut self, digest: Digest, refs: References) -> bool {
+        self.manifests.insert(digest, refs).is_none()
+    }
+
+    /// Records what a tag resolved to for an Accept set. True if that changed anything.
+    pub fn set_tag(&mut self, key: RepoKey, tag: &str, accept: &str, digest: Digest) -> bool {
+        let per_accept = self
+            .repos
+            .entry(key)
+            .or_default()
+            .tags
+            .entry(tag.to_string())
+            .or_default();
+        per_accept.insert(accept.to_string(), digest.clone()) != Some(digest)
+    }
+
+    /// Records a link. True if it is new.
+    pub fn add_link(&mut self, key: RepoKey, digest: Digest) -> bool {
+        self.repos.entry(key).or_default().links.insert(digest)
+    }
+
+    /// Should a manifest pulled from `key` by digest be linked to it? Only if neither a link
+    /// nor one of the repository's tags reaches it already.
+    pub fn needs_link(&self, key: &RepoKey, digest: &Digest) -> bool {
+        let Some(roots) = self.repos.get(key) else {
+            return true;
+        };
+        if roots.links.contains(digest) {
+            return false;
+        }
+        let starts = roots.tags.values().flat_map(|a| a.values()).cloned();
+        !self.reaches(starts, digest)
+    }
+
+    /// Is `target` reachable from `starts`? Stops at the first sighting: this runs on every
+    /// manifest served by digest.
+    fn reaches(&self, starts: impl IntoIterator<Item = Digest>, target: &Digest) -> bool {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<Digest> = starts.into_iter().collect();
+        if stack.contains(target) {
+            return true;
+        }
+        while let Some(d) = stack.pop() {
+            if let Some(refs) = self.manifests.get(&d) {
+                for c in &refs.manifests {
+                    if c == target {
+                        return true;
+                    }
+                    if !seen.contains(c) {
+                        stack.push(c.clone());
+                    }
+                }
+            }
+            seen.insert(d);
+        }
+        false
+    }
+
+    pub fn manifest_count(&self) -> usize {
+        self.manifests.len()
+    }
+
+    /// (tags, links) across all repositories.
+    pub fn root_counts(&self) -> (usize, usize) {
+        self.repos
+            .values()
+            .fold((0, 0), |(t, l), r| (t + r.tags.len(), l + r.links.len()))
+    }
+
+    /// Every manifest digest reachable from `starts` (the starts included, whether or not
+    /// they are stored).
+    fn closure(&self, starts: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
+        let mut seen = HashSet::new();
+        let mut stack: Vec<Digest> = starts.into_iter().collect();
+        while let Some(d) = stack.pop() {
+            if let Some(refs) = self.manifests.get(&d) {
+                stack.extend(
+                    refs.manifests
+                        .iter()
+                        .filter(|c| !seen.contains(*c))
+                        .cloned(),
+                );
+            }
+            seen.insert(d);
+        }
+        seen
+    }
+
+    /// The roots, with each one's repository and tag (`None`: a link), except those `skip`
+    /// names.
+    fn roots<'a>(
+        &'a self,
+        skip: Option<&'a Target>,
+    ) -> impl Iterator<Item = (&'a RepoKey, Option<&'a str>, &'a Digest)> + 'a {
+        self.repos.iter().flat_map(move |(key, roots)| {
+            let repo_skipped = matches!(skip, Some(Target::Repository(k)) if k == key);
+            let tags = roots
+                .tags
+                .iter()
+                .filter(move |(tag, _)| {
+                    !repo_skipped
+                        && !matches!(skip, Some(Target::Tag(k, t)) if k == key && t == *tag)
+                })
+                .flat_map(move |(tag, per_accept)| {
+                    per_accept
+                        .values()
+                        .map(move |d| (key, Some(tag.as_str()), d))
+                });
+            let links = roots
+                .links
+                .iter()
+                .filter(move |_| !repo_skipped)
+                .map(move |d| (key, None, d));
+            tags.chain(links)
+        })
+    }
+
+    /// Manifests and blobs the pins reach, over the roots that remain once `skip` is gone.
+    fn pinned_without(&self, pins: &[Pin], skip: Option<&Target>) -> Pinned {
+        let mut out = Pinned::default();
+        if pins.is_empty() {
+            return out;
+        }
+        let mut starts = Vec::new();
+        for p in pins {
+            match p {
+                Pin::Digest(_) => match p.exact_digest() {
+                    Some(d) => {
+                        out.blobs.insert(d.clone());
+                        starts.push(d);
+                    }
+                    None => {
+                        starts.extend(
+                            self.manifests
+                                .keys()
+                                .filter(|d| p.matches_digest(d))
+                                .cloned(),
+                        );
+                        out.globs.push(p.clone());
+                    }
+                },
+                Pin::Repo { .. } => {}
+            }
+        }
+        if pins.iter().any(|p| matches!(p, Pin::Repo { .. })) {
+            for (key, tag, d) in self.roots(skip) {
+                let hit = pins.iter().any(|p| match tag {
+                    Some(t) => p.matches_tag(&key.registry, &key.repository, t),
+                    None => p.matches_repository(&key.registry, &key.repository),
+                });
+                if hit {
+                    starts.push(d.clone());
+                }
+            }
+        }
+        for m in self.closure(starts) {
+            if let Some(refs) = self.manifests.get(&m) {
+                out.blobs.extend(refs.blobs.iter().cloned());
+            }
+            out.manifests.insert(m);
+        }
+        out
+    }
+
+    /// What the pins cover now. Computed once per eviction pass, never per blob.
+    pub fn pinned(&self, pins: &[Pin]) -> Pinned {
+        self.pinned_without(pins, None)
+    }
+
+    /// Decides a purge (see the module's invariants). Pure: nothing changes until
+    /// [`Graph::apply`] and the file removals.
+    pub fn plan_purge(&self, target: &Target, pins: &[Pin]) -> PurgePlan {
+        let mut plan = PurgePlan::default();
+        let (key, only_tag) = match target {
+            Target::Repository(k) => (k, None),
+            Target::Tag(k, t) => (k, Some(t.as_str())),
+        };
+        let Some(roots) = self.repos.get(key) else {
+            return plan;
+        };
+        let mut starts = Vec::new();
+        for (tag, per_accept) in &roots.tags {
+            if only_tag.is_none_or(|t| t == tag) {
+                plan.tags.push((key.clone(), tag.clone()));
+                starts.extend(per_accept.values().cloned());
+            }
+        }
+        if only_tag.is_none() {
+            for d in &roots.links {
+                plan.links.push((key.clone(), d.clone()));
+                starts.push(d.clone());
+            }
+        }
+        let candidates = self.closure(starts);
+        let pinned = self.pinned_without(pins, Some(target));
+        let mut live_starts: Vec<Digest> = self
+            .roots(Some(target))
+            .map(|(_, _, d)| d.clone())
+            .collect();
+        live_starts.extend(pinned.manifests.iter().cloned());
+        let live = self.closure(live_starts);
+
+        let mut removed = HashSet::new();
+        let mut candidate_blobs = BTreeSet::new();
+        for d in &candidates {
+            let Some(refs) = self.manifests.get(d) else {
+                continue; // not stored: nothing to remove
+            };
+            candidate_blobs.extend(refs.blobs.iter().cloned());
+            if live.contains(d) || pinned.contains(d) {
+                plan.keep_manifests.push(d.clone());
+            } else {
+                plan.remove_manifests.push(d.clone());
+                removed.insert(d.clone());
+            }
+        }
+        // Blobs any remaining manifest references (reachable or not) stay.
+        let used: HashSet<&Digest> = self
+            .manifests
+            .iter()
+            .filter(|(d, _)| !removed.contains(*d))
+            .flat_map(|(_, r)| r.blobs.iter())
+            .collect();
+        for b in candidate_blobs {
+            if used.contains(&b) || pinned.contains(&b) {
+                plan.keep_blobs.push(b);
+            } else {
+                plan.remove_blobs.push(b);
+            }
+        }
+        plan.remove_manifests.sort();
+        plan.keep_manifests.sort();
+        plan
+    }
+
+    /// Takes a carried-out purge's roots and manifests out of the index.
+    pub fn apply(&mut self, plan: &PurgePlan) {
+        for (key, tag) in &plan.tags {
+            if let Some(r) = self.repos.get_mut(key) {
+                r.tags.remove(tag);
+            }
+        }
+        for (key, d) in &plan.links {
+            if let Some(r) = self.repos.get_mut(key) {
+                r.links.remove(d);
+            }
+        }
+        self.repos
+            .retain(|_, r| !r.tags.is_empty() || !r.links.is_empty());
+        for d in &plan.remove_manifests {
+            self.manifests.remove(d);
+        }
+    }
+
+    /// Forgets a manifest (purged by digest).
+    pub fn remove_manifest(&mut self, digest: &Digest) {
+        self.manifests.remove(digest);
+    }
+}
+
+/// A manifest's references, or none (with a warning) if it cannot be read.
+pub fn references_or_warn(digest: &Digest, bytes: &[u8]) -> References {
+    references::parse(bytes).unwrap_or_else(|e| {
+        tracing::warn!(%digest, error = %e, "manifest is not readable JSON: it references nothing");
+        References::default()
+    })
+}
+
+/// The index: the graph behind a lock, and a generation that moves whenever something is
+/// added (so an eviction pass can tell that its pinned set may have grown).
+#[derive(Default)]
+pub struct RefIndex {
+    graph: Mutex<Graph>,
+    generation: AtomicU64,
+}
+
+/// What a purge removed and kept, for the admin answer.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PurgeReport {
+    pub tags: usize,
+    pub links: usize,
+    pub removed: Amounts,
+    pub kept: Amounts,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Amounts {
+    pub manifests: usize,
+    pub manifest_bytes: u64,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+}
+
+impl RefIndex {
+    /// Builds the index from the stored manifests, tag records and links (blocking: call it
+    /// on the blocking pool). Unreadable manifests count as referencing nothing.
+    pub fn load(store: &DiskStore) -> std::io::Result<RefIndex> {
+        let mut g = Graph::default();
+        for d in store.list_manifests()? {
+            match store.read_manifest(&d) {
+                Ok(Some(m)) => {
+                    let refs = references_or_warn(&d, &m.bytes);
+                    g.add_manifest(d, refs);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(digest = %d, error = %e, "stored manifest unreadable"),
+            }
+        }
+        for r in store.list_tags()? {
+            if let Some(d) = r.digest() {
+                let key = RepoKey {
+                    registry: r.registry,
+                    repository: r.repository,
+                };
+                g.set_tag(key, &r.tag, &r.accept, d);
+            }
+        }
+        for (registry, repository, d) in store.list_links()? {
+            g.add_link(
+                RepoKey {
+                    registry,
+                    repository,
+                },
+                d,
+            );
+        }
+        Ok(RefIndex {
+            graph: Mutex::new(g),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
+        self.graph.lock().expect("reference index poisoned")
+    }
+
+    /// Moves whenever something was added to the index.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self, changed: bool) {
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn manifest_stored(&self, digest: &Digest, bytes: &[u8]) {
+        let refs = references_or_warn(digest, bytes);
+        let changed = self.graph().add_manifest(digest.clone(), refs);
+        self.changed(changed);
+    }
+
+    pub fn tag_recorded(&self, key: RepoKey, tag: &str, accept: &str, digest: &Digest) {
+        let changed = self.graph().set_tag(key, tag, accept, digest.clone());
+        self.changed(changed);
+    }
+
+    /// A manifest was pulled from `key` by digest. True if the caller should write a link
+    /// (it is in the index from now on, so concurrent pulls write it once).
+    pub fn claim_link(&self, key: &RepoKey, digest: &Digest) -> bool {
+        let mut g = self.graph();
+        if !g.needs_link(key, digest) {
+            return false;
+        }
+        g.add_link(key.clone(), digest.clone());
+        drop(g);
+        self.changed(true);
+        true
+    }
+
+    pub fn manifest_purged(&self, digest: &Digest) {
+        self.graph().remove_manifest(digest);
+    }
+
+    pub fn pinned(&self, pins: &[Pin]) -> Pinned {
+        self.graph().pinned(pins)
+    }
+
+    pub fn plan_purge(&self, target: &Target, pins: &[Pin]) -> PurgePlan {
+        self.graph().plan_purge(target, pins)
+    }
+
+    pub fn apply(&self, plan: &PurgePlan) {
+        self.graph().apply(plan);
+    }
+
+    /// (manifests, tags, links) in the index, for stats.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let g = self.graph();
+        let (t, l) = g.root_counts();
+        (g.manifest_count(), t, l)
+    }
+}
+
+/// Carries out a purge plan on disk (blocking): roots first, then manifests, then blobs, and
+/// measures what was removed and kept.
+pub fn execute(store: &DiskStore, plan: &PurgePlan) -> std::io::Result<PurgeReport> {
+    let mut report = PurgeReport {
+        tags: plan.tags.len(),
+        links: plan.links.len(),
+        ..PurgeReport::default()
+    };
+    for (key, tag) in &plan.tags {
+        store.remove_tag(&key.registry, &key.repository, tag)?;
+    }
+    for (key, d) in &plan.links {
+        store.remove_link(&key.registry, &key.repository, d)?;
+    }
+    for d in &plan.remove_manifests {
+        if let Some(size) = store.manifest_file_size(d)? {
+            store.remove_manifest(d)?;
+            report.removed.manifests += 1;
+            report.removed.manifest_bytes += size;
+        }
+    }
+    for d in &plan.keep_manifests {
+        if let Some(size) = store.manifest_file_size(d)? {
+            report.kept.manifests += 1;
+            report.kept.manifest_bytes += size;
+        }
+    }
+    for d in &plan.remove_blobs {
+        if let Some(size) = store.blob_size(d)? {
+            store.remove_blob(d)?;
+            report.removed.blobs += 1;
+            report.removed.blob_bytes += size;
+        }
+    }
+    for d in &plan.keep_blobs {
+        if let Some(size) = store.blob_size(d)? {
+            report.kept.blobs += 1;
+            report.kept.blob_bytes += size;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Digest {
+        Digest::of(s.as_bytes())
+    }
+
+    fn key(repo: &str) -> RepoKey {
+        RepoKey {
+            registry: "docker.io".into(),
+            repository: repo.into(),
+        }
+    }
+
+    fn image(g: &mut Graph, name: &str, blobs: &[&str]) {
+        g.add_manifest(
+            d(name),
+            References {
+                blobs: blobs.iter().map(|b| d(b)).collect(),
+                manifests: vec![],
+            },
+        );
+    }
+
+    fn index(g: &mut Graph, name: &str, children: &[&str]) {
+        g.add_manifest(
+            d(name),
+            References {
+                blobs: vec![],
+                manifests: children.iter().map(|c| d(c)).collect(),
+            },
+        );
+    }
+
+    fn pins(list: &[&str]) -> Vec<Pin> {
+        list.iter().map(|p| Pin::parse(p).unwrap()).collect()
+    }
+
+    /// library/a:1 → index ix → (img1: base, a1), (img2: base, a2)
+    /// library/b:1 → imgb: base, b1
+    /// team/c linked by digest → imgc: c1
+    fn sample() -> Graph {
+        let mut g = Graph::default();
+        index(&mut g, "ix", &["img1", "img2"]);
+        image(&mut g, "img1", &["base", "a1"]);
+        image(&mut g, "img2", &["base", "a2"]);
+        image(&mut g, "imgb", &["base", "b1"]);
+        image(&mut g, "imgc", &["c1"]);
+        g.set_tag(key("library/a"), "1", "oci", d("ix"));
+        g.set_tag(key("library/b"), "1", "oci", d("imgb"));
+        g.add_link(key("team/c"), d("imgc"));
+        g
+    }
+
+    fn names(v: &[Digest], all: &[&str]) -> Vec<String> {
+        let mut out: Vec<String> = all
+            .iter()
+            .filter(|n| v.contains(&d(n)))
+            .map(|n| n.to_string())
+            .collect();
+        out.sort();
+        assert_eq!(out.len(), v.len(), "unexpected digests in {v:?}");
+        out
+    }
+
+    const ALL: &[&str] = &[
+        "ix", "img1", "img2", "imgb", "imgc", "base", "a1", "a2", "b1", "c1",
+    ];
+
+    #[test]
+    fn purging_a_tag_removes_what_only_it_reached() {
+        let g = sample();
+        let plan = g.plan_purge(&Target::Tag(key("library/a"), "1".into()), &[]);
+        assert_eq!(plan.tags, vec![(key("library/a"), "1".to_string())]);
+        assert_eq!(names(&plan.remove_manifests, ALL), ["img1", "img2", "ix"]);
+        assert!(plan.keep_manifests.is_empty());
+        assert_eq!(names(&plan.remove_blobs, ALL), ["a1", "a2"]);
+        assert_eq!(
+            names(&plan.keep_blobs, ALL),
+            ["base"],
+            "library/b uses base"
+        );
+    }
+
+    #[test]
+    fn shared_manifests_and_pins_are_kept() {
+        let mut g = sample();
+        // library/b:2 names one of a's platform images too.
+        g.set_tag(key("library/b"), "2", "oci", d("img1"));
+        let plan = g.plan_purge(&Target::Repository(key("library/a")), &[]);
+        assert_eq!(names(&plan.remove_manifests, ALL), ["img2", "ix"]);
+        assert_eq!(names(&plan.keep_manifests, ALL), ["img1"]);
+        assert_eq!(names(&plan.remove_blobs, ALL), ["a2"]);
+
+        // A digest pin on a blob keeps it; a pin on a manifest keeps it and its blobs.
+        let plan = g.plan_purge(
+            &Target::Repository(key("library/a")),
+            &pins(&[&d("a2").to_string()]),
+        );
+        assert!(plan.remove_blobs.is_empty(), "{plan:?}");
+        let plan = g.plan_purge(
+            &Target::Repository(key("library/a")),
+            &pins(&[&d("img2").to_string()]),
+        );
+        assert_eq!(names(&plan.remove_manifests, ALL), ["ix"]);
+        assert!(plan.remove_blobs.is_empty());
+    }
+
+    #[test]
+    fn a_repository_purge_takes_its_links_and_a_pin_on_the_purged_roots_does_not_hold() {
+        let g = sample();
+        let target = Target::Repository(key("team/c"));
+        let plan = g.plan_purge(&target, &pins(&["docker.io/team/*"]));
+        assert_eq!(plan.links, vec![(key("team/c"), d("imgc"))]);
+        assert_eq!(names(&plan.remove_manifests, ALL), ["imgc"]);
+        assert_eq!(names(&plan.remove_blobs, ALL), ["c1"]);
+
+        let mut g = g;
+        g.apply(&plan);
+        assert_eq!(g.root_counts(), (2, 0));
+        assert!(!g.manifests.contains_key(&d("imgc")));
+        // Nothing to purge any more.
+        assert!(!g.plan_purge(&target, &[]).found());
+    }
+
+    #[test]
+    fn pins_reach_through_indexes_to_layers() {
+        let g = sample();
+        let p = g.pinned(&pins(&["docker.io/library/a:*"]));
+        for n in ["ix", "img1", "img2"] {
+            assert!(p.manifests.contains(&d(n)), "{n}");
+        }
+        for n in ["base", "a1", "a2"] {
+            assert!(p.contains(&d(n)), "{n}");
+        }
+        assert!(!p.contains(&d("b1")));
+        assert!(!p.contains(&d("c1")), "a tag pattern does not pin links");
+        assert!(g.pinned(&pins(&["docker.io/team/c"])).contains(&d("c1")));
+        assert!(
+            !g.pinned(&pins(&["docker.io/library/a:2"]))
+                .contains(&d("a1"))
+        );
+        // A digest glob pins the blobs it matches, and what the manifests it matches reach.
+        let glob = format!("{}*", &d("img1").to_string()[..20]);
+        let p = g.pinned(&pins(&[&glob]));
+        assert!(p.contains(&d("a1")) && p.contains(&d("img1")) && !p.contains(&d("a2")));
+        assert!(g.pinned(&[]).blobs.is_empty());
+    }
+
+    #[test]
+    fn links_only_for_what_no_tag_reaches() {
+        let mut g = sample();
+        assert!(!g.needs_link(&key("library/a"), &d("ix")));
+        assert!(
+            !g.needs_link(&key("library/a"), &d("img2")),
+            "child of the tag"
+        );
+        assert!(g.needs_link(&key("library/a"), &d("imgb")));
+        assert!(g.needs_link(&key("other/x"), &d("imgb")));
+        assert!(!g.needs_link(&key("team/c"), &d("imgc")));
+        // Retagging to the same digest changes nothing; to another does.
+        assert!(!g.set_tag(key("library/a"), "1", "oci", d("ix")));
+        assert!(g.set_tag(key("library/a"), "1", "oci", d("img1")));
+        assert!(g.needs_link(&key("library/a"), &d("img2")));
+    }
+
+    #[test]
+    fn a_cycle_does_not_hang() {
+        let mut g = Graph::default();
+        index(&mut g, "x", &["y"]);
+        index(&mut g, "y", &["x"]);
+        g.set_tag(key("r"), "t", "", d("x"));
+        let plan = g.plan_purge(&Target::Tag(key("r"), "t".into()), &[]);
+        assert_eq!(plan.remove_manifests.len(), 2);
+    }
+}

@@ -243,9 +243,9 @@ pub async fn closed_port_url() -> String {
 // === impl CutMirror ===
 
 /// An upstream that answers every GET with `200`, the blob's full `Content-Length`, exactly
-/// `cut_at` body bytes, and then a clean close (FIN). Unlike `Fault::CutAfter`, whose abort can
-/// lose the last frame still in hyper's buffer, every one of the `cut_at` bytes reaches the
-/// client: where the body breaks off is exact.
+/// `cut_at` body bytes, and then a clean close (FIN), where `Fault::CutAfter` has hyper abort
+/// the connection. Every one of the `cut_at` bytes reaches the client: where the body breaks
+/// off is exact.
 ///
 /// With `hold_at`, it sends that many bytes first and the rest (up to `cut_at`) only after
 /// [`CutMirror::release`].

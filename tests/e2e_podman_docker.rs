@@ -37,9 +37,11 @@
 //!
 //! # What each check proves
 //!
-//! Both tests pull `docker.io/library/app:1.0` (OCI manifest, 3 layers, one ~3 MiB) and
+//! Both tests pull `docker.io/library/app:1.0` (OCI manifest, 3 layers, one ~3 MiB),
 //! `docker.io/library/mlist:1.0` (Docker manifest list, amd64 + arm64 v2s2 children; the
-//! client picks its platform, linux/amd64) — the shapes of Docker Hub images.
+//! client picks its platform, linux/amd64) — the shapes of Docker Hub images — and
+//! `docker.io/library/large:1.0` (OCI manifest with an uncompressed layer of just over 200 MiB,
+//! see `tests/e2e_real_clients.rs`).
 //!
 //! A loopback "trap" listener (accepts, counts and closes every connection) stands in for
 //! Docker Hub: podman's `location` for docker.io and dockerd's `HTTPS_PROXY`/`HTTP_PROXY`
@@ -54,7 +56,8 @@
 //!   insecure = true`. `podman pull docker.io/library/{app,mlist}:1.0` succeeds and
 //!   `podman image inspect --format '{{.Digest}}'` is the registry's manifest (list) digest.
 //! - First pull: blobs came from the upstream, every upstream request in that window was
-//!   cistern's (user agent `cistern/..`), and every blob of the app image was fetched.
+//!   cistern's (user agent `cistern/..`), and every blob of the app and large images was
+//!   fetched.
 //! - Second pull with fresh podman storage (checked empty first): same digests, **no**
 //!   upstream blob GET.
 //!
@@ -65,7 +68,7 @@
 //!   library/{app,mlist}:1.0` succeeds; `RepoDigests[0]` ends with the registry's digest
 //!   (dockerd sends `library/app` to the mirror, the registry holds `library/app`).
 //! - First pull: blobs came from the upstream through cistern (cistern's user agent on every
-//!   upstream request in that window).
+//!   upstream request in that window), every blob of the app and large images among them.
 //! - A second dockerd with a fresh data-root (no images, checked) pulls again: **no** upstream
 //!   blob GET.
 
@@ -148,14 +151,14 @@ impl Drop for Trap {
     }
 }
 
-/// Registry, seeded images.
-fn setup(work: &e2e::Workdir) -> (Registry, Fixtures) {
+/// Registry, seeded images, and the large image (`library/large:1.0`, a 200 MiB layer).
+fn setup(work: &e2e::Workdir) -> (Registry, Fixtures, Seeded) {
     let registry = Registry::start(&work.sub("registry"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
-    (registry, fx)
+    let rctx = || logs(&registry, None);
+    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &rctx);
+    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &rctx);
+    (registry, fx, large)
 }
 
 /// Digests of the blobs GET from the upstream in `requests`.
@@ -182,12 +185,12 @@ fn assert_all_from_cistern(registry: &Registry, from: usize, what: &str, ctx: &d
 }
 
 /// The first pull's upstream traffic: blobs were fetched, by cistern, including every blob of
-/// the app image (the cache started empty).
+/// the single-platform `images` (the cache started empty).
 fn check_first_pull(
     registry: &Registry,
     from_req: usize,
     from_blob: usize,
-    app: &Seeded,
+    images: &[&Seeded],
     what: &str,
     ctx: &dyn Fn() -> String,
 ) {
@@ -198,12 +201,16 @@ fn check_first_pull(
         "{what}: the first pull through cistern made no upstream blob GET\n{}",
         ctx()
     );
-    let missing: Vec<_> = app.blobs.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "{what}: cistern's cache was empty, yet these app blobs were never fetched upstream: {missing:?}\n{}",
-        ctx()
-    );
+    let fetched = digests(&first);
+    for seeded in images {
+        let missing: Vec<_> = seeded.blobs.difference(&fetched).cloned().collect();
+        assert!(
+            missing.is_empty(),
+            "{what}: cistern's cache was empty, yet these blobs of {} were never fetched upstream: {missing:?}\n{}",
+            seeded.repo,
+            ctx()
+        );
+    }
     assert_all_from_cistern(registry, from_req, what, ctx);
     e2e::say(&format!(
         "{what}: first pull: {} upstream blob GETs for {} distinct blobs",
@@ -222,8 +229,8 @@ fn podman_pulls_through_cistern() {
         return;
     }
     let work = e2e::Workdir::new("podman");
-    let (registry, fx) = setup(&work);
-    let images = [&fx.app, &fx.mlist];
+    let (registry, fx, large) = setup(&work);
+    let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
     let rctx = || logs(&registry, None);
 
@@ -270,7 +277,7 @@ fn podman_pulls_through_cistern() {
     let (req0, blob0) = (registry.requests().len(), registry.blob_gets().len());
     let first = Podman::new(&work.sub("podman-1"), &conf);
     pull_all(&first);
-    check_first_pull(&registry, req0, blob0, &fx.app, "podman", &ctx);
+    check_first_pull(&registry, req0, blob0, &[&fx.app, &large], "podman", &ctx);
     assert_eq!(trap.hits(), 0, "podman tried docker.io's own location");
 
     // Second pull, fresh storage: everything from cistern's cache.
@@ -306,8 +313,8 @@ fn docker_daemon_pulls_through_cistern() {
         return;
     }
     let work = e2e::Workdir::new("dockerd");
-    let (registry, fx) = setup(&work);
-    let images = [&fx.app, &fx.mlist];
+    let (registry, fx, large) = setup(&work);
+    let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
     let proxy = trap.addr.to_string();
     let rctx = || logs(&registry, None);
@@ -357,7 +364,7 @@ fn docker_daemon_pulls_through_cistern() {
             )
         };
         pull_all(&first, &ctx);
-        check_first_pull(&registry, req0, blob0, &fx.app, "dockerd", &ctx);
+        check_first_pull(&registry, req0, blob0, &[&fx.app, &large], "dockerd", &ctx);
         assert_eq!(
             trap.hits(),
             0,

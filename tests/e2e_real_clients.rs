@@ -14,8 +14,9 @@
 //! installed` to stderr and passes; with `CISTERN_REQUIRE_E2E=1` (CI) it fails instead.
 //! `CISTERN_E2E_KEEP=1` keeps the temp dirs (registry, cistern and containerd logs and configs,
 //! caches, pulled images) and prints where they are. The tests run in parallel, each with its
-//! own registry, cistern(s) and containerd(s), so their logs and counts never mix. About 20 s
-//! on 2 cores once built.
+//! own registry, cistern(s) and containerd(s), so their logs and counts never mix. About a
+//! minute on 2 cores once built (30 s without the 200 MiB layer, which a debug build of
+//! cistern hashes at about 25 MB/s on every fill).
 //!
 //! # Setup (every test)
 //!
@@ -27,7 +28,13 @@
 //!   - `library/multi:1.0`: OCI image index, linux/amd64 + linux/arm64;
 //!   - `library/dockerv2:1.0`: Docker v2 schema 2 manifest;
 //!   - `library/mlist:1.0`: Docker manifest list of two v2s2 manifests (amd64 + arm64);
-//!   - `e2e/team/app:1.0`: the app image under a three-component name.
+//!   - `e2e/team/app:1.0`: the app image under a three-component name;
+//!   - `library/large:1.0` (`fixtures::seed_large`, in the tests that pull it): OCI manifest
+//!     with an uncompressed (`application/vnd.oci.image.layer.v1.tar`) layer of 200 MiB and a
+//!     bit of pseudo-random bytes, plus a small gzip layer. The layer is generated once per
+//!     machine (streamed to a file under `CARGO_TARGET_TMPDIR`, about 10 s in a debug build,
+//!     nearly all of it sha256) and reused by every test and test binary after that; the
+//!     tests compare copies of it byte for byte with that file instead of hashing them again.
 //!
 //!   Seeding reads every manifest back from the registry (plain HTTP) and checks it against
 //!   what was built and against skopeo's `--digestfile`, so a later mismatch is cistern's.
@@ -48,6 +55,8 @@
 //!   manifest list), and multi-component names route.
 //! - `skopeo list-tags` works (`/tags/list`); a missing tag fails with `manifest unknown`
 //!   (the client understood cistern's error).
+//! - Manifests, first and second pull include `library/large:1.0` (the restart and offline
+//!   pulls, which are about the cache's persistence, leave it out).
 //! - `skopeo copy --all docker://CISTERN/.. dir:` succeeds for every image; `manifest.json`
 //!   hashes to the expected digest, children and blobs are present and hash to their names.
 //! - First pull: every blob was fetched from the upstream (count > 0, and every digest seen:
@@ -78,7 +87,7 @@
 //!   snapshotter, which works here as root) with `--hosts-dir`: `docker.io/hosts.toml` has
 //!   `server` = a dead loopback port and one `[host."http://127.0.0.1:CISTERN"]` with
 //!   `capabilities = ["pull", "resolve"]`. It pulls and unpacks `docker.io/library/{app,
-//!   dockerv2}:1.0` and `docker.io/library/{multi,mlist}:1.0` with `--all-platforms` (which
+//!   dockerv2,large}:1.0` and `docker.io/library/{multi,mlist}:1.0` with `--all-platforms` (which
 //!   fetches and unpacks both platforms); `ctr images check` reports each complete and unpacked
 //!   (unpacking verifies every layer's diff_id) with the expected top-level digest and media
 //!   type: cistern's answers to containerd's HEAD-by-tag, GET-by-digest, Accept headers and
@@ -152,19 +161,13 @@ fn cached_blob(cistern: &Cistern, digest: &str, ctx: &dyn Fn() -> String) {
     while !path.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+    // A missing file fails as "cannot read", a corrupt one with its digest or first difference.
+    if let Err(e) = fixtures::check_blob_file(&path, digest) {
         panic!(
-            "blob {digest} not cached at {}: {e}\n{}",
-            path.display(),
+            "blob {digest} not cached (whole) at its path: {e}\n{}",
             ctx()
-        )
-    });
-    assert_eq!(
-        sha256_digest(&bytes),
-        digest,
-        "cached file {} is corrupt",
-        path.display()
-    );
+        );
+    }
 }
 
 /// Checks a `skopeo copy --all ... dir:DIR` result: `manifest.json` is the expected top-level
@@ -197,14 +200,9 @@ fn check_dir(dir: &Path, seeded: &Seeded) {
     }
     for blob in &seeded.blobs {
         let hex = blob.strip_prefix("sha256:").unwrap();
-        let bytes = std::fs::read(dir.join(hex))
-            .unwrap_or_else(|e| panic!("{}: blob {blob} not copied: {e}", seeded.repo));
-        assert_eq!(
-            &sha256_digest(&bytes),
-            blob,
-            "{}: blob content",
-            seeded.repo
-        );
+        if let Err(e) = fixtures::check_blob_file(&dir.join(hex), blob) {
+            panic!("{}: blob {blob} not copied whole: {e}", seeded.repo);
+        }
     }
 }
 
@@ -238,7 +236,13 @@ fn skopeo_pulls_through_cistern() {
     let fx: Fixtures = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
         logs(&registry, None)
     });
+    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &|| {
+        logs(&registry, None)
+    });
     let images = fx.all();
+    // The first and second pulls include the 200 MiB layer; the later ones (restart, offline)
+    // are about the cache's persistence and need not move it again.
+    let with_large: Vec<&Seeded> = images.iter().copied().chain([&large]).collect();
     let rctx = || logs(&registry, None);
 
     // Control: the same client straight from the registry.
@@ -271,7 +275,7 @@ fn skopeo_pulls_through_cistern() {
     let ctx = || logs(&registry, Some(&cistern));
 
     // Manifests byte-for-byte, by tag and by digest.
-    for seeded in images {
+    for &seeded in &with_large {
         let raw = skopeo.inspect_raw(&seeded.reference(&host), &ctx);
         assert!(
             raw == seeded.manifest,
@@ -310,10 +314,10 @@ fn skopeo_pulls_through_cistern() {
     // First pull: everything comes from the upstream.
     registry.settle(LOG_QUIET);
     let baseline = registry.blob_gets().len();
-    copy_all(&skopeo, &host, &images, &work.sub("pull-1"), &ctx);
+    copy_all(&skopeo, &host, &with_large, &work.sub("pull-1"), &ctx);
     registry.settle(LOG_QUIET);
     let first = registry.blob_gets()[baseline..].to_vec();
-    let want = all_blobs(&images);
+    let want = all_blobs(&with_large);
     assert!(
         !first.is_empty(),
         "the first pull through cistern made no upstream blob GET\n{}",
@@ -338,7 +342,7 @@ fn skopeo_pulls_through_cistern() {
 
     // Second pull with fresh client state: no upstream blob GET.
     let after_first = registry.blob_gets().len();
-    copy_all(&skopeo, &host, &images, &work.sub("pull-2"), &ctx);
+    copy_all(&skopeo, &host, &with_large, &work.sub("pull-2"), &ctx);
     let inspected = skopeo.inspect(&fx.app.reference(&host), &ctx);
     assert_eq!(
         inspected["Digest"],
@@ -443,13 +447,22 @@ fn check_ctr_image(
     );
 }
 
-/// Pulls the four `library/` images into `ctd` through `hosts` and checks them.
-fn ctr_pull_all(ctd: &Containerd, ns: &str, hosts: &Path, fx: &Fixtures, ctx: &dyn Fn() -> String) {
+/// Pulls the four `library/` images and the large one into `ctd` through `hosts` and checks
+/// them.
+fn ctr_pull_all(
+    ctd: &Containerd,
+    ns: &str,
+    hosts: &Path,
+    fx: &Fixtures,
+    large: &Seeded,
+    ctx: &dyn Fn() -> String,
+) {
     for (seeded, extra) in [
         (&fx.app, &[][..]),
         (&fx.multi, &["--all-platforms"][..]),
         (&fx.dockerv2, &[][..]),
         (&fx.mlist, &["--all-platforms"][..]),
+        (large, &[][..]),
     ] {
         let reference = format!("docker.io/{}:{}", seeded.repo, seeded.tag);
         ctd.pull(ns, hosts, extra, &reference, ctx);
@@ -472,7 +485,10 @@ fn containerd_pulls_through_cistern() {
     let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
         logs(&registry, None)
     });
-    let pulled = [&fx.app, &fx.multi, &fx.dockerv2, &fx.mlist];
+    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &|| {
+        logs(&registry, None)
+    });
+    let pulled = [&fx.app, &fx.multi, &fx.dockerv2, &fx.mlist, &large];
     let dead_port = daemon::free_port();
     const NS: &str = "e2e";
 
@@ -487,7 +503,7 @@ fn containerd_pulls_through_cistern() {
         let ctd = Containerd::start(&work.path.join("containerd-direct"));
         let rctx = || format!("{}\n{}", logs(&registry, None), ctd.daemon.tail(30));
         let before = registry.blob_gets().len();
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &rctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &rctx);
         registry.settle(LOG_QUIET);
         assert!(
             registry.blob_gets().len() > before,
@@ -516,7 +532,7 @@ fn containerd_pulls_through_cistern() {
                 ctd.daemon.tail(30)
             )
         };
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &ctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &ctx);
     }
     registry.settle(LOG_QUIET);
     let first = registry.blob_gets()[baseline..].to_vec();
@@ -555,7 +571,7 @@ fn containerd_pulls_through_cistern() {
             Vec::<String>::new(),
             "fresh containerd has content"
         );
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &ctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &ctx);
         let content: BTreeSet<String> = ctd.content(NS).into_iter().collect();
         let not_downloaded: Vec<_> = want.difference(&content).collect();
         assert!(

@@ -75,7 +75,6 @@
 #[allow(dead_code)] // the harness serves several test crates; this one uses part of it
 mod e2e;
 
-use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -85,20 +84,12 @@ use e2e::cistern::Cistern;
 use e2e::dockerd::Dockerd;
 use e2e::fixtures::{self, Fixtures, Seeded};
 use e2e::podman::{self, Podman};
-use e2e::registry::{Registry, Request};
+use e2e::registry::{LOG_QUIET, Registry, Request};
 use e2e::skopeo::Skopeo;
-
-/// How long the registry log must stay unchanged before it is counted.
-const LOG_QUIET: Duration = Duration::from_millis(500);
 
 /// Logs of every process involved, for failure messages.
 fn logs(registry: &Registry, cistern: Option<&Cistern>) -> String {
-    let mut s = registry.daemon.tail(25);
-    if let Some(c) = cistern {
-        s.push('\n');
-        s.push_str(&c.daemon.tail(60));
-    }
-    s
+    e2e::logs(&[registry], cistern)
 }
 
 /// A loopback listener standing in for Docker Hub: a thread accepts every connection, counts
@@ -161,15 +152,6 @@ fn setup(work: &e2e::Workdir) -> (Registry, Fixtures, Seeded) {
     (registry, fx, large)
 }
 
-/// Digests of the blobs GET from the upstream in `requests`.
-fn digests(requests: &[Request]) -> BTreeSet<String> {
-    requests
-        .iter()
-        .filter_map(|r| r.uri.split("/blobs/").nth(1))
-        .map(|d| d.split('?').next().unwrap().to_string())
-        .collect()
-}
-
 /// Every upstream request since `from` (index into the access log) came from cistern.
 fn assert_all_from_cistern(registry: &Registry, from: usize, what: &str, ctx: &dyn Fn() -> String) {
     let foreign: Vec<Request> = registry.requests()[from..]
@@ -194,41 +176,20 @@ fn check_first_pull(
     what: &str,
     ctx: &dyn Fn() -> String,
 ) {
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[from_blob..].to_vec();
-    assert!(
-        !first.is_empty(),
-        "{what}: the first pull through cistern made no upstream blob GET\n{}",
-        ctx()
-    );
-    let fetched = digests(&first);
-    for seeded in images {
-        let missing: Vec<_> = seeded.blobs.difference(&fetched).cloned().collect();
-        assert!(
-            missing.is_empty(),
-            "{what}: cistern's cache was empty, yet these blobs of {} were never fetched upstream: {missing:?}\n{}",
-            seeded.repo,
-            ctx()
-        );
-    }
+    registry.check_first_pull(from_blob, &fixtures::all_blobs(images), what, ctx);
     assert_all_from_cistern(registry, from_req, what, ctx);
-    e2e::say(&format!(
-        "{what}: first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        digests(&first).len()
-    ));
 }
 
 #[test]
 fn podman_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "podman_pulls_through_cistern",
         &["podman", "skopeo", "docker-registry"],
         false,
-    ) {
+        "podman",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("podman");
+    };
     let (registry, fx, large) = setup(&work);
     let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
@@ -293,26 +254,20 @@ fn podman_pulls_through_cistern() {
         images.len(),
         "second podman storage"
     );
-    registry.settle(LOG_QUIET);
-    let again = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        again.is_empty(),
-        "podman second pull (fresh storage) made upstream blob GETs: {again:#?}\n{}",
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "podman second pull (fresh storage)", &ctx);
     assert_eq!(trap.hits(), 0, "podman tried docker.io's own location");
 }
 
 #[test]
 fn docker_daemon_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "docker_daemon_pulls_through_cistern",
         &["dockerd", "docker", "unshare", "skopeo", "docker-registry"],
         true,
-    ) {
+        "dockerd",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("dockerd");
+    };
     let (registry, fx, large) = setup(&work);
     let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
@@ -388,13 +343,7 @@ fn docker_daemon_pulls_through_cistern() {
         "fresh dockerd has images"
     );
     pull_all(&second, &ctx);
-    registry.settle(LOG_QUIET);
-    let again = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        again.is_empty(),
-        "dockerd second pull (fresh data-root) made upstream blob GETs: {again:#?}\n{}",
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "dockerd second pull (fresh data-root)", &ctx);
     assert_eq!(
         trap.hits(),
         0,

@@ -101,7 +101,7 @@
 
 mod e2e;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -110,46 +110,12 @@ use e2e::containerd::{self, Containerd};
 use e2e::daemon;
 use e2e::fixtures::{self, Fixtures, Seeded};
 use e2e::image::sha256_digest;
-use e2e::registry::Registry;
+use e2e::registry::{LOG_QUIET, Registry, blob_get_counts};
 use e2e::skopeo::Skopeo;
-
-/// How long the registry log must stay unchanged before it is counted.
-const LOG_QUIET: Duration = Duration::from_millis(500);
 
 /// Logs of every process involved, for failure messages.
 fn logs(registry: &Registry, cistern: Option<&Cistern>) -> String {
-    let mut s = registry.daemon.tail(25);
-    if let Some(c) = cistern {
-        s.push('\n');
-        s.push_str(&c.daemon.tail(60));
-    }
-    s
-}
-
-/// Upstream GETs per blob digest in `requests`.
-fn get_counts(requests: &[e2e::registry::Request]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for d in requests
-        .iter()
-        .filter_map(|r| r.uri.split("/blobs/").nth(1))
-    {
-        *m.entry(d.split('?').next().unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    m
-}
-
-/// Digests of the blobs GET from the upstream in `requests`.
-fn digests(requests: &[e2e::registry::Request]) -> BTreeSet<String> {
-    get_counts(requests).into_keys().collect()
-}
-
-/// Union of the blobs of `images`.
-fn all_blobs(images: &[&Seeded]) -> BTreeSet<String> {
-    images
-        .iter()
-        .flat_map(|s| s.blobs.iter().cloned())
-        .collect()
+    e2e::logs(&[registry], cistern)
 }
 
 /// Checks that cistern has `digest` on disk at `data_dir/blobs/sha256/<2 hex>/<hex>` with the
@@ -223,14 +189,14 @@ fn copy_all(
 
 #[test]
 fn skopeo_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_pulls_through_cistern",
         &["skopeo", "docker-registry"],
         false,
-    ) {
+        "skopeo",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("skopeo");
+    };
     let registry = Registry::start(&work.sub("registry"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let fx: Fixtures = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
@@ -315,25 +281,8 @@ fn skopeo_pulls_through_cistern() {
     registry.settle(LOG_QUIET);
     let baseline = registry.blob_gets().len();
     copy_all(&skopeo, &host, &with_large, &work.sub("pull-1"), &ctx);
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[baseline..].to_vec();
-    let want = all_blobs(&with_large);
-    assert!(
-        !first.is_empty(),
-        "the first pull through cistern made no upstream blob GET\n{}",
-        ctx()
-    );
-    let missing: Vec<_> = want.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "cistern's cache was empty, yet these blobs were never fetched from the upstream: {missing:?}\n{}",
-        ctx()
-    );
-    eprintln!(
-        "skopeo first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        want.len()
-    );
+    let want = fixtures::all_blobs(&with_large);
+    registry.check_first_pull(baseline, &want, "skopeo", &ctx);
 
     // The cache on disk, where the contract puts it.
     for blob in &want {
@@ -351,14 +300,7 @@ fn skopeo_pulls_through_cistern() {
     );
     assert_eq!(inspected["Architecture"], "amd64");
     assert_eq!(inspected["Labels"]["org.example.cistern.e2e"], "app");
-    registry.settle(LOG_QUIET);
-    let second = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        second.is_empty(),
-        "the second pull made {} upstream blob GETs (all blobs were cached): {second:#?}\n{}",
-        second.len(),
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "the second pull", &ctx);
 
     // A tag the upstream lacks: the client gets the registry error it understands.
     let missing = skopeo.try_inspect_raw(&format!("{host}/library/app:no-such-tag"));
@@ -379,13 +321,10 @@ fn skopeo_pulls_through_cistern() {
     registry.settle(LOG_QUIET);
     let before_third = registry.blob_gets().len();
     copy_all(&skopeo, &host, &images, &work.sub("pull-3"), &ctx);
-    registry.settle(LOG_QUIET);
-    let third = registry.blob_gets()[before_third..].to_vec();
-    assert!(
-        third.is_empty(),
-        "after a restart on the same data_dir the pull made {} upstream blob GETs: {third:#?}\n{}",
-        third.len(),
-        ctx()
+    registry.assert_no_blob_gets_since(
+        before_third,
+        "after a restart on the same data_dir the pull",
+        &ctx,
     );
 
     // Upstream gone: everything cached stays pullable, by tag (the tags were resolved by this
@@ -407,46 +346,6 @@ fn skopeo_pulls_through_cistern() {
     }
 }
 
-/// `ctr images check` must list `reference` as complete, unpacked, with `digest`.
-fn check_ctr_image(
-    ctd: &Containerd,
-    ns: &str,
-    reference: &str,
-    seeded: &Seeded,
-    ctx: &dyn Fn() -> String,
-) {
-    let rows = ctd.check(ns);
-    let row = rows
-        .iter()
-        .find(|r| r.reference == reference)
-        .unwrap_or_else(|| {
-            panic!(
-                "{reference} not in `ctr images check`: {rows:#?}\n{}",
-                ctx()
-            )
-        });
-    assert_eq!(
-        row.digest,
-        seeded.digest,
-        "{reference}: digest in containerd\n{}",
-        ctx()
-    );
-    assert_eq!(
-        row.media_type, seeded.media_type,
-        "{reference}: media type in containerd"
-    );
-    assert!(
-        row.status.starts_with("complete"),
-        "{reference}: {row:?}\n{}",
-        ctx()
-    );
-    assert!(
-        row.unpacked,
-        "{reference} was not unpacked: {row:?}\n{}",
-        ctx()
-    );
-}
-
 /// Pulls the four `library/` images and the large one into `ctd` through `hosts` and checks
 /// them.
 fn ctr_pull_all(
@@ -466,20 +365,20 @@ fn ctr_pull_all(
     ] {
         let reference = format!("docker.io/{}:{}", seeded.repo, seeded.tag);
         ctd.pull(ns, hosts, extra, &reference, ctx);
-        check_ctr_image(ctd, ns, &reference, seeded, ctx);
+        ctd.check_image(ns, &reference, seeded, ctx);
     }
 }
 
 #[test]
 fn containerd_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "containerd_pulls_through_cistern",
         &["skopeo", "docker-registry", "containerd", "ctr"],
         true,
-    ) {
+        "containerd",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("containerd");
+    };
     let registry = Registry::start(&work.sub("registry"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
@@ -518,7 +417,7 @@ fn containerd_pulls_through_cistern() {
         &cistern.host(),
         dead_port,
     );
-    let want = all_blobs(&pulled);
+    let want = fixtures::all_blobs(&pulled);
 
     // First pull through cistern.
     registry.settle(LOG_QUIET);
@@ -534,25 +433,8 @@ fn containerd_pulls_through_cistern() {
         };
         ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &ctx);
     }
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[baseline..].to_vec();
     let ctx = || logs(&registry, Some(&cistern));
-    assert!(
-        !first.is_empty(),
-        "first containerd pull made no upstream blob GET\n{}",
-        ctx()
-    );
-    let missing: Vec<_> = want.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "blobs never fetched from the upstream: {missing:?}\n{}",
-        ctx()
-    );
-    eprintln!(
-        "containerd first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        want.len()
-    );
+    registry.check_first_pull(baseline, &want, "containerd", &ctx);
 
     // Second pull: a fresh containerd (new root, empty content store) downloads everything
     // again from cistern; the upstream sees no blob GET.
@@ -579,26 +461,19 @@ fn containerd_pulls_through_cistern() {
             "second containerd lacks {not_downloaded:?}"
         );
     }
-    registry.settle(LOG_QUIET);
-    let second = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        second.is_empty(),
-        "the second containerd pull made {} upstream blob GETs (all blobs were cached): {second:#?}\n{}",
-        second.len(),
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "the second containerd pull", &ctx);
 }
 
 #[test]
 fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls",
         &["skopeo", "docker-registry"],
         false,
-    ) {
+        "skopeo-edge",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("skopeo-edge");
+    };
     let registry = Registry::start(&work.sub("registry"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
@@ -646,7 +521,7 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
         ctx()
     );
     registry.settle(LOG_QUIET);
-    let fetched = get_counts(&registry.blob_gets()[baseline..]);
+    let fetched = blob_get_counts(&registry.blob_gets()[baseline..]);
     assert!(
         fetched.get(big).copied().unwrap_or(0) >= 1,
         "cistern never fetched the corrupted blob: {fetched:?}\n{err}\n{}",
@@ -698,16 +573,15 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
     // --- A tag moved upstream: with tag_ttl = 1s cistern must serve the new manifest soon
     // (polled, bounded), and the old one stays reachable by digest.
     let push_moving = |layout_tag: &str| -> Seeded {
-        let reported = skopeo.push(
+        fixtures::push(
+            &skopeo,
             &fx.layout_dir,
             layout_tag,
-            &format!("{}/library/moving:1.0", registry.host()),
+            registry.addr,
+            "library/moving:1.0",
             None,
             &ctx,
-        );
-        let seeded = fixtures::describe(registry.addr, "library/moving", "1.0");
-        assert_eq!(seeded.digest, reported);
-        seeded
+        )
     };
     let old = push_moving("app");
     let moving = format!("{host}/library/moving:1.0");
@@ -760,8 +634,8 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
         }
     });
     registry.settle(LOG_QUIET);
-    let counts = get_counts(&registry.blob_gets()[baseline..]);
-    let want = all_blobs(&targets);
+    let counts = blob_get_counts(&registry.blob_gets()[baseline..]);
+    let want = fixtures::all_blobs(&targets);
     let wrong: Vec<_> = want
         .iter()
         .filter(|d| counts.get(*d).copied().unwrap_or(0) != 1)

@@ -39,6 +39,14 @@ pub struct Seeded {
     pub blobs: BTreeSet<String>,
 }
 
+/// Union of the config and layer blobs of `images`.
+pub fn all_blobs(images: &[&Seeded]) -> BTreeSet<String> {
+    images
+        .iter()
+        .flat_map(|s| s.blobs.iter().cloned())
+        .collect()
+}
+
 impl Seeded {
     pub fn reference(&self, host: &str) -> String {
         format!("{host}/{}:{}", self.repo, self.tag)
@@ -275,26 +283,27 @@ pub fn describe(registry: SocketAddr, repo: &str, tag: &str) -> Seeded {
     }
 }
 
-/// Pushes `tag` of the OCI layout at `layout_dir` to `registry` as `repo:1.0` (converted to
-/// `format` if given) and reads it back, checking skopeo's reported digest against the
-/// registry's.
-fn push(
+/// Pushes `layout_tag` of the OCI layout at `layout_dir` to `registry` as `dest` (`repo:tag`),
+/// converted to `format` if given, and reads it back, checking skopeo's reported digest
+/// against the registry's.
+pub fn push(
     skopeo: &Skopeo,
-    registry: SocketAddr,
     layout_dir: &Path,
-    tag: &str,
-    repo: &str,
+    layout_tag: &str,
+    registry: SocketAddr,
+    dest: &str,
     format: Option<&str>,
     ctx: &dyn Fn() -> String,
 ) -> Seeded {
+    let (repo, tag) = dest.split_once(':').expect("dest is repo:tag");
     let reported = skopeo.push(
         layout_dir,
-        tag,
-        &format!("{registry}/{repo}:1.0"),
+        layout_tag,
+        &format!("{registry}/{dest}"),
         format,
         ctx,
     );
-    let seeded = describe(registry, repo, "1.0");
+    let seeded = describe(registry, repo, tag);
     assert_eq!(
         seeded.digest, reported,
         "skopeo --digestfile vs registry for {repo}"
@@ -318,10 +327,10 @@ pub fn seed_large(
     layout.write(&layout_dir);
     let seeded = push(
         skopeo,
-        registry,
         &layout_dir,
         "large",
-        "library/large",
+        registry,
+        "library/large:1.0",
         None,
         ctx,
     );
@@ -357,7 +366,15 @@ pub fn seed(
     layout.write(&layout_dir);
 
     let push = |tag: &str, repo: &str, format: Option<&str>| {
-        push(skopeo, registry, &layout_dir, tag, repo, format, ctx)
+        push(
+            skopeo,
+            &layout_dir,
+            tag,
+            registry,
+            &format!("{repo}:1.0"),
+            format,
+            ctx,
+        )
     };
 
     let seeded_app = push("app", "library/app", None);

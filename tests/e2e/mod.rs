@@ -22,6 +22,9 @@ pub mod skopeo;
 
 use std::path::PathBuf;
 
+use self::cistern::Cistern;
+use self::registry::Registry;
+
 /// Set by CI: missing tools (or missing root) fail the tests instead of skipping them.
 pub const REQUIRE_ENV: &str = "CISTERN_REQUIRE_E2E";
 /// Set to keep the temporary directories (logs, caches, client state) for inspection.
@@ -81,6 +84,26 @@ pub fn prerequisites(test: &str, tools: &[&str], need_root: bool) -> bool {
         "SKIPPED: {why} ({test}; install the tools with scripts/install-test-deps and run as root, or set {REQUIRE_ENV}=1 to fail instead)"
     ));
     false
+}
+
+/// Tails of the registries' and cistern's logs, for failure messages.
+pub fn logs(registries: &[&Registry], cistern: Option<&Cistern>) -> String {
+    let mut s = String::new();
+    for r in registries {
+        s.push_str(&r.daemon.tail(25));
+        s.push('\n');
+    }
+    if let Some(c) = cistern {
+        s.push_str(&c.daemon.tail(60));
+        s.push('\n');
+    }
+    s
+}
+
+/// The start of every test: checks its prerequisites ([`prerequisites`]) and makes its
+/// [`Workdir`], named after `short`. `None` if the test is to be skipped.
+pub fn begin(test: &str, tools: &[&str], need_root: bool, short: &str) -> Option<Workdir> {
+    prerequisites(test, tools, need_root).then(|| Workdir::new(short))
 }
 
 /// A temporary directory for one test: removed at the end unless `CISTERN_E2E_KEEP=1`.

@@ -11,12 +11,8 @@ const SIZE: usize = 1_000_000;
 
 /// A cistern whose upstream has one blob; returns (upstream, cistern, blob, digest).
 async fn setup(seed: u64) -> (FakeRegistry, TestCistern, bytes::Bytes, String) {
-    let blob = blob_bytes(SIZE, seed);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(SIZE, seed);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = TestCistern::start(&upstream).await;
     (upstream, cistern, blob, digest)
 }
@@ -226,8 +222,7 @@ async fn head_of_a_never_fetched_blob_asks_upstream_without_downloading() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_length() {
-    let blob = blob_bytes(SIZE, 50);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(SIZE, 50);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::HeadWithoutLength)

@@ -9,12 +9,8 @@ const REPO: &str = "library/app";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_blobs_with_registry_headers() {
-    let blob = blob_bytes(300 * KIB, 1);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(300 * KIB, 1);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let client = Client::new(upstream.url());
 
     let got = client.get_blob(REPO, &digest).await.expect("GET blob");
@@ -38,12 +34,8 @@ async fn serves_blobs_with_registry_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_ranges() {
-    let blob = blob_bytes(1000, 2);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(1000, 2);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let client = Client::new(upstream.url());
     let path = format!("/v2/{REPO}/blobs/{digest}");
 
@@ -86,8 +78,7 @@ async fn serves_ranges() {
 /// an error, not as a clean short body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_body_is_an_error_for_reqwest() {
-    let blob = blob_bytes(512 * KIB, 3);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(512 * KIB, 3);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::CutAfter(100 * KIB as u64).once())
@@ -112,12 +103,8 @@ async fn cut_body_is_an_error_for_reqwest() {
 /// connections, with the full `Content-Length` declared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_body_delivers_exactly_the_cut_offset() {
-    let blob = blob_bytes(2 * MIB, 11);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(2 * MIB, 11);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let target = format!("/v2/{REPO}/blobs/{digest}");
     for cut in [
         1,
@@ -150,8 +137,7 @@ async fn cut_body_delivers_exactly_the_cut_offset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_errors_when_the_registry_goes_away() {
-    let blob = blob_bytes(256 * KIB, 4);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 4);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::StallAfter(64 * KIB as u64))
@@ -168,8 +154,7 @@ async fn stalled_body_errors_when_the_registry_goes_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bytes_keep_length_and_headers() {
-    let blob = blob_bytes(200 * KIB, 5);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(200 * KIB, 5);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::WrongBytes)
@@ -186,8 +171,7 @@ async fn wrong_bytes_keep_length_and_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gate_holds_the_body_until_opened() {
-    let blob = blob_bytes(MIB, 6);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(MIB, 6);
     let gate = Gate::new();
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
@@ -210,8 +194,7 @@ async fn gate_holds_the_body_until_opened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_body_arrives_whole() {
-    let blob = blob_bytes(64 * KIB, 7);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 7);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(
@@ -228,8 +211,7 @@ async fn slow_body_arrives_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_faults_and_unknown_content() {
-    let blob = blob_bytes(1000, 8);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(1000, 8);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::Status(429).once())
@@ -269,8 +251,7 @@ async fn status_faults_and_unknown_content() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_without_length() {
-    let blob = blob_bytes(5000, 9);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(5000, 9);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::HeadWithoutLength)
@@ -346,13 +327,9 @@ async fn manifests_tags_and_the_request_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_compose_and_count_down() {
-    let blob = blob_bytes(400 * KIB, 10);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(400 * KIB, 10);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     upstream.on_blob(
         &digest,
         Fault::WrongBytes

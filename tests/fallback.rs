@@ -46,11 +46,9 @@ fn blob_get_ranges(upstream: &FakeRegistry, digest: &str) -> Vec<Option<String>>
         .collect()
 }
 
-/// A 4 MiB blob, and the `Range` a resume after its first MiB asks for.
+/// A 4 MiB blob and its digest (a resume after its first MiB asks for [`RESUME_AT_1_MIB`]).
 fn four_mib(seed: u64) -> (Bytes, String) {
-    let blob = blob_bytes(4 * MIB, seed);
-    let digest = sha256_digest(&blob);
-    (blob, digest)
+    blob_and_digest(4 * MIB, seed)
 }
 
 const RESUME_AT_1_MIB: &str = "bytes=1048576-";
@@ -59,16 +57,12 @@ const RESUME_AT_1_MIB: &str = "bytes=1048576-";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_without_the_blob_falls_back_to_origin() {
-    let blob = blob_bytes(256 * KIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 1);
     let mirror = FakeRegistry::builder()
         .blob(REPO, blob_bytes(KIB, 2)) // the repository, but not this blob
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
     let client = cistern.client();
 
@@ -88,17 +82,13 @@ async fn mirror_without_the_blob_falls_back_to_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_503_falls_back_to_origin() {
-    let blob = blob_bytes(256 * KIB, 3);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 3);
     let mirror = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::Status(503))
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -109,13 +99,9 @@ async fn mirror_503_falls_back_to_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_that_never_answers_falls_back_after_header_timeout() {
-    let blob = blob_bytes(256 * KIB, 4);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 4);
     let mirror = Silent::start().await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(
         UpstreamConfig {
             header_timeout: SECOND,
@@ -133,12 +119,8 @@ async fn mirror_that_never_answers_falls_back_after_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_that_is_down_falls_back_to_origin() {
-    let blob = blob_bytes(256 * KIB, 5);
-    let digest = sha256_digest(&blob);
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(256 * KIB, 5);
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&closed_port_url().await), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -157,10 +139,7 @@ async fn mirror_with_no_free_request_slot_is_passed_over() {
         .on_blob(&held_digest, Fault::GateAt(512 * KIB as u64, gate.clone()))
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, wanted.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &wanted).await;
     let cistern = mirror_then_origin(
         UpstreamConfig {
             max_concurrent_requests: 1,
@@ -547,10 +526,7 @@ async fn rate_limits_and_404s_do_not_open_the_breaker() {
 async fn blob_cut_by_the_mirror_resumes_from_origin_at_the_cut() {
     let (blob, digest) = four_mib(30);
     let mirror = CutMirror::start(blob.clone(), MIB, None).await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -575,10 +551,7 @@ async fn blob_aborted_by_the_mirror_resumes_from_origin() {
         .on_blob(&digest, Fault::CutAfter(MIB as u64))
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -600,10 +573,7 @@ async fn blob_stalled_by_the_mirror_resumes_from_origin() {
         .on_blob(&digest, Fault::StallAfter(MIB as u64))
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(
         UpstreamConfig {
             idle_timeout: SECOND,
@@ -666,10 +636,7 @@ async fn a_206_for_the_wrong_range_moves_on_to_the_next_upstream() {
     let (blob, digest) = four_mib(33);
     let mirror = CutMirror::start(blob.clone(), MIB, None).await;
     let liar = Scripted::start(HOME, wrong_range_206(blob.clone())).await;
-    let backup = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let backup = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = Setup::new()
         .upstream("mirror", at(&mirror.url()))
         .upstream("liar", at(&liar.url()))
@@ -714,10 +681,7 @@ async fn a_206_for_the_wrong_range_from_the_last_upstream_fails_the_client() {
 async fn twenty_clients_ride_one_failover() {
     let (blob, digest) = four_mib(35);
     let mirror = CutMirror::start(blob.clone(), MIB, Some(512 * KIB)).await;
-    let origin = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let readers = cistern
@@ -743,8 +707,7 @@ async fn twenty_clients_ride_one_failover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_remaining_on_a_success_changes_nothing() {
-    let blob = blob_bytes(256 * KIB, 40);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 40);
     let manifest = image_manifest(41);
     let (b, m) = (blob.clone(), manifest.clone());
     let hub = Scripted::start(HOME, move |req| {

@@ -10,8 +10,7 @@ const REPO: &str = "library/app";
 
 /// A cistern whose upstream knows `library/app` with one blob and one tagged manifest.
 async fn setup() -> (FakeRegistry, TestCistern, String) {
-    let blob = blob_bytes(10 * KIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(10 * KIB, 1);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob)
         .manifest(

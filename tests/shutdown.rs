@@ -12,8 +12,7 @@ const REPO: &str = "library/app";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_running_at_shutdown_is_committed_or_vanishes() {
-    let blob = blob_bytes(8 * MIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(8 * MIB, 1);
     let gate = Gate::new();
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
@@ -57,8 +56,7 @@ async fn fill_running_at_shutdown_is_committed_or_vanishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_stalled_past_the_grace_is_cancelled_cleanly() {
-    let blob = blob_bytes(4 * MIB, 2);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(4 * MIB, 2);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(&digest, Fault::StallAfter(MIB as u64))

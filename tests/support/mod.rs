@@ -87,6 +87,13 @@ pub fn blob_bytes(size: usize, seed: u64) -> Bytes {
     Bytes::from(out)
 }
 
+/// [`blob_bytes`] and their digest: the blob most tests start from.
+pub fn blob_and_digest(size: usize, seed: u64) -> (Bytes, String) {
+    let blob = blob_bytes(size, seed);
+    let digest = sha256_digest(&blob);
+    (blob, digest)
+}
+
 /// `/v2/<repo>/blobs/<digest>`.
 pub fn blob_route(repo: &str, digest: &str) -> String {
     format!("/v2/{repo}/blobs/{digest}")

@@ -414,6 +414,14 @@ impl FakeRegistry {
         FakeRegistryBuilder::default()
     }
 
+    /// A registry holding `blob` in `repo`, and nothing else.
+    pub async fn with_blob(repo: &str, blob: &Bytes) -> FakeRegistry {
+        FakeRegistry::builder()
+            .blob(repo, blob.clone())
+            .start()
+            .await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -81,17 +81,7 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
             r.body_text()
         );
         assert_blob_headers(&r, &digest);
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
-            "cold {range}"
-        );
-        assert_eq!(
-            r.header("content-length"),
-            Some((last - first + 1).to_string().as_str()),
-            "cold {range}"
-        );
-        assert_same_bytes(r.bytes(), &blob[first..=last], &format!("cold {range}"));
+        assert_range_body(&r, &blob, first, last, &format!("cold {range}"));
 
         // The fill behind it is a single upstream GET of the whole blob.
         let gets: Vec<Seen> = upstream
@@ -106,6 +96,23 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
             "cold {range}: the fill must not send Range"
         );
     }
+}
+
+/// A 206's `Content-Range` and `Content-Length` name bytes `first..=last` of the blob, and its
+/// body is exactly those bytes.
+#[track_caller]
+fn assert_range_body(r: &Response, blob: &[u8], first: usize, last: usize, what: &str) {
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
+        "{what}"
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some((last - first + 1).to_string().as_str()),
+        "{what}"
+    );
+    assert_same_bytes(r.bytes(), &blob[first..=last], what);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,17 +144,7 @@ async fn warm_ranges_are_served_from_the_cache() {
             "warm {range}: {}",
             r.body_text()
         );
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
-            "warm {range}"
-        );
-        assert_eq!(
-            r.header("content-length"),
-            Some((last - first + 1).to_string().as_str()),
-            "warm {range}"
-        );
-        assert_same_bytes(r.bytes(), &blob[first..=last], &format!("warm {range}"));
+        assert_range_body(&r, &blob, first, last, &format!("warm {range}"));
     }
     assert_eq!(
         upstream.requests().len(),

@@ -292,10 +292,7 @@ async fn manifest_bytes_that_fail_their_digest_are_replaced_and_never_cached() {
         .on_manifest(&digest, Fault::WrongBytes)
         .start()
         .await;
-    let origin = FakeRegistry::builder()
-        .manifest(REPO, None, OCI_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let origin = FakeRegistry::with_manifest(REPO, None, OCI_MANIFEST, &manifest).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
     let client = cistern.client();
 

@@ -157,14 +157,8 @@ async fn docker_hub_official_images_are_asked_for_under_library() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_tag_on_two_registries_is_two_manifests() {
     let (hub_manifest, ghcr_manifest) = (image_manifest(8), image_manifest(9));
-    let hub = FakeRegistry::builder()
-        .manifest(REPO, Some("1"), OCI_MANIFEST, hub_manifest.clone())
-        .start()
-        .await;
-    let ghcr = FakeRegistry::builder()
-        .manifest(REPO, Some("1"), OCI_MANIFEST, ghcr_manifest.clone())
-        .start()
-        .await;
+    let hub = FakeRegistry::with_manifest(REPO, Some("1"), OCI_MANIFEST, &hub_manifest).await;
+    let ghcr = FakeRegistry::with_manifest(REPO, Some("1"), OCI_MANIFEST, &ghcr_manifest).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
     let client = cistern.client();
     let tag = manifest_route(REPO, "1");

@@ -172,16 +172,25 @@ impl TestCistern {
         data: DataDir,
         tweak: impl FnOnce(&mut Config),
     ) -> TestCistern {
-        super::init();
-        let mut config = Config {
-            data_dir: data.path().to_path_buf(),
-            // Short enough that a test whose shutdown must wait out the grace stays quick.
-            shutdown_grace: Duration::from_secs(10),
-            ..Config::default()
-        };
+        let mut config = TestCistern::config_for(&data);
         config.upstream.url = upstream.url();
         tweak(&mut config);
+        TestCistern::start_config(data, config).await
+    }
 
+    /// The defaults every test starts from: `data` as the data directory, and a shutdown grace
+    /// short enough that a test whose shutdown must wait it out stays quick.
+    pub fn config_for(data: &DataDir) -> Config {
+        Config {
+            data_dir: data.path().to_path_buf(),
+            shutdown_grace: Duration::from_secs(10),
+            ..Config::default()
+        }
+    }
+
+    /// Runs `config` on `127.0.0.1:0` (its `listen` set to the address bound) over `data`.
+    pub async fn start_config(data: DataDir, mut config: Config) -> TestCistern {
+        super::init();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind cistern");

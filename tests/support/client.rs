@@ -298,6 +298,19 @@ impl RawResponse {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+
+    /// Asserts an OCI error response: `status`, and an error body whose first code is `code`.
+    /// `what` names the request in the failure message.
+    #[track_caller]
+    pub fn assert_oci_error(&self, status: u16, code: &str, what: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(oci_error_code(&self.body), code, "{what}");
+    }
 }
 
 /// Sends `METHOD target HTTP/1.1` exactly as given (no URL normalisation, so `..`, `%2f` and

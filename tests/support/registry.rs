@@ -414,6 +414,19 @@ impl FakeRegistry {
         FakeRegistryBuilder::default()
     }
 
+    /// A registry holding one manifest (in `repo`, under `tag` if given), and nothing else.
+    pub async fn with_manifest(
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: &Bytes,
+    ) -> FakeRegistry {
+        FakeRegistry::builder()
+            .manifest(repo, tag, media_type, bytes.clone())
+            .start()
+            .await
+    }
+
     /// A registry holding `blob` in `repo`, and nothing else.
     pub async fn with_blob(repo: &str, blob: &Bytes) -> FakeRegistry {
         FakeRegistry::builder()
@@ -654,11 +667,7 @@ fn blob(
     let (data, rule) = {
         let mut state = shared.lock();
         let Some(r) = state.repos.get(repo) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-                "repository name not known to registry",
-            );
+            return name_unknown();
         };
         let Some(data) = r.blobs.get(digest).cloned() else {
             return error(
@@ -728,11 +737,7 @@ fn manifest(
     let (digest, found, rule) = {
         let mut state = shared.lock();
         let Some(r) = state.repos.get(repo) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-                "repository name not known to registry",
-            );
+            return name_unknown();
         };
         let digest = match r.tags.get(reference) {
             Some(digest) => digest.clone(),
@@ -775,11 +780,7 @@ fn manifest(
 fn tags(shared: &Arc<Shared>, repo: &str, query: Option<&str>) -> Response<Body> {
     let state = shared.lock();
     let Some(r) = state.repos.get(repo) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NAME_UNKNOWN",
-            "repository name not known to registry",
-        );
+        return name_unknown();
     };
     let mut n = None;
     let mut last = None;
@@ -1108,6 +1109,15 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+/// The answer for a repository the registry does not hold.
+fn name_unknown() -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "NAME_UNKNOWN",
+        "repository name not known to registry",
+    )
 }
 
 fn status_fault(code: u16, not_found_code: &str) -> Response<Body> {

@@ -84,11 +84,7 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
         assert_range_body(&r, &blob, first, last, &format!("cold {range}"));
 
         // The fill behind it is a single upstream GET of the whole blob.
-        let gets: Vec<Seen> = upstream
-            .requests_for(Kind::Blob, &digest)
-            .into_iter()
-            .filter(|s| s.method == Method::GET)
-            .collect();
+        let gets: Vec<Seen> = upstream.blob_get_requests(&digest);
         assert_eq!(gets.len(), 1, "cold {range}: upstream GETs");
         assert_eq!(
             gets[0].header_values("range"),
@@ -231,11 +227,7 @@ async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_lengt
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("content-length"), Some("1000000"));
 
-    let gets: Vec<Seen> = upstream
-        .requests_for(Kind::Blob, &digest)
-        .into_iter()
-        .filter(|s| s.method == Method::GET)
-        .collect();
+    let gets: Vec<Seen> = upstream.blob_get_requests(&digest);
     assert!(
         !gets.is_empty(),
         "expected a GET with Range: bytes=0-0 after a HEAD without length"

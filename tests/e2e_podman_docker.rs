@@ -85,7 +85,6 @@ use e2e::dockerd::Dockerd;
 use e2e::fixtures::{self, Fixtures, Seeded};
 use e2e::podman::{self, Podman};
 use e2e::registry::{LOG_QUIET, Registry, Request};
-use e2e::skopeo::Skopeo;
 
 /// Logs of every process involved, for failure messages.
 fn logs(registry: &Registry, cistern: Option<&Cistern>) -> String {
@@ -144,11 +143,8 @@ impl Drop for Trap {
 
 /// Registry, seeded images, and the large image (`library/large:1.0`, a 200 MiB layer).
 fn setup(work: &e2e::Workdir) -> (Registry, Fixtures, Seeded) {
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let rctx = || logs(&registry, None);
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &rctx);
-    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &rctx);
+    let (registry, skopeo, fx) = e2e::seeded_registry(work);
+    let large = e2e::seed_large(work, &registry, &skopeo);
     (registry, fx, large)
 }
 

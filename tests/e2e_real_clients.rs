@@ -197,14 +197,8 @@ fn skopeo_pulls_through_cistern() {
     ) else {
         return;
     };
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx: Fixtures = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
-    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
+    let large = e2e::seed_large(&work, &registry, &skopeo);
     let images = fx.all();
     // The first and second pulls include the 200 MiB layer; the later ones (restart, offline)
     // are about the cache's persistence and need not move it again.
@@ -379,14 +373,8 @@ fn containerd_pulls_through_cistern() {
     ) else {
         return;
     };
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
-    let large = fixtures::seed_large(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
+    let large = e2e::seed_large(&work, &registry, &skopeo);
     let pulled = [&fx.app, &fx.multi, &fx.dockerv2, &fx.mlist, &large];
     let dead_port = daemon::free_port();
     const NS: &str = "e2e";
@@ -474,11 +462,7 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
     ) else {
         return;
     };
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
     let rctx = || logs(&registry, None);
 
     // --- A corrupt upstream blob (the ~3 MiB layer, one byte flipped in the registry's

@@ -35,9 +35,8 @@ async fn mirror_then_origin(mirror: UpstreamConfig, origin: UpstreamConfig) -> C
 /// The `Range` header of every GET of `digest`, oldest first (`None`: no Range).
 fn blob_get_ranges(upstream: &FakeRegistry, digest: &str) -> Vec<Option<String>> {
     upstream
-        .requests_for(Kind::Blob, digest)
+        .blob_get_requests(digest)
         .into_iter()
-        .filter(|r| r.method == http::Method::GET)
         .map(|r| {
             r.headers
                 .get("range")

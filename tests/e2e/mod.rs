@@ -23,7 +23,9 @@ pub mod skopeo;
 use std::path::PathBuf;
 
 use self::cistern::Cistern;
+use self::fixtures::{Fixtures, Seeded};
 use self::registry::Registry;
+use self::skopeo::Skopeo;
 
 /// Set by CI: missing tools (or missing root) fail the tests instead of skipping them.
 pub const REQUIRE_ENV: &str = "CISTERN_REQUIRE_E2E";
@@ -104,6 +106,22 @@ pub fn logs(registries: &[&Registry], cistern: Option<&Cistern>) -> String {
 /// [`Workdir`], named after `short`. `None` if the test is to be skipped.
 pub fn begin(test: &str, tools: &[&str], need_root: bool, short: &str) -> Option<Workdir> {
     prerequisites(test, tools, need_root).then(|| Workdir::new(short))
+}
+
+/// A private registry (under `work/registry`) seeded with [`fixtures::seed`], and the skopeo
+/// (state under `work/skopeo`) that seeded it.
+pub fn seeded_registry(work: &Workdir) -> (Registry, Skopeo, Fixtures) {
+    let registry = Registry::start(&work.sub("registry"));
+    let skopeo = Skopeo::new(&work.sub("skopeo"));
+    let rctx = || logs(&[&registry], None);
+    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &rctx);
+    (registry, skopeo, fx)
+}
+
+/// Seeds `registry` with the large image too ([`fixtures::seed_large`]).
+pub fn seed_large(work: &Workdir, registry: &Registry, skopeo: &Skopeo) -> Seeded {
+    let rctx = || logs(&[registry], None);
+    fixtures::seed_large(&work.sub("images"), skopeo, registry.addr, &rctx)
 }
 
 /// A temporary directory for one test: removed at the end unless `CISTERN_E2E_KEEP=1`.

@@ -514,6 +514,14 @@ impl FakeRegistry {
             .count()
     }
 
+    /// The GET requests of this blob so far (with or without `Range`), oldest first.
+    pub fn blob_get_requests(&self, digest: &str) -> Vec<Seen> {
+        self.requests_for(Kind::Blob, digest)
+            .into_iter()
+            .filter(|s| s.method == Method::GET)
+            .collect()
+    }
+
     /// GETs of this blob so far (with or without `Range`).
     pub fn blob_gets(&self, digest: &str) -> usize {
         self.count(Method::GET, Kind::Blob, digest)

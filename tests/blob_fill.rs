@@ -318,11 +318,7 @@ async fn assert_failed_fill_left_nothing(data: &DataDir, digest: &str) {
         !data.blob_path(digest).exists(),
         "a failed fill was committed"
     );
-    assert_eq!(
-        data.blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "files in blobs/ after a failed fill"
-    );
+    data.assert_no_blob_files("files in blobs/ after a failed fill");
     eventually("tmp/ to be cleaned after a failed fill", patience(), || {
         data.tmp_files().is_empty()
     })

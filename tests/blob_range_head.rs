@@ -206,11 +206,7 @@ async fn head_of_a_never_fetched_blob_asks_upstream_without_downloading() {
         "a HEAD must not download the blob"
     );
     assert!(upstream.count(Method::HEAD, Kind::Blob, &digest) >= 1);
-    assert_eq!(
-        cistern.data().blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "a HEAD caches nothing"
-    );
+    cistern.data().assert_no_blob_files("a HEAD caches nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,11 +235,7 @@ async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_lengt
             "the fallback must not download the blob"
         );
     }
-    assert_eq!(
-        cistern.data().blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "a HEAD caches nothing"
-    );
+    cistern.data().assert_no_blob_files("a HEAD caches nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,7 +373,7 @@ impl Drop for Silent {
 fn containerd_routes_by_ns_and_falls_back_on_404() {
     let Some(work) = e2e::begin(
         "containerd_routes_by_ns_and_falls_back_on_404",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
         "fallback-routes",
     ) else {
@@ -556,7 +556,7 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
 fn containerd_falls_back_when_mirror_is_killed() {
     let Some(work) = e2e::begin(
         "containerd_falls_back_when_mirror_is_killed",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
         "fallback-killed",
     ) else {
@@ -631,7 +631,7 @@ fn containerd_falls_back_when_mirror_is_killed() {
 fn containerd_falls_back_when_mirror_never_answers() {
     let Some(work) = e2e::begin(
         "containerd_falls_back_when_mirror_never_answers",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
         "fallback-silent",
     ) else {
@@ -731,7 +731,7 @@ fn containerd_falls_back_when_mirror_never_answers() {
 fn skopeo_path_prefix_names_the_registry() {
     let Some(work) = e2e::begin(
         "skopeo_path_prefix_names_the_registry",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
         "fallback-prefix",
     ) else {
@@ -843,7 +843,7 @@ fn skopeo_path_prefix_names_the_registry() {
 fn skopeo_falls_back_on_content_that_fails_verification() {
     let Some(work) = e2e::begin(
         "skopeo_falls_back_on_content_that_fails_verification",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
         "fallback-verify",
     ) else {

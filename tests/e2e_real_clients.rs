@@ -191,7 +191,7 @@ fn copy_all(
 fn skopeo_pulls_through_cistern() {
     let Some(work) = e2e::begin(
         "skopeo_pulls_through_cistern",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
         "skopeo",
     ) else {
@@ -367,7 +367,7 @@ fn ctr_pull_all(
 fn containerd_pulls_through_cistern() {
     let Some(work) = e2e::begin(
         "containerd_pulls_through_cistern",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
         "containerd",
     ) else {
@@ -456,7 +456,7 @@ fn containerd_pulls_through_cistern() {
 fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
     let Some(work) = e2e::begin(
         "skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
         "skopeo-edge",
     ) else {

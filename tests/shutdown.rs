@@ -87,11 +87,7 @@ async fn fill_stalled_past_the_grace_is_cancelled_cleanly() {
         Vec::<std::path::PathBuf>::new(),
         "partial files left after shutdown"
     );
-    assert_eq!(
-        data.blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "nothing can be committed"
-    );
+    data.assert_no_blob_files("nothing can be committed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,11 @@ pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// What a test that seeds a registry and pulls with skopeo needs.
+pub const SKOPEO_TOOLS: &[&str] = &["skopeo", "docker-registry"];
+/// What a test that seeds a registry and pulls with containerd needs (and root).
+pub const CONTAINERD_TOOLS: &[&str] = &["skopeo", "docker-registry", "containerd", "ctr"];
+
 /// Checks the prerequisites of one test. Returns `false` (after printing `SKIPPED: ...`) when
 /// something is missing and `CISTERN_REQUIRE_E2E` is not `1`; panics when it is.
 pub fn prerequisites(test: &str, tools: &[&str], need_root: bool) -> bool {

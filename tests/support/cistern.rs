@@ -86,6 +86,12 @@ impl DataDir {
         self.files("blobs")
     }
 
+    /// Asserts that no blob was committed: `blobs/` holds no file at all.
+    #[track_caller]
+    pub fn assert_no_blob_files(&self, what: &str) {
+        assert_eq!(self.blob_files(), Vec::<PathBuf>::new(), "{what}");
+    }
+
     pub fn manifest_files(&self) -> Vec<PathBuf> {
         self.files("manifests")
     }

@@ -152,13 +152,8 @@ async fn purge_removes_and_the_next_pull_refetches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_survive_eviction_and_restarts() {
-    let blobs: Vec<_> = (0..5).map(|i| blob_bytes(MIB, 10 + i)).collect();
-    let mut builder = FakeRegistry::builder();
-    for b in &blobs {
-        builder = builder.blob(REPO, b.clone());
-    }
-    let upstream = builder.start().await;
-    let d: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
+    let (blobs, d) = blobs_and_digests(5, MIB, 10);
+    let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
     s.api.get_blob(REPO, &d[0]).await.unwrap();

@@ -14,11 +14,9 @@ const REPO: &str = "library/app";
 async fn fill_completes_after_the_client_disconnects() {
     let (blob, digest) = blob_and_digest(64 * MIB, 1);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(2 * MIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -60,11 +58,9 @@ async fn fill_completes_after_the_client_disconnects() {
 async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
     let (blob, digest) = blob_and_digest(2 * MIB, 2);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(512 * KIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(512 * KIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
 
     let readers = cistern
@@ -89,11 +85,9 @@ async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
 async fn late_joiner_gets_the_whole_blob_from_byte_zero() {
     let (blob, digest) = blob_and_digest(4 * MIB, 3);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(2 * MIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
@@ -257,11 +251,7 @@ async fn single_client_sees_wrong_bytes_as_an_error() {
     // No gate: the mismatch may be found before or after the response header is sent, and
     // both must end as an error for the client.
     let (blob, digest) = blob_and_digest(3 * MIB, 7);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::WrongBytes.once())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::WrongBytes.once()).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -279,11 +269,8 @@ async fn single_client_sees_wrong_bytes_as_an_error() {
 async fn upstream_error_status_is_not_cached() {
     for (seed, status) in [(10, 503), (11, 429), (12, 500)] {
         let (blob, digest) = blob_and_digest(100 * KIB, seed);
-        let upstream = FakeRegistry::builder()
-            .blob(REPO, blob.clone())
-            .on_blob(&digest, Fault::Status(status).once())
-            .start()
-            .await;
+        let upstream =
+            FakeRegistry::with_faulty_blob(REPO, &blob, Fault::Status(status).once()).await;
         let cistern = TestCistern::start(&upstream).await;
         let client = cistern.client();
 

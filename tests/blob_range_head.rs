@@ -212,11 +212,7 @@ async fn head_of_a_never_fetched_blob_asks_upstream_without_downloading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_length() {
     let (blob, digest) = blob_and_digest(SIZE, 50);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::HeadWithoutLength)
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::HeadWithoutLength).await;
     let cistern = TestCistern::start(&upstream).await;
 
     let head = cistern.client().head(&blob_route(REPO, &digest)).await;

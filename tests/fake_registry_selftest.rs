@@ -79,11 +79,8 @@ async fn serves_ranges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_body_is_an_error_for_reqwest() {
     let (blob, digest) = blob_and_digest(512 * KIB, 3);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::CutAfter(100 * KIB as u64).once())
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::CutAfter(100 * KIB as u64).once()).await;
     let client = Client::new(upstream.url());
 
     let first = client.get_blob(REPO, &digest).await;
@@ -138,11 +135,8 @@ async fn cut_body_delivers_exactly_the_cut_offset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_errors_when_the_registry_goes_away() {
     let (blob, digest) = blob_and_digest(256 * KIB, 4);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::StallAfter(64 * KIB as u64))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::StallAfter(64 * KIB as u64)).await;
     let client = Client::new(upstream.url());
 
     let readers = client.spawn_readers(&format!("/v2/{REPO}/blobs/{digest}"), 1);
@@ -155,11 +149,7 @@ async fn stalled_body_errors_when_the_registry_goes_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bytes_keep_length_and_headers() {
     let (blob, digest) = blob_and_digest(200 * KIB, 5);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::WrongBytes)
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::WrongBytes).await;
     let client = Client::new(upstream.url());
 
     let r = client.get(&format!("/v2/{REPO}/blobs/{digest}")).await;
@@ -173,11 +163,9 @@ async fn wrong_bytes_keep_length_and_headers() {
 async fn gate_holds_the_body_until_opened() {
     let (blob, digest) = blob_and_digest(MIB, 6);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(300 * KIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(300 * KIB as u64, gate.clone()))
+            .await;
     let client = Client::new(upstream.url());
 
     let readers = client.spawn_readers(&format!("/v2/{REPO}/blobs/{digest}"), 2);
@@ -252,11 +240,7 @@ async fn status_faults_and_unknown_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_without_length() {
     let (blob, digest) = blob_and_digest(5000, 9);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::HeadWithoutLength)
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::HeadWithoutLength).await;
     let target = format!("/v2/{REPO}/blobs/{digest}");
 
     let head = raw_request(upstream.addr(), "HEAD", target.as_bytes()).await;

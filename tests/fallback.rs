@@ -82,11 +82,7 @@ async fn mirror_without_the_blob_falls_back_to_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_503_falls_back_to_origin() {
     let (blob, digest) = blob_and_digest(256 * KIB, 3);
-    let mirror = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::Status(503))
-        .start()
-        .await;
+    let mirror = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::Status(503)).await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
@@ -542,11 +538,7 @@ async fn blob_cut_by_the_mirror_resumes_from_origin_at_the_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_aborted_by_the_mirror_resumes_from_origin() {
     let (blob, digest) = four_mib(36);
-    let mirror = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::CutAfter(MIB as u64))
-        .start()
-        .await;
+    let mirror = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::CutAfter(MIB as u64)).await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
@@ -564,11 +556,7 @@ async fn blob_aborted_by_the_mirror_resumes_from_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_stalled_by_the_mirror_resumes_from_origin() {
     let (blob, digest) = four_mib(31);
-    let mirror = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::StallAfter(MIB as u64))
-        .start()
-        .await;
+    let mirror = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::StallAfter(MIB as u64)).await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(
         UpstreamConfig {

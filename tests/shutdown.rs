@@ -14,11 +14,8 @@ const REPO: &str = "library/app";
 async fn fill_running_at_shutdown_is_committed_or_vanishes() {
     let (blob, digest) = blob_and_digest(8 * MIB, 1);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(MIB as u64, gate.clone())).await;
     let cistern = TestCistern::start(&upstream).await;
 
     let readers = cistern
@@ -57,11 +54,7 @@ async fn fill_running_at_shutdown_is_committed_or_vanishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_stalled_past_the_grace_is_cancelled_cleanly() {
     let (blob, digest) = blob_and_digest(4 * MIB, 2);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::StallAfter(MIB as u64))
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::StallAfter(MIB as u64)).await;
     // The upstream stalls for longer than the grace, and the idle timeout would not end it
     // first: only the shutdown can.
     let cistern = TestCistern::start_with(&upstream, |c| {

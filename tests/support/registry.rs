@@ -427,6 +427,26 @@ impl FakeRegistry {
             .await
     }
 
+    /// A registry holding `blob` in `repo`, and nothing else, whose requests for it follow
+    /// `rule`.
+    pub async fn with_faulty_blob(repo: &str, blob: &Bytes, rule: impl Into<Rule>) -> FakeRegistry {
+        let digest = sha256_digest(blob);
+        FakeRegistry::builder()
+            .blob(repo, blob.clone())
+            .on_blob(&digest, rule)
+            .start()
+            .await
+    }
+
+    /// A registry holding `blobs` in `repo`, and nothing else.
+    pub async fn with_blobs(repo: &str, blobs: &[Bytes]) -> FakeRegistry {
+        let mut builder = FakeRegistry::builder();
+        for blob in blobs {
+            builder = builder.blob(repo, blob.clone());
+        }
+        builder.start().await
+    }
+
     /// A registry holding `blob` in `repo`, and nothing else.
     pub async fn with_blob(repo: &str, blob: &Bytes) -> FakeRegistry {
         FakeRegistry::builder()

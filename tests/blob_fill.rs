@@ -28,10 +28,8 @@ async fn fill_completes_after_the_client_disconnects() {
     gate.open();
 
     let data = cistern.data().clone();
-    eventually("the abandoned fill to commit", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    data.wait_for_blob(&digest, "the abandoned fill to commit")
+        .await;
     let again = client
         .get_blob(REPO, &digest)
         .await

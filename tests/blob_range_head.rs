@@ -42,11 +42,10 @@ async fn get_carries_registry_headers_cold_and_warm() {
     assert_eq!(cold.header("content-length"), Some("1000000"));
     assert_same_bytes(cold.bytes(), &blob, "cold GET");
 
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
     let warm = client.get(&route).await;
     assert_eq!(warm.status, StatusCode::OK);
@@ -117,11 +116,10 @@ async fn warm_ranges_are_served_from_the_cache() {
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
 
     for (range, first, last) in [
@@ -169,11 +167,10 @@ async fn unsatisfiable_range_is_416_cold_and_warm() {
     );
 
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     for range in ["bytes=1000000-", "bytes=2000000-2000010"] {
         let warm = get_range(&client, &route, range).await;
         assert_eq!(
@@ -239,11 +236,10 @@ async fn head_of_a_cached_blob_asks_upstream_nothing() {
     let (upstream, cistern, _blob, digest) = setup(60).await;
     let client = cistern.client();
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
 
     let head = client.head(&blob_route(REPO, &digest)).await;

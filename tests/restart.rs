@@ -81,11 +81,10 @@ async fn cached_content_is_served_after_a_restart_without_upstream() {
     let client = cistern.client();
     client.get_blob(REPO, &digest).await.expect("warm blob");
     assert_eq!(client.get_manifest(REPO, "v1").await.bytes(), &manifest[..]);
-    let warm = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        warm.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let data = cistern.shutdown().await;
     assert!(data.blob_path(&digest).is_file());
     assert!(data.manifest_path(&manifest_digest).is_file());

@@ -86,6 +86,12 @@ impl DataDir {
         self.files("blobs")
     }
 
+    /// Waits (bounded by the patience) until blob `digest` is committed: a fill nobody is
+    /// reading, or the rename that may trail a response's last byte.
+    pub async fn wait_for_blob(&self, digest: &str, what: &str) {
+        super::eventually(what, super::patience(), || self.blob_path(digest).is_file()).await;
+    }
+
     /// Asserts that no blob was committed: `blobs/` holds no file at all.
     #[track_caller]
     pub fn assert_no_blob_files(&self, what: &str) {

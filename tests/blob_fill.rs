@@ -68,10 +68,7 @@ async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
     readers.started().await;
     gate.open();
 
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        let body = result.unwrap_or_else(|e| panic!("client {i}: {e}"));
-        assert_same_bytes(&body, &blob, &format!("client {i}"));
-    }
+    readers.all_receive(&blob).await;
     assert_eq!(
         upstream.blob_gets(&digest),
         1,
@@ -186,9 +183,7 @@ async fn fill_that_fails_aborts_readers_then_refetches(case: FailingFill) {
     let readers = client.spawn_readers(&blob_route(REPO, &digest), readers);
     readers.started().await;
     gate.open();
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        assert!(result.is_err(), "client {i} got a complete body {how}");
-    }
+    readers.all_fail(how).await;
 
     assert_failed_fill_left_nothing(cistern.data(), &digest).await;
     let retry = client

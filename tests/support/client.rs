@@ -196,6 +196,22 @@ impl Readers {
         .expect("progress sender is alive");
     }
 
+    /// Waits for every reader and asserts that each received exactly `want`.
+    pub async fn all_receive(self, want: &[u8]) {
+        for (i, result) in self.finish().await.into_iter().enumerate() {
+            let body = result.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            super::assert_same_bytes(&body, want, &format!("client {i}"));
+        }
+    }
+
+    /// Waits for every reader and asserts that each one's body ended in an error; `how`
+    /// completes "client N got a complete body ...".
+    pub async fn all_fail(self, how: &str) {
+        for (i, result) in self.finish().await.into_iter().enumerate() {
+            assert!(result.is_err(), "client {i} got a complete body {how}");
+        }
+    }
+
     /// Waits for every reader; results in the order they were spawned.
     pub async fn finish(self) -> Vec<Result<Bytes, String>> {
         let mut out = Vec::with_capacity(self.handles.len());

@@ -70,12 +70,8 @@ impl Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_needs_its_token_and_reports_stats() {
-    let blob = blob_bytes(200 * KIB, 1);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(200 * KIB, 1);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
     s.api.get_blob(REPO, &digest).await.unwrap();
@@ -108,8 +104,7 @@ async fn admin_api_needs_its_token_and_reports_stats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_and_the_next_pull_refetches() {
-    let blob = blob_bytes(100 * KIB, 2);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(100 * KIB, 2);
     let manifest = bytes::Bytes::from_static(b"{\"schemaVersion\":2,\"layers\":[]}");
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
@@ -159,13 +154,8 @@ async fn purge_removes_and_the_next_pull_refetches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_survive_eviction_and_restarts() {
-    let blobs: Vec<_> = (0..5).map(|i| blob_bytes(MIB, 10 + i)).collect();
-    let mut builder = FakeRegistry::builder();
-    for b in &blobs {
-        builder = builder.blob(REPO, b.clone());
-    }
-    let upstream = builder.start().await;
-    let d: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
+    let (blobs, d) = blobs_and_digests(5, MIB, 10);
+    let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
     s.api.get_blob(REPO, &d[0]).await.unwrap();

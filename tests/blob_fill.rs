@@ -12,14 +12,11 @@ const REPO: &str = "library/app";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_completes_after_the_client_disconnects() {
-    let blob = blob_bytes(64 * MIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * MIB, 1);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(2 * MIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -31,10 +28,8 @@ async fn fill_completes_after_the_client_disconnects() {
     gate.open();
 
     let data = cistern.data().clone();
-    eventually("the abandoned fill to commit", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    data.wait_for_blob(&digest, "the abandoned fill to commit")
+        .await;
     let again = client
         .get_blob(REPO, &digest)
         .await
@@ -59,14 +54,11 @@ async fn fill_completes_after_the_client_disconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
-    let blob = blob_bytes(2 * MIB, 2);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(2 * MIB, 2);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(512 * KIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(512 * KIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
 
     let readers = cistern
@@ -76,10 +68,7 @@ async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
     readers.started().await;
     gate.open();
 
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        let body = result.unwrap_or_else(|e| panic!("client {i}: {e}"));
-        assert_same_bytes(&body, &blob, &format!("client {i}"));
-    }
+    readers.all_receive(&blob).await;
     assert_eq!(
         upstream.blob_gets(&digest),
         1,
@@ -89,14 +78,11 @@ async fn hundred_concurrent_cold_gets_make_one_upstream_get() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_gets_the_whole_blob_from_byte_zero() {
-    let blob = blob_bytes(4 * MIB, 3);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(4 * MIB, 3);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(2 * MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(2 * MIB as u64, gate.clone()))
+            .await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
@@ -117,38 +103,94 @@ async fn late_joiner_gets_the_whole_blob_from_byte_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_bytes_abort_every_client_and_cache_nothing() {
-    let blob = blob_bytes(MIB, 4);
+    fill_that_fails_aborts_readers_then_refetches(FailingFill {
+        blob: blob_bytes(MIB, 4),
+        fault: Fault::WrongBytes,
+        readers: 3,
+        tweak: |_| {},
+        how: "of wrong bytes",
+        fill: "failed",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_upstream_body_aborts_clients_and_next_get_refetches() {
+    fill_that_fails_aborts_readers_then_refetches(FailingFill {
+        blob: blob_bytes(2 * MIB, 5),
+        fault: Fault::CutAfter(MIB as u64),
+        readers: 3,
+        tweak: |_| {},
+        how: "from a cut upstream",
+        fill: "cut",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_body_aborts_clients_after_idle_timeout() {
+    fill_that_fails_aborts_readers_then_refetches(FailingFill {
+        blob: blob_bytes(2 * MIB, 6),
+        fault: Fault::StallAfter(MIB as u64),
+        readers: 2,
+        tweak: |c| c.upstream.idle_timeout = Duration::from_secs(1),
+        how: "from a stalled upstream",
+        fill: "stalled",
+    })
+    .await;
+}
+
+/// A fill whose upstream body goes wrong: `fault`, once, on a body held at 256 KiB until
+/// `readers` clients have bytes.
+struct FailingFill {
+    blob: bytes::Bytes,
+    fault: Fault,
+    readers: usize,
+    /// Adjusts cistern's config.
+    tweak: fn(&mut ::cistern::Config),
+    /// How the clients' bodies would be wrong ("of wrong bytes", "from a cut upstream").
+    how: &'static str,
+    /// What the fill was ("failed", "cut").
+    fill: &'static str,
+}
+
+/// Every client following a fill that fails gets an error, the fill leaves nothing behind,
+/// and the next GET fetches the blob from the upstream again, whole.
+async fn fill_that_fails_aborts_readers_then_refetches(case: FailingFill) {
+    let FailingFill {
+        blob,
+        fault,
+        readers,
+        tweak,
+        how,
+        fill,
+    } = case;
     let digest = sha256_digest(&blob);
     let gate = Gate::new();
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
         .on_blob(
             &digest,
-            Fault::WrongBytes
+            fault
                 .and(Fault::GateAt(256 * KIB as u64, gate.clone()))
                 .once(),
         )
         .start()
         .await;
-    let cistern = TestCistern::start(&upstream).await;
+    let cistern = TestCistern::start_with(&upstream, tweak).await;
     let client = cistern.client();
 
-    let readers = client.spawn_readers(&blob_route(REPO, &digest), 3);
+    let readers = client.spawn_readers(&blob_route(REPO, &digest), readers);
     readers.started().await;
     gate.open();
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        assert!(
-            result.is_err(),
-            "client {i} got a complete body of wrong bytes"
-        );
-    }
+    readers.all_fail(how).await;
 
     assert_failed_fill_left_nothing(cistern.data(), &digest).await;
     let retry = client
         .get_blob(REPO, &digest)
         .await
-        .expect("GET after a failed fill");
-    assert_same_bytes(&retry, &blob, "blob after the failed fill");
+        .unwrap_or_else(|e| panic!("GET after a {fill} fill: {e}"));
+    assert_same_bytes(&retry, &blob, &format!("blob after the {fill} fill"));
     assert_eq!(
         upstream.blob_gets(&digest),
         2,
@@ -157,89 +199,11 @@ async fn wrong_bytes_abort_every_client_and_cache_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cut_upstream_body_aborts_clients_and_next_get_refetches() {
-    let blob = blob_bytes(2 * MIB, 5);
-    let digest = sha256_digest(&blob);
-    let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(
-            &digest,
-            Fault::GateAt(256 * KIB as u64, gate.clone())
-                .and(Fault::CutAfter(MIB as u64))
-                .once(),
-        )
-        .start()
-        .await;
-    let cistern = TestCistern::start(&upstream).await;
-    let client = cistern.client();
-
-    let readers = client.spawn_readers(&blob_route(REPO, &digest), 3);
-    readers.started().await;
-    gate.open();
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        assert!(
-            result.is_err(),
-            "client {i} got a complete body from a cut upstream"
-        );
-    }
-
-    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
-    let retry = client
-        .get_blob(REPO, &digest)
-        .await
-        .expect("GET after a cut fill");
-    assert_same_bytes(&retry, &blob, "blob after the cut fill");
-    assert_eq!(upstream.blob_gets(&digest), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_upstream_body_aborts_clients_after_idle_timeout() {
-    let blob = blob_bytes(2 * MIB, 6);
-    let digest = sha256_digest(&blob);
-    let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(
-            &digest,
-            Fault::GateAt(256 * KIB as u64, gate.clone())
-                .and(Fault::StallAfter(MIB as u64))
-                .once(),
-        )
-        .start()
-        .await;
-    let cistern = TestCistern::start_with(&upstream, |c| {
-        c.upstream.idle_timeout = Duration::from_secs(1)
-    })
-    .await;
-    let client = cistern.client();
-
-    let readers = client.spawn_readers(&blob_route(REPO, &digest), 2);
-    readers.started().await;
-    gate.open();
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        assert!(
-            result.is_err(),
-            "client {i} got a complete body from a stalled upstream"
-        );
-    }
-
-    assert_failed_fill_left_nothing(cistern.data(), &digest).await;
-    let retry = client
-        .get_blob(REPO, &digest)
-        .await
-        .expect("GET after a stalled fill");
-    assert_same_bytes(&retry, &blob, "blob after the stalled fill");
-    assert_eq!(upstream.blob_gets(&digest), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_response_is_held_until_the_whole_blob_verifies() {
     // The range ends long before the fill does, and the upstream is held past it: a range
     // response that is not held back until the digest verifies completes here with bytes
     // that turn out to be wrong.
-    let blob = blob_bytes(2 * MIB, 8);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(2 * MIB, 8);
     let gate = Gate::new();
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob.clone())
@@ -279,13 +243,8 @@ async fn range_response_is_held_until_the_whole_blob_verifies() {
 async fn single_client_sees_wrong_bytes_as_an_error() {
     // No gate: the mismatch may be found before or after the response header is sent, and
     // both must end as an error for the client.
-    let blob = blob_bytes(3 * MIB, 7);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::WrongBytes.once())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(3 * MIB, 7);
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::WrongBytes.once()).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -302,13 +261,9 @@ async fn single_client_sees_wrong_bytes_as_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_error_status_is_not_cached() {
     for (seed, status) in [(10, 503), (11, 429), (12, 500)] {
-        let blob = blob_bytes(100 * KIB, seed);
-        let digest = sha256_digest(&blob);
-        let upstream = FakeRegistry::builder()
-            .blob(REPO, blob.clone())
-            .on_blob(&digest, Fault::Status(status).once())
-            .start()
-            .await;
+        let (blob, digest) = blob_and_digest(100 * KIB, seed);
+        let upstream =
+            FakeRegistry::with_faulty_blob(REPO, &blob, Fault::Status(status).once()).await;
         let cistern = TestCistern::start(&upstream).await;
         let client = cistern.client();
 
@@ -343,11 +298,7 @@ async fn assert_failed_fill_left_nothing(data: &DataDir, digest: &str) {
         !data.blob_path(digest).exists(),
         "a failed fill was committed"
     );
-    assert_eq!(
-        data.blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "files in blobs/ after a failed fill"
-    );
+    data.assert_no_blob_files("files in blobs/ after a failed fill");
     eventually("tmp/ to be cleaned after a failed fill", patience(), || {
         data.tmp_files().is_empty()
     })

@@ -11,12 +11,8 @@ const SIZE: usize = 1_000_000;
 
 /// A cistern whose upstream has one blob; returns (upstream, cistern, blob, digest).
 async fn setup(seed: u64) -> (FakeRegistry, TestCistern, bytes::Bytes, String) {
-    let blob = blob_bytes(SIZE, seed);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(SIZE, seed);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = TestCistern::start(&upstream).await;
     (upstream, cistern, blob, digest)
 }
@@ -46,11 +42,10 @@ async fn get_carries_registry_headers_cold_and_warm() {
     assert_eq!(cold.header("content-length"), Some("1000000"));
     assert_same_bytes(cold.bytes(), &blob, "cold GET");
 
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
     let warm = client.get(&route).await;
     assert_eq!(warm.status, StatusCode::OK);
@@ -85,24 +80,10 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
             r.body_text()
         );
         assert_blob_headers(&r, &digest);
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
-            "cold {range}"
-        );
-        assert_eq!(
-            r.header("content-length"),
-            Some((last - first + 1).to_string().as_str()),
-            "cold {range}"
-        );
-        assert_same_bytes(r.bytes(), &blob[first..=last], &format!("cold {range}"));
+        assert_range_body(&r, &blob, first, last, &format!("cold {range}"));
 
         // The fill behind it is a single upstream GET of the whole blob.
-        let gets: Vec<Seen> = upstream
-            .requests_for(Kind::Blob, &digest)
-            .into_iter()
-            .filter(|s| s.method == Method::GET)
-            .collect();
+        let gets: Vec<Seen> = upstream.blob_get_requests(&digest);
         assert_eq!(gets.len(), 1, "cold {range}: upstream GETs");
         assert_eq!(
             gets[0].header_values("range"),
@@ -112,17 +93,33 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
     }
 }
 
+/// A 206's `Content-Range` and `Content-Length` name bytes `first..=last` of the blob, and its
+/// body is exactly those bytes.
+#[track_caller]
+fn assert_range_body(r: &Response, blob: &[u8], first: usize, last: usize, what: &str) {
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
+        "{what}"
+    );
+    assert_eq!(
+        r.header("content-length"),
+        Some((last - first + 1).to_string().as_str()),
+        "{what}"
+    );
+    assert_same_bytes(r.bytes(), &blob[first..=last], what);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_ranges_are_served_from_the_cache() {
     let (upstream, cistern, blob, digest) = setup(20).await;
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
 
     for (range, first, last) in [
@@ -141,17 +138,7 @@ async fn warm_ranges_are_served_from_the_cache() {
             "warm {range}: {}",
             r.body_text()
         );
-        assert_eq!(
-            r.header("content-range"),
-            Some(format!("bytes {first}-{last}/{SIZE}").as_str()),
-            "warm {range}"
-        );
-        assert_eq!(
-            r.header("content-length"),
-            Some((last - first + 1).to_string().as_str()),
-            "warm {range}"
-        );
-        assert_same_bytes(r.bytes(), &blob[first..=last], &format!("warm {range}"));
+        assert_range_body(&r, &blob, first, last, &format!("warm {range}"));
     }
     assert_eq!(
         upstream.requests().len(),
@@ -180,11 +167,10 @@ async fn unsatisfiable_range_is_416_cold_and_warm() {
     );
 
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     for range in ["bytes=1000000-", "bytes=2000000-2000010"] {
         let warm = get_range(&client, &route, range).await;
         assert_eq!(
@@ -217,33 +203,20 @@ async fn head_of_a_never_fetched_blob_asks_upstream_without_downloading() {
         "a HEAD must not download the blob"
     );
     assert!(upstream.count(Method::HEAD, Kind::Blob, &digest) >= 1);
-    assert_eq!(
-        cistern.data().blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "a HEAD caches nothing"
-    );
+    cistern.data().assert_no_blob_files("a HEAD caches nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_length() {
-    let blob = blob_bytes(SIZE, 50);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::HeadWithoutLength)
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(SIZE, 50);
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::HeadWithoutLength).await;
     let cistern = TestCistern::start(&upstream).await;
 
     let head = cistern.client().head(&blob_route(REPO, &digest)).await;
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("content-length"), Some("1000000"));
 
-    let gets: Vec<Seen> = upstream
-        .requests_for(Kind::Blob, &digest)
-        .into_iter()
-        .filter(|s| s.method == Method::GET)
-        .collect();
+    let gets: Vec<Seen> = upstream.blob_get_requests(&digest);
     assert!(
         !gets.is_empty(),
         "expected a GET with Range: bytes=0-0 after a HEAD without length"
@@ -255,11 +228,7 @@ async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_lengt
             "the fallback must not download the blob"
         );
     }
-    assert_eq!(
-        cistern.data().blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "a HEAD caches nothing"
-    );
+    cistern.data().assert_no_blob_files("a HEAD caches nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,11 +236,10 @@ async fn head_of_a_cached_blob_asks_upstream_nothing() {
     let (upstream, cistern, _blob, digest) = setup(60).await;
     let client = cistern.client();
     client.get_blob(REPO, &digest).await.expect("warm up");
-    let data = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        data.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let before = upstream.requests().len();
 
     let head = client.head(&blob_route(REPO, &digest)).await;

@@ -102,11 +102,9 @@ use e2e::containerd::{self, Containerd};
 use e2e::daemon;
 use e2e::fixtures::{self, Seeded};
 use e2e::image::{self, Entry, Image, Layout};
-use e2e::registry::{Registry, Request};
+use e2e::registry::{LOG_QUIET, Registry, Request};
 use e2e::skopeo::Skopeo;
 
-/// How long a registry log must stay unchanged before it is read.
-const LOG_QUIET: Duration = Duration::from_millis(500);
 /// containerd namespace for every pull.
 const NS: &str = "e2e";
 /// Bound on one `ctr images pull` in the hanging-mirror test: each request cistern sends the
@@ -156,19 +154,8 @@ fn push(
     repo: &str,
     ctx: &dyn Fn() -> String,
 ) -> Seeded {
-    let reported = skopeo.push(
-        layout,
-        tag,
-        &format!("{}/{repo}:1", registry.host()),
-        None,
-        ctx,
-    );
-    let seeded = fixtures::describe(registry.addr, repo, "1");
-    assert_eq!(
-        seeded.digest, reported,
-        "skopeo --digestfile vs registry for {repo}"
-    );
-    seeded
+    let dest = format!("{repo}:1");
+    fixtures::push(skopeo, layout, tag, registry.addr, &dest, None, ctx)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -206,19 +193,9 @@ fn blob_gets_for(registry: &Registry, repo: &str) -> Vec<Request> {
         .collect()
 }
 
-/// Tails of the registries' and cistern's logs, for failure messages.
+/// Tails of the registries' and cistern's logs, then `extra`, for failure messages.
 fn logs(registries: &[&Registry], cistern: Option<&Cistern>, extra: &str) -> String {
-    let mut s = String::new();
-    for r in registries {
-        s.push_str(&r.daemon.tail(20));
-        s.push('\n');
-    }
-    if let Some(c) = cistern {
-        s.push_str(&c.daemon.tail(60));
-        s.push('\n');
-    }
-    s.push_str(extra);
-    s
+    e2e::logs(registries, cistern) + extra
 }
 
 // ---------------------------------------------------------------------------------------
@@ -285,32 +262,6 @@ fn hosts_for(dir: &Path, cistern: &Cistern) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `ctr images check` must list `reference` complete and unpacked, with `seeded`'s digest.
-fn check_ctr_image(ctd: &Containerd, reference: &str, seeded: &Seeded, ctx: &dyn Fn() -> String) {
-    let rows = ctd.check(NS);
-    let row = rows
-        .iter()
-        .find(|r| r.reference == reference)
-        .unwrap_or_else(|| {
-            panic!(
-                "{reference} not in `ctr images check`: {rows:#?}\n{}",
-                ctx()
-            )
-        });
-    assert_eq!(
-        row.digest,
-        seeded.digest,
-        "{reference}: digest in containerd\n{}",
-        ctx()
-    );
-    assert_eq!(row.media_type, seeded.media_type, "{reference}: media type");
-    assert!(
-        row.status.starts_with("complete") && row.unpacked,
-        "{reference}: not complete and unpacked: {row:?}\n{}",
-        ctx()
-    );
-}
-
 /// Pulls `reference` (succeeding, within containerd's helper's bound) and checks it.
 fn ctr_pull(
     ctd: &Containerd,
@@ -320,7 +271,7 @@ fn ctr_pull(
     ctx: &dyn Fn() -> String,
 ) {
     ctd.pull(NS, hosts, &[], reference, ctx);
-    check_ctr_image(ctd, reference, seeded, ctx);
+    ctd.check_image(NS, reference, seeded, ctx);
 }
 
 fn output_text(out: &Output) -> String {
@@ -420,14 +371,14 @@ impl Drop for Silent {
 
 #[test]
 fn containerd_routes_by_ns_and_falls_back_on_404() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "containerd_routes_by_ns_and_falls_back_on_404",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
-    ) {
+        "fallback-routes",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("fallback-routes");
+    };
     let mirror = Registry::start(&work.sub("mirror"));
     let origin = Registry::start(&work.sub("origin"));
     let ghcr = Registry::start(&work.sub("ghcr"));
@@ -603,14 +554,14 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
 
 #[test]
 fn containerd_falls_back_when_mirror_is_killed() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "containerd_falls_back_when_mirror_is_killed",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
-    ) {
+        "fallback-killed",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("fallback-killed");
+    };
     let mut mirror = Registry::start(&work.sub("mirror"));
     let origin = Registry::start(&work.sub("origin"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
@@ -678,14 +629,14 @@ fn containerd_falls_back_when_mirror_is_killed() {
 
 #[test]
 fn containerd_falls_back_when_mirror_never_answers() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "containerd_falls_back_when_mirror_never_answers",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
-    ) {
+        "fallback-silent",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("fallback-silent");
+    };
     let origin = Registry::start(&work.sub("origin"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let layout = write_layout(&work.sub("images"), &["h", "h2"]);
@@ -718,7 +669,7 @@ fn containerd_falls_back_when_mirror_never_answers() {
         output_text(&out),
         ctx()
     );
-    check_ctr_image(&ctd, reference, &h, &ctx);
+    ctd.check_image(NS, reference, &h, &ctx);
     origin.settle(LOG_QUIET);
     assert_eq!(
         served_blobs(&origin, "library/h"),
@@ -739,7 +690,7 @@ fn containerd_falls_back_when_mirror_never_answers() {
         output_text(&out),
         ctx()
     );
-    check_ctr_image(&ctd, reference2, &h2, &ctx);
+    ctd.check_image(NS, reference2, &h2, &ctx);
     origin.settle(LOG_QUIET);
     assert_eq!(
         served_blobs(&origin, "library/h2"),
@@ -778,14 +729,14 @@ fn containerd_falls_back_when_mirror_never_answers() {
 
 #[test]
 fn skopeo_path_prefix_names_the_registry() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_path_prefix_names_the_registry",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
-    ) {
+        "fallback-prefix",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("fallback-prefix");
+    };
     let mirror = Registry::start(&work.sub("mirror"));
     let origin = Registry::start(&work.sub("origin"));
     let ghcr = Registry::start(&work.sub("ghcr"));
@@ -890,14 +841,14 @@ fn skopeo_path_prefix_names_the_registry() {
 
 #[test]
 fn skopeo_falls_back_on_content_that_fails_verification() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_falls_back_on_content_that_fails_verification",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
-    ) {
+        "fallback-verify",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("fallback-verify");
+    };
     let mirror = Registry::start(&work.sub("mirror"));
     let origin = Registry::start(&work.sub("origin"));
     let regs = [&mirror, &origin];

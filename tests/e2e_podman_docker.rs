@@ -37,9 +37,11 @@
 //!
 //! # What each check proves
 //!
-//! Both tests pull `docker.io/library/app:1.0` (OCI manifest, 3 layers, one ~3 MiB) and
+//! Both tests pull `docker.io/library/app:1.0` (OCI manifest, 3 layers, one ~3 MiB),
 //! `docker.io/library/mlist:1.0` (Docker manifest list, amd64 + arm64 v2s2 children; the
-//! client picks its platform, linux/amd64) — the shapes of Docker Hub images.
+//! client picks its platform, linux/amd64) — the shapes of Docker Hub images — and
+//! `docker.io/library/large:1.0` (OCI manifest with an uncompressed layer of just over 200 MiB,
+//! see `tests/e2e_real_clients.rs`).
 //!
 //! A loopback "trap" listener (accepts, counts and closes every connection) stands in for
 //! Docker Hub: podman's `location` for docker.io and dockerd's `HTTPS_PROXY`/`HTTP_PROXY`
@@ -54,7 +56,8 @@
 //!   insecure = true`. `podman pull docker.io/library/{app,mlist}:1.0` succeeds and
 //!   `podman image inspect --format '{{.Digest}}'` is the registry's manifest (list) digest.
 //! - First pull: blobs came from the upstream, every upstream request in that window was
-//!   cistern's (user agent `cistern/..`), and every blob of the app image was fetched.
+//!   cistern's (user agent `cistern/..`), and every blob of the app and large images was
+//!   fetched.
 //! - Second pull with fresh podman storage (checked empty first): same digests, **no**
 //!   upstream blob GET.
 //!
@@ -65,14 +68,13 @@
 //!   library/{app,mlist}:1.0` succeeds; `RepoDigests[0]` ends with the registry's digest
 //!   (dockerd sends `library/app` to the mirror, the registry holds `library/app`).
 //! - First pull: blobs came from the upstream through cistern (cistern's user agent on every
-//!   upstream request in that window).
+//!   upstream request in that window), every blob of the app and large images among them.
 //! - A second dockerd with a fresh data-root (no images, checked) pulls again: **no** upstream
 //!   blob GET.
 
 #[allow(dead_code)] // the harness serves several test crates; this one uses part of it
 mod e2e;
 
-use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -82,20 +84,11 @@ use e2e::cistern::Cistern;
 use e2e::dockerd::Dockerd;
 use e2e::fixtures::{self, Fixtures, Seeded};
 use e2e::podman::{self, Podman};
-use e2e::registry::{Registry, Request};
-use e2e::skopeo::Skopeo;
-
-/// How long the registry log must stay unchanged before it is counted.
-const LOG_QUIET: Duration = Duration::from_millis(500);
+use e2e::registry::{LOG_QUIET, Registry, Request};
 
 /// Logs of every process involved, for failure messages.
 fn logs(registry: &Registry, cistern: Option<&Cistern>) -> String {
-    let mut s = registry.daemon.tail(25);
-    if let Some(c) = cistern {
-        s.push('\n');
-        s.push_str(&c.daemon.tail(60));
-    }
-    s
+    e2e::logs(&[registry], cistern)
 }
 
 /// A loopback listener standing in for Docker Hub: a thread accepts every connection, counts
@@ -148,23 +141,11 @@ impl Drop for Trap {
     }
 }
 
-/// Registry, seeded images.
-fn setup(work: &e2e::Workdir) -> (Registry, Fixtures) {
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
-    (registry, fx)
-}
-
-/// Digests of the blobs GET from the upstream in `requests`.
-fn digests(requests: &[Request]) -> BTreeSet<String> {
-    requests
-        .iter()
-        .filter_map(|r| r.uri.split("/blobs/").nth(1))
-        .map(|d| d.split('?').next().unwrap().to_string())
-        .collect()
+/// Registry, seeded images, and the large image (`library/large:1.0`, a 200 MiB layer).
+fn setup(work: &e2e::Workdir) -> (Registry, Fixtures, Seeded) {
+    let (registry, skopeo, fx) = e2e::seeded_registry(work);
+    let large = e2e::seed_large(work, &registry, &skopeo);
+    (registry, fx, large)
 }
 
 /// Every upstream request since `from` (index into the access log) came from cistern.
@@ -182,48 +163,31 @@ fn assert_all_from_cistern(registry: &Registry, from: usize, what: &str, ctx: &d
 }
 
 /// The first pull's upstream traffic: blobs were fetched, by cistern, including every blob of
-/// the app image (the cache started empty).
+/// the single-platform `images` (the cache started empty).
 fn check_first_pull(
     registry: &Registry,
     from_req: usize,
     from_blob: usize,
-    app: &Seeded,
+    images: &[&Seeded],
     what: &str,
     ctx: &dyn Fn() -> String,
 ) {
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[from_blob..].to_vec();
-    assert!(
-        !first.is_empty(),
-        "{what}: the first pull through cistern made no upstream blob GET\n{}",
-        ctx()
-    );
-    let missing: Vec<_> = app.blobs.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "{what}: cistern's cache was empty, yet these app blobs were never fetched upstream: {missing:?}\n{}",
-        ctx()
-    );
+    registry.check_first_pull(from_blob, &fixtures::all_blobs(images), what, ctx);
     assert_all_from_cistern(registry, from_req, what, ctx);
-    e2e::say(&format!(
-        "{what}: first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        digests(&first).len()
-    ));
 }
 
 #[test]
 fn podman_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "podman_pulls_through_cistern",
         &["podman", "skopeo", "docker-registry"],
         false,
-    ) {
+        "podman",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("podman");
-    let (registry, fx) = setup(&work);
-    let images = [&fx.app, &fx.mlist];
+    };
+    let (registry, fx, large) = setup(&work);
+    let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
     let rctx = || logs(&registry, None);
 
@@ -270,7 +234,7 @@ fn podman_pulls_through_cistern() {
     let (req0, blob0) = (registry.requests().len(), registry.blob_gets().len());
     let first = Podman::new(&work.sub("podman-1"), &conf);
     pull_all(&first);
-    check_first_pull(&registry, req0, blob0, &fx.app, "podman", &ctx);
+    check_first_pull(&registry, req0, blob0, &[&fx.app, &large], "podman", &ctx);
     assert_eq!(trap.hits(), 0, "podman tried docker.io's own location");
 
     // Second pull, fresh storage: everything from cistern's cache.
@@ -286,28 +250,22 @@ fn podman_pulls_through_cistern() {
         images.len(),
         "second podman storage"
     );
-    registry.settle(LOG_QUIET);
-    let again = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        again.is_empty(),
-        "podman second pull (fresh storage) made upstream blob GETs: {again:#?}\n{}",
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "podman second pull (fresh storage)", &ctx);
     assert_eq!(trap.hits(), 0, "podman tried docker.io's own location");
 }
 
 #[test]
 fn docker_daemon_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "docker_daemon_pulls_through_cistern",
         &["dockerd", "docker", "unshare", "skopeo", "docker-registry"],
         true,
-    ) {
+        "dockerd",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("dockerd");
-    let (registry, fx) = setup(&work);
-    let images = [&fx.app, &fx.mlist];
+    };
+    let (registry, fx, large) = setup(&work);
+    let images = [&fx.app, &fx.mlist, &large];
     let trap = Trap::start();
     let proxy = trap.addr.to_string();
     let rctx = || logs(&registry, None);
@@ -357,7 +315,7 @@ fn docker_daemon_pulls_through_cistern() {
             )
         };
         pull_all(&first, &ctx);
-        check_first_pull(&registry, req0, blob0, &fx.app, "dockerd", &ctx);
+        check_first_pull(&registry, req0, blob0, &[&fx.app, &large], "dockerd", &ctx);
         assert_eq!(
             trap.hits(),
             0,
@@ -381,13 +339,7 @@ fn docker_daemon_pulls_through_cistern() {
         "fresh dockerd has images"
     );
     pull_all(&second, &ctx);
-    registry.settle(LOG_QUIET);
-    let again = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        again.is_empty(),
-        "dockerd second pull (fresh data-root) made upstream blob GETs: {again:#?}\n{}",
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "dockerd second pull (fresh data-root)", &ctx);
     assert_eq!(
         trap.hits(),
         0,

@@ -14,8 +14,9 @@
 //! installed` to stderr and passes; with `CISTERN_REQUIRE_E2E=1` (CI) it fails instead.
 //! `CISTERN_E2E_KEEP=1` keeps the temp dirs (registry, cistern and containerd logs and configs,
 //! caches, pulled images) and prints where they are. The tests run in parallel, each with its
-//! own registry, cistern(s) and containerd(s), so their logs and counts never mix. About 20 s
-//! on 2 cores once built.
+//! own registry, cistern(s) and containerd(s), so their logs and counts never mix. About a
+//! minute on 2 cores once built (30 s without the 200 MiB layer, which a debug build of
+//! cistern hashes at about 25 MB/s on every fill).
 //!
 //! # Setup (every test)
 //!
@@ -27,7 +28,13 @@
 //!   - `library/multi:1.0`: OCI image index, linux/amd64 + linux/arm64;
 //!   - `library/dockerv2:1.0`: Docker v2 schema 2 manifest;
 //!   - `library/mlist:1.0`: Docker manifest list of two v2s2 manifests (amd64 + arm64);
-//!   - `e2e/team/app:1.0`: the app image under a three-component name.
+//!   - `e2e/team/app:1.0`: the app image under a three-component name;
+//!   - `library/large:1.0` (`fixtures::seed_large`, in the tests that pull it): OCI manifest
+//!     with an uncompressed (`application/vnd.oci.image.layer.v1.tar`) layer of 200 MiB and a
+//!     bit of pseudo-random bytes, plus a small gzip layer. The layer is generated once per
+//!     machine (streamed to a file under `CARGO_TARGET_TMPDIR`, about 10 s in a debug build,
+//!     nearly all of it sha256) and reused by every test and test binary after that; the
+//!     tests compare copies of it byte for byte with that file instead of hashing them again.
 //!
 //!   Seeding reads every manifest back from the registry (plain HTTP) and checks it against
 //!   what was built and against skopeo's `--digestfile`, so a later mismatch is cistern's.
@@ -48,6 +55,8 @@
 //!   manifest list), and multi-component names route.
 //! - `skopeo list-tags` works (`/tags/list`); a missing tag fails with `manifest unknown`
 //!   (the client understood cistern's error).
+//! - Manifests, first and second pull include `library/large:1.0` (the restart and offline
+//!   pulls, which are about the cache's persistence, leave it out).
 //! - `skopeo copy --all docker://CISTERN/.. dir:` succeeds for every image; `manifest.json`
 //!   hashes to the expected digest, children and blobs are present and hash to their names.
 //! - First pull: every blob was fetched from the upstream (count > 0, and every digest seen:
@@ -78,7 +87,7 @@
 //!   snapshotter, which works here as root) with `--hosts-dir`: `docker.io/hosts.toml` has
 //!   `server` = a dead loopback port and one `[host."http://127.0.0.1:CISTERN"]` with
 //!   `capabilities = ["pull", "resolve"]`. It pulls and unpacks `docker.io/library/{app,
-//!   dockerv2}:1.0` and `docker.io/library/{multi,mlist}:1.0` with `--all-platforms` (which
+//!   dockerv2,large}:1.0` and `docker.io/library/{multi,mlist}:1.0` with `--all-platforms` (which
 //!   fetches and unpacks both platforms); `ctr images check` reports each complete and unpacked
 //!   (unpacking verifies every layer's diff_id) with the expected top-level digest and media
 //!   type: cistern's answers to containerd's HEAD-by-tag, GET-by-digest, Accept headers and
@@ -92,7 +101,7 @@
 
 mod e2e;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -101,46 +110,12 @@ use e2e::containerd::{self, Containerd};
 use e2e::daemon;
 use e2e::fixtures::{self, Fixtures, Seeded};
 use e2e::image::sha256_digest;
-use e2e::registry::Registry;
+use e2e::registry::{LOG_QUIET, Registry, blob_get_counts};
 use e2e::skopeo::Skopeo;
-
-/// How long the registry log must stay unchanged before it is counted.
-const LOG_QUIET: Duration = Duration::from_millis(500);
 
 /// Logs of every process involved, for failure messages.
 fn logs(registry: &Registry, cistern: Option<&Cistern>) -> String {
-    let mut s = registry.daemon.tail(25);
-    if let Some(c) = cistern {
-        s.push('\n');
-        s.push_str(&c.daemon.tail(60));
-    }
-    s
-}
-
-/// Upstream GETs per blob digest in `requests`.
-fn get_counts(requests: &[e2e::registry::Request]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for d in requests
-        .iter()
-        .filter_map(|r| r.uri.split("/blobs/").nth(1))
-    {
-        *m.entry(d.split('?').next().unwrap().to_string())
-            .or_insert(0) += 1;
-    }
-    m
-}
-
-/// Digests of the blobs GET from the upstream in `requests`.
-fn digests(requests: &[e2e::registry::Request]) -> BTreeSet<String> {
-    get_counts(requests).into_keys().collect()
-}
-
-/// Union of the blobs of `images`.
-fn all_blobs(images: &[&Seeded]) -> BTreeSet<String> {
-    images
-        .iter()
-        .flat_map(|s| s.blobs.iter().cloned())
-        .collect()
+    e2e::logs(&[registry], cistern)
 }
 
 /// Checks that cistern has `digest` on disk at `data_dir/blobs/sha256/<2 hex>/<hex>` with the
@@ -152,19 +127,13 @@ fn cached_blob(cistern: &Cistern, digest: &str, ctx: &dyn Fn() -> String) {
     while !path.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+    // A missing file fails as "cannot read", a corrupt one with its digest or first difference.
+    if let Err(e) = fixtures::check_blob_file(&path, digest) {
         panic!(
-            "blob {digest} not cached at {}: {e}\n{}",
-            path.display(),
+            "blob {digest} not cached (whole) at its path: {e}\n{}",
             ctx()
-        )
-    });
-    assert_eq!(
-        sha256_digest(&bytes),
-        digest,
-        "cached file {} is corrupt",
-        path.display()
-    );
+        );
+    }
 }
 
 /// Checks a `skopeo copy --all ... dir:DIR` result: `manifest.json` is the expected top-level
@@ -197,14 +166,9 @@ fn check_dir(dir: &Path, seeded: &Seeded) {
     }
     for blob in &seeded.blobs {
         let hex = blob.strip_prefix("sha256:").unwrap();
-        let bytes = std::fs::read(dir.join(hex))
-            .unwrap_or_else(|e| panic!("{}: blob {blob} not copied: {e}", seeded.repo));
-        assert_eq!(
-            &sha256_digest(&bytes),
-            blob,
-            "{}: blob content",
-            seeded.repo
-        );
+        if let Err(e) = fixtures::check_blob_file(&dir.join(hex), blob) {
+            panic!("{}: blob {blob} not copied whole: {e}", seeded.repo);
+        }
     }
 }
 
@@ -225,20 +189,20 @@ fn copy_all(
 
 #[test]
 fn skopeo_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_pulls_through_cistern",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
-    ) {
+        "skopeo",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("skopeo");
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx: Fixtures = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
+    };
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
+    let large = e2e::seed_large(&work, &registry, &skopeo);
     let images = fx.all();
+    // The first and second pulls include the 200 MiB layer; the later ones (restart, offline)
+    // are about the cache's persistence and need not move it again.
+    let with_large: Vec<&Seeded> = images.iter().copied().chain([&large]).collect();
     let rctx = || logs(&registry, None);
 
     // Control: the same client straight from the registry.
@@ -271,7 +235,7 @@ fn skopeo_pulls_through_cistern() {
     let ctx = || logs(&registry, Some(&cistern));
 
     // Manifests byte-for-byte, by tag and by digest.
-    for seeded in images {
+    for &seeded in &with_large {
         let raw = skopeo.inspect_raw(&seeded.reference(&host), &ctx);
         assert!(
             raw == seeded.manifest,
@@ -310,26 +274,9 @@ fn skopeo_pulls_through_cistern() {
     // First pull: everything comes from the upstream.
     registry.settle(LOG_QUIET);
     let baseline = registry.blob_gets().len();
-    copy_all(&skopeo, &host, &images, &work.sub("pull-1"), &ctx);
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[baseline..].to_vec();
-    let want = all_blobs(&images);
-    assert!(
-        !first.is_empty(),
-        "the first pull through cistern made no upstream blob GET\n{}",
-        ctx()
-    );
-    let missing: Vec<_> = want.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "cistern's cache was empty, yet these blobs were never fetched from the upstream: {missing:?}\n{}",
-        ctx()
-    );
-    eprintln!(
-        "skopeo first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        want.len()
-    );
+    copy_all(&skopeo, &host, &with_large, &work.sub("pull-1"), &ctx);
+    let want = fixtures::all_blobs(&with_large);
+    registry.check_first_pull(baseline, &want, "skopeo", &ctx);
 
     // The cache on disk, where the contract puts it.
     for blob in &want {
@@ -338,7 +285,7 @@ fn skopeo_pulls_through_cistern() {
 
     // Second pull with fresh client state: no upstream blob GET.
     let after_first = registry.blob_gets().len();
-    copy_all(&skopeo, &host, &images, &work.sub("pull-2"), &ctx);
+    copy_all(&skopeo, &host, &with_large, &work.sub("pull-2"), &ctx);
     let inspected = skopeo.inspect(&fx.app.reference(&host), &ctx);
     assert_eq!(
         inspected["Digest"],
@@ -347,14 +294,7 @@ fn skopeo_pulls_through_cistern() {
     );
     assert_eq!(inspected["Architecture"], "amd64");
     assert_eq!(inspected["Labels"]["org.example.cistern.e2e"], "app");
-    registry.settle(LOG_QUIET);
-    let second = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        second.is_empty(),
-        "the second pull made {} upstream blob GETs (all blobs were cached): {second:#?}\n{}",
-        second.len(),
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "the second pull", &ctx);
 
     // A tag the upstream lacks: the client gets the registry error it understands.
     let missing = skopeo.try_inspect_raw(&format!("{host}/library/app:no-such-tag"));
@@ -375,13 +315,10 @@ fn skopeo_pulls_through_cistern() {
     registry.settle(LOG_QUIET);
     let before_third = registry.blob_gets().len();
     copy_all(&skopeo, &host, &images, &work.sub("pull-3"), &ctx);
-    registry.settle(LOG_QUIET);
-    let third = registry.blob_gets()[before_third..].to_vec();
-    assert!(
-        third.is_empty(),
-        "after a restart on the same data_dir the pull made {} upstream blob GETs: {third:#?}\n{}",
-        third.len(),
-        ctx()
+    registry.assert_no_blob_gets_since(
+        before_third,
+        "after a restart on the same data_dir the pull",
+        &ctx,
     );
 
     // Upstream gone: everything cached stays pullable, by tag (the tags were resolved by this
@@ -403,76 +340,42 @@ fn skopeo_pulls_through_cistern() {
     }
 }
 
-/// `ctr images check` must list `reference` as complete, unpacked, with `digest`.
-fn check_ctr_image(
+/// Pulls the four `library/` images and the large one into `ctd` through `hosts` and checks
+/// them.
+fn ctr_pull_all(
     ctd: &Containerd,
     ns: &str,
-    reference: &str,
-    seeded: &Seeded,
+    hosts: &Path,
+    fx: &Fixtures,
+    large: &Seeded,
     ctx: &dyn Fn() -> String,
 ) {
-    let rows = ctd.check(ns);
-    let row = rows
-        .iter()
-        .find(|r| r.reference == reference)
-        .unwrap_or_else(|| {
-            panic!(
-                "{reference} not in `ctr images check`: {rows:#?}\n{}",
-                ctx()
-            )
-        });
-    assert_eq!(
-        row.digest,
-        seeded.digest,
-        "{reference}: digest in containerd\n{}",
-        ctx()
-    );
-    assert_eq!(
-        row.media_type, seeded.media_type,
-        "{reference}: media type in containerd"
-    );
-    assert!(
-        row.status.starts_with("complete"),
-        "{reference}: {row:?}\n{}",
-        ctx()
-    );
-    assert!(
-        row.unpacked,
-        "{reference} was not unpacked: {row:?}\n{}",
-        ctx()
-    );
-}
-
-/// Pulls the four `library/` images into `ctd` through `hosts` and checks them.
-fn ctr_pull_all(ctd: &Containerd, ns: &str, hosts: &Path, fx: &Fixtures, ctx: &dyn Fn() -> String) {
     for (seeded, extra) in [
         (&fx.app, &[][..]),
         (&fx.multi, &["--all-platforms"][..]),
         (&fx.dockerv2, &[][..]),
         (&fx.mlist, &["--all-platforms"][..]),
+        (large, &[][..]),
     ] {
         let reference = format!("docker.io/{}:{}", seeded.repo, seeded.tag);
         ctd.pull(ns, hosts, extra, &reference, ctx);
-        check_ctr_image(ctd, ns, &reference, seeded, ctx);
+        ctd.check_image(ns, &reference, seeded, ctx);
     }
 }
 
 #[test]
 fn containerd_pulls_through_cistern() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "containerd_pulls_through_cistern",
-        &["skopeo", "docker-registry", "containerd", "ctr"],
+        e2e::CONTAINERD_TOOLS,
         true,
-    ) {
+        "containerd",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("containerd");
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
-    let pulled = [&fx.app, &fx.multi, &fx.dockerv2, &fx.mlist];
+    };
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
+    let large = e2e::seed_large(&work, &registry, &skopeo);
+    let pulled = [&fx.app, &fx.multi, &fx.dockerv2, &fx.mlist, &large];
     let dead_port = daemon::free_port();
     const NS: &str = "e2e";
 
@@ -487,7 +390,7 @@ fn containerd_pulls_through_cistern() {
         let ctd = Containerd::start(&work.path.join("containerd-direct"));
         let rctx = || format!("{}\n{}", logs(&registry, None), ctd.daemon.tail(30));
         let before = registry.blob_gets().len();
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &rctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &rctx);
         registry.settle(LOG_QUIET);
         assert!(
             registry.blob_gets().len() > before,
@@ -502,7 +405,7 @@ fn containerd_pulls_through_cistern() {
         &cistern.host(),
         dead_port,
     );
-    let want = all_blobs(&pulled);
+    let want = fixtures::all_blobs(&pulled);
 
     // First pull through cistern.
     registry.settle(LOG_QUIET);
@@ -516,27 +419,10 @@ fn containerd_pulls_through_cistern() {
                 ctd.daemon.tail(30)
             )
         };
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &ctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &ctx);
     }
-    registry.settle(LOG_QUIET);
-    let first = registry.blob_gets()[baseline..].to_vec();
     let ctx = || logs(&registry, Some(&cistern));
-    assert!(
-        !first.is_empty(),
-        "first containerd pull made no upstream blob GET\n{}",
-        ctx()
-    );
-    let missing: Vec<_> = want.difference(&digests(&first)).cloned().collect();
-    assert!(
-        missing.is_empty(),
-        "blobs never fetched from the upstream: {missing:?}\n{}",
-        ctx()
-    );
-    eprintln!(
-        "containerd first pull: {} upstream blob GETs for {} distinct blobs",
-        first.len(),
-        want.len()
-    );
+    registry.check_first_pull(baseline, &want, "containerd", &ctx);
 
     // Second pull: a fresh containerd (new root, empty content store) downloads everything
     // again from cistern; the upstream sees no blob GET.
@@ -555,7 +441,7 @@ fn containerd_pulls_through_cistern() {
             Vec::<String>::new(),
             "fresh containerd has content"
         );
-        ctr_pull_all(&ctd, NS, &hosts, &fx, &ctx);
+        ctr_pull_all(&ctd, NS, &hosts, &fx, &large, &ctx);
         let content: BTreeSet<String> = ctd.content(NS).into_iter().collect();
         let not_downloaded: Vec<_> = want.difference(&content).collect();
         assert!(
@@ -563,31 +449,20 @@ fn containerd_pulls_through_cistern() {
             "second containerd lacks {not_downloaded:?}"
         );
     }
-    registry.settle(LOG_QUIET);
-    let second = registry.blob_gets()[after_first..].to_vec();
-    assert!(
-        second.is_empty(),
-        "the second containerd pull made {} upstream blob GETs (all blobs were cached): {second:#?}\n{}",
-        second.len(),
-        ctx()
-    );
+    registry.assert_no_blob_gets_since(after_first, "the second containerd pull", &ctx);
 }
 
 #[test]
 fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
-    if !e2e::prerequisites(
+    let Some(work) = e2e::begin(
         "skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls",
-        &["skopeo", "docker-registry"],
+        e2e::SKOPEO_TOOLS,
         false,
-    ) {
+        "skopeo-edge",
+    ) else {
         return;
-    }
-    let work = e2e::Workdir::new("skopeo-edge");
-    let registry = Registry::start(&work.sub("registry"));
-    let skopeo = Skopeo::new(&work.sub("skopeo"));
-    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &|| {
-        logs(&registry, None)
-    });
+    };
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
     let rctx = || logs(&registry, None);
 
     // --- A corrupt upstream blob (the ~3 MiB layer, one byte flipped in the registry's
@@ -630,7 +505,7 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
         ctx()
     );
     registry.settle(LOG_QUIET);
-    let fetched = get_counts(&registry.blob_gets()[baseline..]);
+    let fetched = blob_get_counts(&registry.blob_gets()[baseline..]);
     assert!(
         fetched.get(big).copied().unwrap_or(0) >= 1,
         "cistern never fetched the corrupted blob: {fetched:?}\n{err}\n{}",
@@ -682,16 +557,15 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
     // --- A tag moved upstream: with tag_ttl = 1s cistern must serve the new manifest soon
     // (polled, bounded), and the old one stays reachable by digest.
     let push_moving = |layout_tag: &str| -> Seeded {
-        let reported = skopeo.push(
+        fixtures::push(
+            &skopeo,
             &fx.layout_dir,
             layout_tag,
-            &format!("{}/library/moving:1.0", registry.host()),
+            registry.addr,
+            "library/moving:1.0",
             None,
             &ctx,
-        );
-        let seeded = fixtures::describe(registry.addr, "library/moving", "1.0");
-        assert_eq!(seeded.digest, reported);
-        seeded
+        )
     };
     let old = push_moving("app");
     let moving = format!("{host}/library/moving:1.0");
@@ -744,8 +618,8 @@ fn skopeo_corrupt_upstream_moved_tag_and_concurrent_pulls() {
         }
     });
     registry.settle(LOG_QUIET);
-    let counts = get_counts(&registry.blob_gets()[baseline..]);
-    let want = all_blobs(&targets);
+    let counts = blob_get_counts(&registry.blob_gets()[baseline..]);
+    let want = fixtures::all_blobs(&targets);
     let wrong: Vec<_> = want
         .iter()
         .filter(|d| counts.get(*d).copied().unwrap_or(0) != 1)

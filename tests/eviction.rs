@@ -25,13 +25,8 @@ async fn tick() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_least_recently_used_go_and_come_back_on_demand() {
-    let blobs: Vec<_> = (0..6).map(|i| blob_bytes(MIB, 100 + i)).collect();
-    let mut builder = FakeRegistry::builder();
-    for b in &blobs {
-        builder = builder.blob(REPO, b.clone());
-    }
-    let upstream = builder.start().await;
-    let digests: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
+    let (blobs, digests) = blobs_and_digests(6, MIB, 100);
+    let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let max = 4 * MIB as u64;
     let cistern = TestCistern::start_with(&upstream, |c| {
         c.cache.max_size = Some(ByteSize::b(max));
@@ -135,13 +130,8 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lru_order_survives_a_restart() {
-    let blobs: Vec<_> = (0..4).map(|i| blob_bytes(MIB, 300 + i)).collect();
-    let mut builder = FakeRegistry::builder();
-    for b in &blobs {
-        builder = builder.blob(REPO, b.clone());
-    }
-    let upstream = builder.start().await;
-    let d: Vec<String> = blobs.iter().map(|b| sha256_digest(b)).collect();
+    let (blobs, d) = blobs_and_digests(4, MIB, 300);
+    let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let budget = |c: &mut ::cistern::Config| {
         c.cache.max_size = Some(ByteSize::b(3 * MIB as u64 + MIB as u64 / 2));
     };

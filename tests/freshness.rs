@@ -28,10 +28,7 @@ async fn outlive(ttl: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
     let old = manifest(1);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
     let ttl = Duration::from_secs(1);
     let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
     let client = cistern.client();
@@ -63,10 +60,7 @@ async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_survives_a_restart() {
     let old = manifest(2);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
     let ttl = Duration::from_secs(1);
     let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
     assert_eq!(
@@ -110,10 +104,7 @@ async fn without_stale_if_error_a_failing_upstream_is_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
     let (old, new) = (manifest(4), manifest(5));
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("latest"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
     let ttl = Duration::from_secs(1);
     let cistern = TestCistern::start_with(&upstream, |c| {
         c.cache.tag_ttl = ttl;
@@ -262,10 +253,7 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
 async fn each_route_keeps_its_own_tag_ttl() {
     use ::cistern::config::{RouteConfig, UpstreamConfig};
     let (old, new) = (manifest(10), manifest(11));
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("1.0"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
     let url = upstream.url();
     let route = |registry: &str, default: bool, ttl: Duration| RouteConfig {
         registry: registry.into(),

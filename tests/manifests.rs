@@ -68,10 +68,7 @@ fn assert_manifest(r: &Response, bytes: &[u8], media_type: &str) {
 async fn manifest_by_digest_is_byte_exact_on_get_and_head() {
     let manifest = image_manifest(1);
     let digest = sha256_digest(&manifest);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, None, OCI_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, None, OCI_MANIFEST, &manifest).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
     let route = manifest_route(REPO, &digest);
@@ -102,10 +99,8 @@ async fn manifest_by_digest_is_byte_exact_on_get_and_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_by_tag_is_byte_exact_on_get_and_head() {
     let manifest = docker_manifest(2);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("v1.0"), DOCKER_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_manifest(REPO, Some("v1.0"), DOCKER_MANIFEST, &manifest).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -122,10 +117,7 @@ async fn pull_flow_head_by_tag_then_get_by_digest() {
     // What docker and containerd do: HEAD the tag for its digest, then GET by digest.
     let manifest = image_manifest(19);
     let digest = sha256_digest(&manifest);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("v2"), OCI_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("v2"), OCI_MANIFEST, &manifest).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -158,10 +150,7 @@ async fn pull_flow_head_by_tag_then_get_by_digest() {
 async fn tag_is_remembered_within_its_ttl() {
     let old = image_manifest(3);
     let new = image_manifest(4);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("latest"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
     let cistern =
         TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = Duration::from_secs(3600)).await;
     let client = cistern.client();
@@ -186,10 +175,7 @@ async fn tag_is_asked_again_after_its_ttl() {
     let old = image_manifest(5);
     let new = image_manifest(6);
     let ttl = Duration::from_secs(1);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("latest"), OCI_MANIFEST, old.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
     let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
     let client = cistern.client();
 
@@ -206,10 +192,7 @@ async fn tag_is_asked_again_after_its_ttl() {
 async fn tag_lookup_heads_upstream_and_reuses_a_cached_manifest() {
     let manifest = image_manifest(7);
     let digest = sha256_digest(&manifest);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("stable"), OCI_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("stable"), OCI_MANIFEST, &manifest).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 
@@ -282,10 +265,7 @@ async fn accept_header_lines_are_merged_and_forwarded() {
     // The last type is one no proxy would add on its own: it proves the client's set travels.
     const SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
     let manifest = image_manifest(10);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("accept"), OCI_MANIFEST, manifest.clone())
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("accept"), OCI_MANIFEST, &manifest).await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
 

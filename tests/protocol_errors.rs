@@ -10,8 +10,7 @@ const REPO: &str = "library/app";
 
 /// A cistern whose upstream knows `library/app` with one blob and one tagged manifest.
 async fn setup() -> (FakeRegistry, TestCistern, String) {
-    let blob = blob_bytes(10 * KIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(10 * KIB, 1);
     let upstream = FakeRegistry::builder()
         .blob(REPO, blob)
         .manifest(
@@ -162,17 +161,7 @@ async fn invalid_names_are_400_name_invalid() {
         ] {
             // Raw, so that no URL library normalises the path on the way.
             let r = raw_request(cistern.addr(), "GET", path.replace(' ', "%20").as_bytes()).await;
-            assert_eq!(
-                r.status,
-                400,
-                "GET {path}: {}",
-                String::from_utf8_lossy(&r.body)
-            );
-            assert_eq!(
-                client::oci_error_code(&r.body),
-                "NAME_INVALID",
-                "GET {path}"
-            );
+            r.assert_oci_error(400, "NAME_INVALID", &format!("GET {path}"));
         }
     }
     assert_nothing_outside(cistern.data(), &["data"]);
@@ -197,33 +186,13 @@ async fn invalid_digests_are_400_digest_invalid() {
     for d in &blob_digests {
         let path = blob_route(REPO, d);
         let r = raw_request(cistern.addr(), "GET", path.as_bytes()).await;
-        assert_eq!(
-            r.status,
-            400,
-            "GET {path}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(
-            client::oci_error_code(&r.body),
-            "DIGEST_INVALID",
-            "GET {path}"
-        );
+        r.assert_oci_error(400, "DIGEST_INVALID", &format!("GET {path}"));
     }
     // A manifest reference with a colon is a digest, and must be a valid one.
     for d in ["sha256:abc", &format!("sha256:{}", hex.to_uppercase())] {
         let path = manifest_route(REPO, d);
         let r = raw_request(cistern.addr(), "GET", path.as_bytes()).await;
-        assert_eq!(
-            r.status,
-            400,
-            "GET {path}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(
-            client::oci_error_code(&r.body),
-            "DIGEST_INVALID",
-            "GET {path}"
-        );
+        r.assert_oci_error(400, "DIGEST_INVALID", &format!("GET {path}"));
     }
     assert_nothing_outside(cistern.data(), &["data"]);
 }

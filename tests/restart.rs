@@ -10,8 +10,7 @@ const REPO: &str = "library/app";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leftover_tmp_files_are_removed_at_start_and_never_served() {
-    let blob = blob_bytes(512 * KIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(512 * KIB, 1);
     let hex = digest.strip_prefix("sha256:").unwrap();
     let manifest =
         br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
@@ -69,8 +68,7 @@ async fn leftover_tmp_files_are_removed_at_start_and_never_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_content_is_served_after_a_restart_without_upstream() {
-    let blob = blob_bytes(3 * MIB, 2);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(3 * MIB, 2);
     let manifest = br#"{"schemaVersion":2, "mediaType":"application/vnd.oci.image.manifest.v1+json" , "layers":[]}"#;
     let manifest_digest = sha256_digest(manifest);
     let upstream = FakeRegistry::builder()
@@ -83,11 +81,10 @@ async fn cached_content_is_served_after_a_restart_without_upstream() {
     let client = cistern.client();
     client.get_blob(REPO, &digest).await.expect("warm blob");
     assert_eq!(client.get_manifest(REPO, "v1").await.bytes(), &manifest[..]);
-    let warm = cistern.data().clone();
-    eventually("the blob to be committed", patience(), || {
-        warm.blob_path(&digest).is_file()
-    })
-    .await;
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob to be committed")
+        .await;
     let data = cistern.shutdown().await;
     assert!(data.blob_path(&digest).is_file());
     assert!(data.manifest_path(&manifest_digest).is_file());

@@ -27,14 +27,8 @@ async fn ns_picks_the_registry() {
     let on_hub = blob_bytes(64 * KIB, 1);
     let on_ghcr = blob_bytes(64 * KIB, 2);
     let (hub_digest, ghcr_digest) = (sha256_digest(&on_hub), sha256_digest(&on_ghcr));
-    let hub = FakeRegistry::builder()
-        .blob(REPO, on_hub.clone())
-        .start()
-        .await;
-    let ghcr = FakeRegistry::builder()
-        .blob(REPO, on_ghcr.clone())
-        .start()
-        .await;
+    let hub = FakeRegistry::with_blob(REPO, &on_hub).await;
+    let ghcr = FakeRegistry::with_blob(REPO, &on_ghcr).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
     let client = cistern.client();
 
@@ -61,16 +55,9 @@ async fn ns_picks_the_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_ns_takes_the_default_route() {
-    let blob = blob_bytes(64 * KIB, 3);
-    let digest = sha256_digest(&blob);
-    let hub = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
-    let ghcr = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(64 * KIB, 3);
+    let hub = FakeRegistry::with_blob(REPO, &blob).await;
+    let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -81,13 +68,9 @@ async fn no_ns_takes_the_default_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_in_the_path_is_stripped_before_the_upstream() {
-    let blob = blob_bytes(64 * KIB, 4);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 4);
     let hub = FakeRegistry::builder().start().await;
-    let ghcr = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
 
     let got = cistern
@@ -105,16 +88,9 @@ async fn registry_in_the_path_is_stripped_before_the_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_registry_is_404_name_unknown_and_asks_nobody() {
-    let blob = blob_bytes(KIB, 5);
-    let digest = sha256_digest(&blob);
-    let hub = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
-    let ghcr = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(KIB, 5);
+    let hub = FakeRegistry::with_blob(REPO, &blob).await;
+    let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
     let client = cistern.client();
 
@@ -133,12 +109,8 @@ async fn unknown_registry_is_404_name_unknown_and_asks_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_default_route_a_request_naming_no_registry_is_404() {
-    let blob = blob_bytes(KIB, 6);
-    let digest = sha256_digest(&blob);
-    let ghcr = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(KIB, 6);
+    let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = Setup::new()
         .upstream("ghcr", at(&ghcr.url()))
         .route(route("ghcr.io", &["ghcr"]))
@@ -185,14 +157,8 @@ async fn docker_hub_official_images_are_asked_for_under_library() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_tag_on_two_registries_is_two_manifests() {
     let (hub_manifest, ghcr_manifest) = (image_manifest(8), image_manifest(9));
-    let hub = FakeRegistry::builder()
-        .manifest(REPO, Some("1"), OCI_MANIFEST, hub_manifest.clone())
-        .start()
-        .await;
-    let ghcr = FakeRegistry::builder()
-        .manifest(REPO, Some("1"), OCI_MANIFEST, ghcr_manifest.clone())
-        .start()
-        .await;
+    let hub = FakeRegistry::with_manifest(REPO, Some("1"), OCI_MANIFEST, &hub_manifest).await;
+    let ghcr = FakeRegistry::with_manifest(REPO, Some("1"), OCI_MANIFEST, &ghcr_manifest).await;
     let cistern = hub_and_ghcr(&hub, &ghcr).await;
     let client = cistern.client();
     let tag = manifest_route(REPO, "1");

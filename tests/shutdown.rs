@@ -12,14 +12,10 @@ const REPO: &str = "library/app";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_running_at_shutdown_is_committed_or_vanishes() {
-    let blob = blob_bytes(8 * MIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(8 * MIB, 1);
     let gate = Gate::new();
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::GateAt(MIB as u64, gate.clone()))
-        .start()
-        .await;
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(MIB as u64, gate.clone())).await;
     let cistern = TestCistern::start(&upstream).await;
 
     let readers = cistern
@@ -57,13 +53,8 @@ async fn fill_running_at_shutdown_is_committed_or_vanishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fill_stalled_past_the_grace_is_cancelled_cleanly() {
-    let blob = blob_bytes(4 * MIB, 2);
-    let digest = sha256_digest(&blob);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, blob.clone())
-        .on_blob(&digest, Fault::StallAfter(MIB as u64))
-        .start()
-        .await;
+    let (blob, digest) = blob_and_digest(4 * MIB, 2);
+    let upstream = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::StallAfter(MIB as u64)).await;
     // The upstream stalls for longer than the grace, and the idle timeout would not end it
     // first: only the shutdown can.
     let cistern = TestCistern::start_with(&upstream, |c| {
@@ -78,22 +69,13 @@ async fn fill_stalled_past_the_grace_is_cancelled_cleanly() {
     readers.started().await;
     let data = cistern.shutdown().await;
 
-    for (i, result) in readers.finish().await.into_iter().enumerate() {
-        assert!(
-            result.is_err(),
-            "client {i} got a complete body from a fill that never finished"
-        );
-    }
+    readers.all_fail("from a fill that never finished").await;
     assert_eq!(
         data.tmp_files(),
         Vec::<std::path::PathBuf>::new(),
         "partial files left after shutdown"
     );
-    assert_eq!(
-        data.blob_files(),
-        Vec::<std::path::PathBuf>::new(),
-        "nothing can be committed"
-    );
+    data.assert_no_blob_files("nothing can be committed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use support::{Client, DataDir, blob_bytes, sha256_digest};
+use support::{Client, DataDir, blob_and_digest, blob_bytes, sha256_digest};
 
 /// A registry that demands `Bearer <token>` on every /v2/ request and issues tokens at /token.
 struct AuthRegistry {
@@ -198,8 +198,7 @@ async fn token_is_fetched_once_per_scope_and_client_credentials_stay_home() {
     );
 
     // Another repository is another scope: a new token, fetched up front (no extra 401).
-    let c = blob_bytes(1024, 3);
-    let dc = sha256_digest(&c);
+    let (_, dc) = blob_and_digest(1024, 3);
     let missing = client.get(&support::blob_route("other/repo", &dc)).await;
     missing.assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
     let tokens = registry.token_requests();

@@ -76,8 +76,7 @@ fn assert_no_authorization(requests: &[Seen], whose: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_realm_on_a_foreign_host_is_asked_anonymously() {
-    let blob = blob_bytes(64 * KIB, 1);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 1);
     let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
     let registry = Scripted::start(
         HOME,
@@ -98,8 +97,7 @@ async fn a_token_realm_on_a_foreign_host_is_asked_anonymously() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_realm_on_the_upstreams_own_host_gets_basic_credentials() {
-    let blob = blob_bytes(64 * KIB, 2);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 2);
     let basic = basic_authorization(USER, PASSWORD);
     let registry = Scripted::bind(HOME).await;
     let serve_blob = bearer_registry(format!("{}/token", registry.url()), blob.clone());
@@ -120,8 +118,7 @@ async fn a_token_realm_on_the_upstreams_own_host_gets_basic_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_realm_hosts_lets_a_foreign_realm_have_credentials() {
-    let blob = blob_bytes(64 * KIB, 3);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 3);
     let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
     let registry = Scripted::start(
         HOME,
@@ -152,8 +149,7 @@ async fn blob_store(blob: &Bytes) -> Scripted {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_to_another_host_carries_no_basic_credentials() {
-    let blob = blob_bytes(256 * KIB, 4);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 4);
     let store = blob_store(&blob).await;
     let basic = basic_authorization(USER, PASSWORD);
     let (expected, store_url) = (basic.clone(), store.url());
@@ -183,8 +179,7 @@ async fn a_redirect_to_another_host_carries_no_basic_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_to_another_host_carries_no_bearer_token() {
-    let blob = blob_bytes(256 * KIB, 5);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(256 * KIB, 5);
     let store = blob_store(&blob).await;
     let store_url = store.url();
     let registry = Scripted::bind(HOME).await;
@@ -210,8 +205,7 @@ async fn a_redirect_to_another_host_carries_no_bearer_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_file_is_sent_as_a_bearer_token_as_is() {
-    let blob = blob_bytes(64 * KIB, 6);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 6);
     let token_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token_file.path(), format!("{TOKEN}\n")).unwrap();
     let registry = Scripted::start(
@@ -234,8 +228,7 @@ async fn token_file_is_sent_as_a_bearer_token_as_is() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_authorization_never_reaches_any_upstream() {
-    let blob = blob_bytes(64 * KIB, 7);
-    let digest = sha256_digest(&blob);
+    let (blob, digest) = blob_and_digest(64 * KIB, 7);
     let manifest = fallback_support::image_manifest(8);
     let mirror = FakeRegistry::builder().start().await; // has nothing: every request falls through
     let origin = FakeRegistry::builder()

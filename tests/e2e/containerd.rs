@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::daemon::{Daemon, run_ok};
+use super::daemon::{Daemon, run_ok, stdout_lines};
+use super::fixtures::Seeded;
 
 const PULL_LIMIT: Duration = Duration::from_secs(90);
 const LIMIT: Duration = Duration::from_secs(20);
@@ -187,16 +188,53 @@ disabled_plugins = [
             .collect()
     }
 
+    /// `ctr images check` must list `reference` as complete and unpacked, with `seeded`'s
+    /// digest and media type.
+    pub fn check_image(
+        &self,
+        namespace: &str,
+        reference: &str,
+        seeded: &Seeded,
+        ctx: &dyn Fn() -> String,
+    ) {
+        let rows = self.check(namespace);
+        let row = rows
+            .iter()
+            .find(|r| r.reference == reference)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{reference} not in `ctr images check`: {rows:#?}\n{}",
+                    ctx()
+                )
+            });
+        assert_eq!(
+            row.digest,
+            seeded.digest,
+            "{reference}: digest in containerd\n{}",
+            ctx()
+        );
+        assert_eq!(
+            row.media_type, seeded.media_type,
+            "{reference}: media type in containerd"
+        );
+        assert!(
+            row.status.starts_with("complete"),
+            "{reference}: {row:?}\n{}",
+            ctx()
+        );
+        assert!(
+            row.unpacked,
+            "{reference} was not unpacked: {row:?}\n{}",
+            ctx()
+        );
+    }
+
     /// Digests in the content store (`ctr content ls -q`), sorted.
     pub fn content(&self, namespace: &str) -> Vec<String> {
         let mut c = self.ctr(namespace);
         c.args(["content", "ls", "-q"]);
         let out = run_ok(&mut c, LIMIT, &|| self.daemon.tail(30));
-        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect();
+        let mut v = stdout_lines(&out);
         v.sort();
         v
     }

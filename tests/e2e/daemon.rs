@@ -226,16 +226,31 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
 pub fn run_ok(cmd: &mut Command, limit: Duration, context: &dyn Fn() -> String) -> Output {
     let desc = format!("{cmd:?}");
     let out = run(cmd, limit);
+    expect_success(&out, &desc, context);
+    out
+}
+
+/// Panics with `what`, the command's exit status, its output and `context` unless it
+/// succeeded.
+pub fn expect_success(out: &Output, what: &str, context: &dyn Fn() -> String) {
     if !out.status.success() {
         panic!(
-            "command failed ({}): {desc}\nstdout:\n{}\nstderr:\n{}\n{}",
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             context()
         );
     }
-    out
+}
+
+/// The non-empty lines of a command's stdout, trimmed (e.g. one ID a line).
+pub fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
 }
 
 /// A response from [`http_get`].

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::daemon::{Daemon, run, run_ok};
+use super::daemon::{Daemon, expect_success, run, run_ok, stdout_lines};
 
 const PULL_LIMIT: Duration = Duration::from_secs(120);
 const LIMIT: Duration = Duration::from_secs(30);
@@ -133,16 +133,8 @@ impl Dockerd {
     /// `docker pull REF`, which must succeed.
     pub fn pull(&self, reference: &str, ctx: &dyn Fn() -> String) {
         let out = self.pull_output(reference);
-        if !out.status.success() {
-            panic!(
-                "docker pull {reference} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                self.daemon.tail(30),
-                ctx()
-            );
-        }
+        let ctx = || format!("{}\n{}", self.daemon.tail(30), ctx());
+        expect_success(&out, &format!("docker pull {reference}"), &ctx);
     }
 
     /// `docker image inspect --format FORMAT REF`, trimmed.
@@ -156,12 +148,7 @@ impl Dockerd {
     /// Image IDs known to this daemon (`docker images -q --no-trunc`).
     pub fn image_ids(&self, ctx: &dyn Fn() -> String) -> Vec<String> {
         let mut c = self.docker(&["images", "-q", "--no-trunc"]);
-        let out = run_ok(&mut c, LIMIT, ctx);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+        stdout_lines(&run_ok(&mut c, LIMIT, ctx))
     }
 
     /// Stops dockerd (SIGTERM to its PID, which also stops its managed containerd), then makes

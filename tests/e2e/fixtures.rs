@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use flate2::Compression;
 use serde_json::Value;
@@ -16,6 +17,10 @@ use super::skopeo::Skopeo;
 
 /// Size of the incompressible file in the big layer: a few MiB, not a round number.
 pub const BIG_FILE_LEN: usize = 3 * 1024 * 1024 + 12_345;
+
+/// Size of the file in the large image's layer: just over 200 MiB, not a round number, so
+/// the layer (an uncompressed tar) is at least 200 MiB, as issue #6 asks.
+pub const LARGE_FILE_LEN: u64 = 200 * 1024 * 1024 + 54_321;
 
 /// An image as it sits in the registry.
 #[derive(Debug, Clone)]
@@ -32,6 +37,14 @@ pub struct Seeded {
     pub children: Vec<(String, String)>,
     /// Every config and layer blob reachable from the manifest (through all children).
     pub blobs: BTreeSet<String>,
+}
+
+/// Union of the config and layer blobs of `images`.
+pub fn all_blobs(images: &[&Seeded]) -> BTreeSet<String> {
+    images
+        .iter()
+        .flat_map(|s| s.blobs.iter().cloned())
+        .collect()
 }
 
 impl Seeded {
@@ -150,6 +163,65 @@ fn dockerv2_image() -> Image {
     )
 }
 
+static LARGE: OnceLock<Image> = OnceLock::new();
+
+/// Checks that the file at `path` holds the blob `digest`. The large layer (once built) is
+/// compared byte for byte with its local file, which is known to hold it: as strong as hashing
+/// it, and much faster (sha256 runs at about 25 MB/s in a debug build, 8 s for that layer).
+/// Anything else is hashed.
+pub fn check_blob_file(path: &Path, digest: &str) -> Result<(), String> {
+    let known = LARGE
+        .get()
+        .into_iter()
+        .flat_map(|image| &image.layers)
+        .find(|layer| layer.digest == digest)
+        .and_then(|layer| layer.file.as_deref());
+    let read = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    match known {
+        Some(known) => match image::same_content(path, known).map_err(read)? {
+            None => Ok(()),
+            Some(offset) => Err(format!(
+                "{} differs from blob {digest} (its local copy {}) from byte {offset}",
+                path.display(),
+                known.display()
+            )),
+        },
+        None => match image::sha256_file(path).map_err(read)? {
+            got if got == digest => Ok(()),
+            got => Err(format!(
+                "{} hashes to {got}, not to its blob's digest {digest}",
+                path.display()
+            )),
+        },
+    }
+}
+
+/// `library/large:1.0`: an OCI manifest with an uncompressed layer of [`LARGE_FILE_LEN`]
+/// pseudo-random bytes (plus a small gzip layer on top). Built once per test binary: the layer
+/// lives in a file (never in memory) cached under cargo's `CARGO_TARGET_TMPDIR`, so only the
+/// first build on a machine writes it (about a second in a debug build).
+pub fn large_image() -> &'static Image {
+    LARGE.get_or_init(|| {
+        let large = image::uncompressed_layer_file(
+            &Path::new(env!("CARGO_TARGET_TMPDIR")).join("cistern-e2e"),
+            "data",
+            "large.bin",
+            LARGE_FILE_LEN,
+            200,
+        );
+        assert!(
+            large.blob.size >= 200 * 1024 * 1024,
+            "the large layer is {} bytes",
+            large.blob.size
+        );
+        Image::build(
+            "large",
+            "amd64",
+            vec![large, small_layer("large", "amd64", 0)],
+        )
+    })
+}
+
 /// Reads a manifest straight from the registry, accepting every manifest type.
 pub fn registry_manifest(registry: SocketAddr, repo: &str, reference: &str) -> (String, Vec<u8>) {
     let accept = [
@@ -211,6 +283,67 @@ pub fn describe(registry: SocketAddr, repo: &str, tag: &str) -> Seeded {
     }
 }
 
+/// Pushes `layout_tag` of the OCI layout at `layout_dir` to `registry` as `dest` (`repo:tag`),
+/// converted to `format` if given, and reads it back, checking skopeo's reported digest
+/// against the registry's.
+pub fn push(
+    skopeo: &Skopeo,
+    layout_dir: &Path,
+    layout_tag: &str,
+    registry: SocketAddr,
+    dest: &str,
+    format: Option<&str>,
+    ctx: &dyn Fn() -> String,
+) -> Seeded {
+    let (repo, tag) = dest.split_once(':').expect("dest is repo:tag");
+    let reported = skopeo.push(
+        layout_dir,
+        layout_tag,
+        &format!("{registry}/{dest}"),
+        format,
+        ctx,
+    );
+    let seeded = describe(registry, repo, tag);
+    assert_eq!(
+        seeded.digest, reported,
+        "skopeo --digestfile vs registry for {repo}"
+    );
+    seeded
+}
+
+/// Pushes [`large_image`] to the registry as `library/large:1.0` (from its own OCI layout under
+/// `dir`, which links the cached layer file) and checks that the registry serves the manifest
+/// that was built and holds every blob.
+pub fn seed_large(
+    dir: &Path,
+    skopeo: &Skopeo,
+    registry: SocketAddr,
+    ctx: &dyn Fn() -> String,
+) -> Seeded {
+    let large = large_image();
+    let mut layout = Layout::default();
+    layout.add_image("large", large);
+    let layout_dir = dir.join("oci-layout-large");
+    layout.write(&layout_dir);
+    let seeded = push(
+        skopeo,
+        &layout_dir,
+        "large",
+        registry,
+        "library/large:1.0",
+        None,
+        ctx,
+    );
+    assert_eq!(
+        seeded.manifest, large.manifest.bytes,
+        "registry altered the large manifest"
+    );
+    assert_eq!(seeded.media_type, image::OCI_MANIFEST);
+    let want: BTreeSet<String> = large.blobs().iter().map(|b| b.digest.clone()).collect();
+    assert_eq!(seeded.blobs, want);
+    seeded
+}
+
 /// Builds the images, writes them as an OCI layout under `dir` and pushes them to the
 /// registry with `skopeo copy`. Checks that the registry serves the bytes that were built
 /// (so later mismatches are cistern's, not the seeding's).
@@ -233,19 +366,15 @@ pub fn seed(
     layout.write(&layout_dir);
 
     let push = |tag: &str, repo: &str, format: Option<&str>| {
-        let reported = skopeo.push(
+        push(
+            skopeo,
             &layout_dir,
             tag,
-            &format!("{registry}/{repo}:1.0"),
+            registry,
+            &format!("{repo}:1.0"),
             format,
             ctx,
-        );
-        let seeded = describe(registry, repo, "1.0");
-        assert_eq!(
-            seeded.digest, reported,
-            "skopeo --digestfile vs registry for {repo}"
-        );
-        seeded
+        )
     };
 
     let seeded_app = push("app", "library/app", None);

@@ -1,15 +1,16 @@
 //! Test images built from scratch: deterministic layer tarballs, image configs, manifests and
 //! indexes, written as an OCI image layout directory that `skopeo copy oci:DIR:REF ...` reads.
 //!
-//! Nothing here depends on docker or on network access. Layers are gzip-compressed tar files
-//! whose entries have fixed owners, modes and mtimes, so the same code always produces the same
-//! bytes (and the same digests) with the same crate versions. The tests never hard-code a
+//! Nothing here depends on docker or on network access. Layers are tar files (gzip-compressed,
+//! or plain for the one of hundreds of MiB) whose entries have fixed owners, modes and mtimes,
+//! so the same code always produces the same bytes (and the same digests) with the same crate
+//! versions. The tests never hard-code a
 //! digest: they compute it here and compare what the clients report against it.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use flate2::{Compression, GzBuilder};
 use serde_json::{Value, json};
@@ -19,6 +20,9 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// An uncompressed tar layer: its digest is its diff_id. Every client under test (skopeo,
+/// containerd, podman, dockerd) accepts it, and a layer of hundreds of MiB needs no gzip.
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
@@ -27,12 +31,64 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// `sha256:<hex>` of a file's content, read in pieces (the file may be hundreds of MiB).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(format!("sha256:{}", hex::encode(hasher.finalize())));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Compares two files' contents: `None` if they are the same, else the first offset where they
+/// differ (or where the shorter one ends).
+pub fn same_content(a: &Path, b: &Path) -> std::io::Result<Option<u64>> {
+    /// Reads until `buf` is full or the file ends.
+    fn fill(file: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    }
+    let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut offset = 0u64;
+    loop {
+        let (na, nb) = (fill(&mut fa, &mut ba)?, fill(&mut fb, &mut bb)?);
+        if ba[..na] != bb[..nb] {
+            let first = ba[..na]
+                .iter()
+                .zip(&bb[..nb])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Ok(Some(offset + first as u64));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        offset += na as u64;
+    }
+}
+
 /// A content-addressed blob (layer, config, manifest or index).
 #[derive(Clone, Debug)]
 pub struct Blob {
     pub media_type: String,
     pub digest: String,
+    /// The content, for blobs built in memory; empty for a blob kept in [`Blob::file`].
     pub bytes: Vec<u8>,
+    /// The file holding the content of a blob too large to keep in memory.
+    pub file: Option<PathBuf>,
+    pub size: u64,
 }
 
 impl Blob {
@@ -40,7 +96,20 @@ impl Blob {
         Blob {
             media_type: media_type.to_string(),
             digest: sha256_digest(&bytes),
+            size: bytes.len() as u64,
             bytes,
+            file: None,
+        }
+    }
+
+    /// A blob whose content is the file at `path` (`digest` and `size` already known).
+    pub fn in_file(media_type: &str, digest: String, size: u64, path: PathBuf) -> Blob {
+        Blob {
+            media_type: media_type.to_string(),
+            digest,
+            bytes: Vec::new(),
+            file: Some(path),
+            size,
         }
     }
 
@@ -49,7 +118,7 @@ impl Blob {
         json!({
             "mediaType": self.media_type,
             "digest": self.digest,
-            "size": self.bytes.len(),
+            "size": self.size,
         })
     }
 
@@ -61,19 +130,57 @@ impl Blob {
 /// Deterministic pseudo-random bytes (xorshift64*): incompressible, so gzip cannot shrink the
 /// layer and a blob of this size really crosses the proxy.
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    if state == 0 {
-        state = 1;
-    }
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
+    let mut out = Vec::with_capacity(len);
+    PseudoRandom::new(seed, len as u64)
+        .read_to_end(&mut out)
+        .expect("reading generated bytes cannot fail");
     out
+}
+
+/// The bytes of [`pseudo_random_bytes`] as a reader, for contents too large to keep in memory.
+/// The stream does not depend on the sizes of the reads.
+pub struct PseudoRandom {
+    state: u64,
+    remaining: u64,
+    /// The unread tail of the last word generated.
+    spare: Vec<u8>,
+}
+
+impl PseudoRandom {
+    pub fn new(seed: u64, len: u64) -> PseudoRandom {
+        let state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        PseudoRandom {
+            state: if state == 0 { 1 } else { state },
+            remaining: len,
+            spare: Vec::new(),
+        }
+    }
+
+    fn next_word(&mut self) -> [u8; 8] {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+    }
+}
+
+impl Read for PseudoRandom {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let buf = &mut buf[..n];
+        let from_spare = self.spare.len().min(n);
+        buf[..from_spare].copy_from_slice(&self.spare[..from_spare]);
+        self.spare.drain(..from_spare);
+        for chunk in buf[from_spare..].chunks_mut(8) {
+            let word = self.next_word();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+            self.spare.extend_from_slice(&word[chunk.len()..]);
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
 }
 
 /// One file or directory inside a layer.
@@ -125,6 +232,104 @@ pub fn layer(entries: &[Entry], level: Compression) -> Layer {
         blob: Blob::new(OCI_LAYER_GZIP, gz_bytes),
         diff_id,
     }
+}
+
+/// Counts and hashes what passes through to `inner`.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// An uncompressed layer ([`OCI_LAYER_TAR`]) holding `<dir>/` and `<dir>/<name>`, a file of
+/// `len` bytes of [`PseudoRandom`] from `seed`, written straight to disk (never held in memory)
+/// and hashed as it is written. No gzip: compressing hundreds of MiB of incompressible bytes
+/// would cost seconds and gain nothing.
+///
+/// The tar is kept in `cache_dir` under a name made of its parameters, with a note of its
+/// digest and size beside it, and reused when that note is there and the size matches: by
+/// later tests in the same process, by other test binaries, and by later runs. Both files are
+/// written under temporary names and renamed into place, so concurrent builders (other test
+/// binaries) never see a partial file.
+pub fn uncompressed_layer_file(
+    cache_dir: &Path,
+    dir: &str,
+    name: &str,
+    len: u64,
+    seed: u64,
+) -> Layer {
+    fs::create_dir_all(cache_dir).unwrap();
+    let stem = format!("layer-v1-{dir}-{name}-{len}-{seed}");
+    let tar_path = cache_dir.join(format!("{stem}.tar"));
+    let note_path = cache_dir.join(format!("{stem}.digest"));
+    let blob = |digest: &str, size: u64| Layer {
+        blob: Blob::in_file(OCI_LAYER_TAR, digest.to_string(), size, tar_path.clone()),
+        diff_id: digest.to_string(),
+    };
+    if let Ok(note) = fs::read_to_string(&note_path)
+        && let Some((digest, size)) = note.trim().split_once(' ')
+        && let Ok(size) = size.parse::<u64>()
+        && fs::metadata(&tar_path).is_ok_and(|m| m.len() == size)
+    {
+        return blob(digest, size);
+    }
+
+    let tmp = |path: &Path| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".tmp-{}", std::process::id()));
+        PathBuf::from(p)
+    };
+    let tar_tmp = tmp(&tar_path);
+    let file = fs::File::create(&tar_tmp).unwrap();
+    let writer = HashingWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        len: 0,
+    };
+    let mut builder = tar::Builder::new(writer);
+    let mut header = tar::Header::new_ustar();
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1_700_000_000);
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_size(0);
+    builder
+        .append_data(&mut header, format!("{dir}/"), std::io::empty())
+        .unwrap();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(len);
+    builder
+        .append_data(
+            &mut header,
+            format!("{dir}/{name}"),
+            PseudoRandom::new(seed, len),
+        )
+        .unwrap();
+    let mut writer = builder.into_inner().unwrap();
+    writer.flush().unwrap();
+    let digest = format!("sha256:{}", hex::encode(writer.hasher.finalize()));
+    let size = writer.len;
+    writer.inner.into_inner().unwrap().sync_all().unwrap();
+    fs::rename(&tar_tmp, &tar_path).unwrap();
+    let note_tmp = tmp(&note_path);
+    fs::write(&note_tmp, format!("{digest} {size}\n")).unwrap();
+    fs::rename(&note_tmp, &note_path).unwrap();
+    blob(&digest, size)
 }
 
 /// A single-platform image: its manifest and every blob it references.
@@ -222,14 +427,13 @@ impl ImageIndex {
 /// number of tagged images, read by `skopeo copy oci:DIR:TAG`.
 #[derive(Default)]
 pub struct Layout {
-    blobs: BTreeMap<String, Vec<u8>>,
+    blobs: BTreeMap<String, Blob>,
     refs: Vec<Value>,
 }
 
 impl Layout {
     fn put(&mut self, blob: &Blob) {
-        self.blobs
-            .insert(blob.hex().to_string(), blob.bytes.clone());
+        self.blobs.insert(blob.hex().to_string(), blob.clone());
     }
 
     fn put_image(&mut self, image: &Image) {
@@ -264,8 +468,17 @@ impl Layout {
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         let index = json!({ "schemaVersion": 2, "manifests": self.refs });
         fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-        for (hex, bytes) in &self.blobs {
-            fs::write(blob_dir.join(hex), bytes).unwrap();
+        for (hex, blob) in &self.blobs {
+            let dest = blob_dir.join(hex);
+            match &blob.file {
+                // A hard link where the file system allows it: no copy of a large blob.
+                Some(file) => {
+                    if fs::hard_link(file, &dest).is_err() {
+                        fs::copy(file, &dest).unwrap();
+                    }
+                }
+                None => fs::write(dest, &blob.bytes).unwrap(),
+            }
         }
     }
 }

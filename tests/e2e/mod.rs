@@ -22,6 +22,11 @@ pub mod skopeo;
 
 use std::path::PathBuf;
 
+use self::cistern::Cistern;
+use self::fixtures::{Fixtures, Seeded};
+use self::registry::Registry;
+use self::skopeo::Skopeo;
+
 /// Set by CI: missing tools (or missing root) fail the tests instead of skipping them.
 pub const REQUIRE_ENV: &str = "CISTERN_REQUIRE_E2E";
 /// Set to keep the temporary directories (logs, caches, client state) for inspection.
@@ -56,6 +61,11 @@ pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// What a test that seeds a registry and pulls with skopeo needs.
+pub const SKOPEO_TOOLS: &[&str] = &["skopeo", "docker-registry"];
+/// What a test that seeds a registry and pulls with containerd needs (and root).
+pub const CONTAINERD_TOOLS: &[&str] = &["skopeo", "docker-registry", "containerd", "ctr"];
+
 /// Checks the prerequisites of one test. Returns `false` (after printing `SKIPPED: ...`) when
 /// something is missing and `CISTERN_REQUIRE_E2E` is not `1`; panics when it is.
 pub fn prerequisites(test: &str, tools: &[&str], need_root: bool) -> bool {
@@ -81,6 +91,42 @@ pub fn prerequisites(test: &str, tools: &[&str], need_root: bool) -> bool {
         "SKIPPED: {why} ({test}; install the tools with scripts/install-test-deps and run as root, or set {REQUIRE_ENV}=1 to fail instead)"
     ));
     false
+}
+
+/// Tails of the registries' and cistern's logs, for failure messages.
+pub fn logs(registries: &[&Registry], cistern: Option<&Cistern>) -> String {
+    let mut s = String::new();
+    for r in registries {
+        s.push_str(&r.daemon.tail(25));
+        s.push('\n');
+    }
+    if let Some(c) = cistern {
+        s.push_str(&c.daemon.tail(60));
+        s.push('\n');
+    }
+    s
+}
+
+/// The start of every test: checks its prerequisites ([`prerequisites`]) and makes its
+/// [`Workdir`], named after `short`. `None` if the test is to be skipped.
+pub fn begin(test: &str, tools: &[&str], need_root: bool, short: &str) -> Option<Workdir> {
+    prerequisites(test, tools, need_root).then(|| Workdir::new(short))
+}
+
+/// A private registry (under `work/registry`) seeded with [`fixtures::seed`], and the skopeo
+/// (state under `work/skopeo`) that seeded it.
+pub fn seeded_registry(work: &Workdir) -> (Registry, Skopeo, Fixtures) {
+    let registry = Registry::start(&work.sub("registry"));
+    let skopeo = Skopeo::new(&work.sub("skopeo"));
+    let rctx = || logs(&[&registry], None);
+    let fx = fixtures::seed(&work.sub("images"), &skopeo, registry.addr, &rctx);
+    (registry, skopeo, fx)
+}
+
+/// Seeds `registry` with the large image too ([`fixtures::seed_large`]).
+pub fn seed_large(work: &Workdir, registry: &Registry, skopeo: &Skopeo) -> Seeded {
+    let rctx = || logs(&[registry], None);
+    fixtures::seed_large(&work.sub("images"), skopeo, registry.addr, &rctx)
 }
 
 /// A temporary directory for one test: removed at the end unless `CISTERN_E2E_KEEP=1`.

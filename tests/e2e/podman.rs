@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::daemon::{run, run_ok};
+use super::daemon::{expect_success, run, run_ok, stdout_lines};
 
 const PULL_LIMIT: Duration = Duration::from_secs(120);
 const LIMIT: Duration = Duration::from_secs(30);
@@ -146,15 +146,7 @@ impl Podman {
     /// `podman pull [extra..] REF`, which must succeed.
     pub fn pull(&self, reference: &str, extra: &[&str], ctx: &dyn Fn() -> String) {
         let out = self.pull_output(reference, extra);
-        if !out.status.success() {
-            panic!(
-                "podman pull {reference} failed ({}):\nstdout:\n{}\nstderr:\n{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                ctx()
-            );
-        }
+        expect_success(&out, &format!("podman pull {reference}"), ctx);
     }
 
     /// `podman image inspect --format FORMAT REF`, trimmed.
@@ -167,11 +159,6 @@ impl Podman {
     /// Image IDs in this storage (`podman images -q --no-trunc`).
     pub fn image_ids(&self, ctx: &dyn Fn() -> String) -> Vec<String> {
         let mut c = self.cmd(&["images", "-q", "--no-trunc"]);
-        let out = run_ok(&mut c, LIMIT, ctx);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+        stdout_lines(&run_ok(&mut c, LIMIT, ctx))
     }
 }

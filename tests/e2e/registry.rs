@@ -8,12 +8,34 @@
 //! [`Registry::blob_gets`] counts the access-log lines (one per request, written when the
 //! response has been sent).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::daemon::{self, Daemon};
+
+/// How long the access log must stay unchanged before it is counted ([`Registry::settle`]).
+pub const LOG_QUIET: Duration = Duration::from_millis(500);
+
+/// Upstream GETs per blob digest in `requests` (any query string, e.g. `?ns=`, dropped).
+pub fn blob_get_counts(requests: &[Request]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for d in requests
+        .iter()
+        .filter_map(|r| r.uri.split("/blobs/").nth(1))
+    {
+        *m.entry(d.split('?').next().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+/// Digests of the blobs GET from the upstream in `requests`.
+pub fn blob_digests(requests: &[Request]) -> BTreeSet<String> {
+    blob_get_counts(requests).into_keys().collect()
+}
 
 pub struct Registry {
     pub addr: SocketAddr,
@@ -93,6 +115,55 @@ impl Registry {
             .into_iter()
             .filter(|r| r.method == "GET" && r.uri.contains("/blobs/sha256:"))
             .collect()
+    }
+
+    /// The blob GETs from number `from` on, once the log has settled ([`LOG_QUIET`]).
+    pub fn blob_gets_since(&self, from: usize) -> Vec<Request> {
+        self.settle(LOG_QUIET);
+        self.blob_gets()[from..].to_vec()
+    }
+
+    /// Checks the upstream traffic of a first pull through an empty cistern, blob GETs from
+    /// number `from` on: there were some, and every blob in `want` was among them. Prints the
+    /// count as `<what>: first pull: ...` and returns the GETs.
+    pub fn check_first_pull(
+        &self,
+        from: usize,
+        want: &BTreeSet<String>,
+        what: &str,
+        ctx: &dyn Fn() -> String,
+    ) -> Vec<Request> {
+        let first = self.blob_gets_since(from);
+        assert!(
+            !first.is_empty(),
+            "{what}: the first pull through cistern made no upstream blob GET\n{}",
+            ctx()
+        );
+        let fetched = blob_digests(&first);
+        let missing: Vec<_> = want.difference(&fetched).cloned().collect();
+        assert!(
+            missing.is_empty(),
+            "{what}: cistern's cache was empty, yet these blobs were never fetched from the upstream: {missing:?}\n{}",
+            ctx()
+        );
+        super::say(&format!(
+            "{what}: first pull: {} upstream blob GETs for {} distinct blobs",
+            first.len(),
+            fetched.len()
+        ));
+        first
+    }
+
+    /// A pull that cistern must have served from its cache alone: no blob GET from number
+    /// `from` on.
+    pub fn assert_no_blob_gets_since(&self, from: usize, what: &str, ctx: &dyn Fn() -> String) {
+        let gets = self.blob_gets_since(from);
+        assert!(
+            gets.is_empty(),
+            "{what} made {} upstream blob GETs (all blobs were cached): {gets:#?}\n{}",
+            gets.len(),
+            ctx()
+        );
     }
 
     /// Waits until the access log stops growing for `quiet` (bounded by [`daemon::WAIT`]), so

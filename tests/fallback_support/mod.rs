@@ -36,10 +36,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Client, DataDir};
+use crate::support::{self, DataDir, TestCistern};
+
+/// A running cistern, as [`Setup::start`] starts it.
+pub type Cistern = TestCistern;
 
 /// The host every upstream of ours lives on.
 pub const HOME: &str = "127.0.0.1";
@@ -105,76 +107,16 @@ impl Setup {
 
     /// Starts cistern on `127.0.0.1:0` over a fresh data directory.
     pub async fn start(self) -> Cistern {
-        support::init();
         let data = DataDir::new();
         let config = Config {
-            data_dir: data.path().to_path_buf(),
-            shutdown_grace: Duration::from_secs(10),
             upstreams: self.upstreams,
             routes: self.routes,
-            ..Config::default()
+            ..TestCistern::config_for(&data)
         };
         config
             .validate()
             .unwrap_or_else(|e| panic!("test config is invalid: {e}"));
-        let listener = TcpListener::bind((HOME, 0)).await.expect("bind cistern");
-        let addr = listener.local_addr().expect("local addr");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(cistern::run(listener, config.clone(), stop.clone()));
-        Cistern {
-            addr,
-            grace: config.shutdown_grace,
-            data: Some(data),
-            stop,
-            task: Some(task),
-        }
-    }
-}
-
-// === impl Cistern ===
-
-/// A running cistern. Dropping it cancels its shutdown token without waiting; call
-/// [`Cistern::shutdown`] to wait and to see a failed or panicked run.
-pub struct Cistern {
-    addr: SocketAddr,
-    grace: Duration,
-    data: Option<DataDir>,
-    stop: CancellationToken,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Drop for Cistern {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-impl Cistern {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn client(&self) -> Client {
-        Client::new(format!("http://{}", self.addr))
-    }
-
-    pub fn data(&self) -> &DataDir {
-        self.data.as_ref().expect("data dir present until shutdown")
-    }
-
-    /// Cancels the shutdown token and waits (bounded) for `run` to return; panics if it failed.
-    pub async fn shutdown(mut self) -> DataDir {
-        self.stop.cancel();
-        let task = self.task.take().expect("shut down once");
-        let limit = self.grace + support::patience();
-        match tokio::time::timeout(limit, task).await {
-            Err(_) => panic!("cistern::run did not return within {limit:?} of shutdown"),
-            Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Ok(Err(join)) => panic!("cistern::run task failed: {join}"),
-            Ok(Ok(Err(e))) => panic!("cistern::run returned an error: {e:#}"),
-            Ok(Ok(Ok(()))) => {}
-        }
-        self.data.take().expect("data dir present until shutdown")
+        TestCistern::start_config(data, config).await
     }
 }
 
@@ -243,9 +185,9 @@ pub async fn closed_port_url() -> String {
 // === impl CutMirror ===
 
 /// An upstream that answers every GET with `200`, the blob's full `Content-Length`, exactly
-/// `cut_at` body bytes, and then a clean close (FIN). Unlike `Fault::CutAfter`, whose abort can
-/// lose the last frame still in hyper's buffer, every one of the `cut_at` bytes reaches the
-/// client: where the body breaks off is exact.
+/// `cut_at` body bytes, and then a clean close (FIN), where `Fault::CutAfter` has hyper abort
+/// the connection. Every one of the `cut_at` bytes reaches the client: where the body breaks
+/// off is exact.
 ///
 /// With `hold_at`, it sends that many bytes first and the rest (up to `cut_at`) only after
 /// [`CutMirror::release`].

@@ -67,14 +67,9 @@ impl DataDir {
     /// The committed blob's bytes, once its commit is done. A client's GET ends as soon as
     /// the blob is verified, a moment before the commit (fsync, rename) makes it visible.
     pub async fn committed_blob(&self, digest: &str) -> Vec<u8> {
-        let path = self.blob_path(digest);
-        super::eventually(
-            &format!("blob {digest} to be committed"),
-            super::patience(),
-            || path.is_file(),
-        )
-        .await;
-        std::fs::read(&path).expect("read the committed blob")
+        self.wait_for_blob(digest, &format!("blob {digest} to be committed"))
+            .await;
+        std::fs::read(self.blob_path(digest)).expect("read the committed blob")
     }
 
     /// Where a committed manifest lives: `manifests/sha256/<2 hex>/<64 hex>`.
@@ -97,6 +92,18 @@ impl DataDir {
 
     pub fn blob_files(&self) -> Vec<PathBuf> {
         self.files("blobs")
+    }
+
+    /// Waits (bounded by the patience) until blob `digest` is committed: a fill nobody is
+    /// reading, or the rename that may trail a response's last byte.
+    pub async fn wait_for_blob(&self, digest: &str, what: &str) {
+        super::eventually(what, super::patience(), || self.blob_path(digest).is_file()).await;
+    }
+
+    /// Asserts that no blob was committed: `blobs/` holds no file at all.
+    #[track_caller]
+    pub fn assert_no_blob_files(&self, what: &str) {
+        assert_eq!(self.blob_files(), Vec::<PathBuf>::new(), "{what}");
     }
 
     pub fn manifest_files(&self) -> Vec<PathBuf> {
@@ -185,16 +192,25 @@ impl TestCistern {
         data: DataDir,
         tweak: impl FnOnce(&mut Config),
     ) -> TestCistern {
-        super::init();
-        let mut config = Config {
-            data_dir: data.path().to_path_buf(),
-            // Short enough that a test whose shutdown must wait out the grace stays quick.
-            shutdown_grace: Duration::from_secs(10),
-            ..Config::default()
-        };
+        let mut config = TestCistern::config_for(&data);
         config.upstream.url = upstream.url();
         tweak(&mut config);
+        TestCistern::start_config(data, config).await
+    }
 
+    /// The defaults every test starts from: `data` as the data directory, and a shutdown grace
+    /// short enough that a test whose shutdown must wait it out stays quick.
+    pub fn config_for(data: &DataDir) -> Config {
+        Config {
+            data_dir: data.path().to_path_buf(),
+            shutdown_grace: Duration::from_secs(10),
+            ..Config::default()
+        }
+    }
+
+    /// Runs `config` on `127.0.0.1:0` (its `listen` set to the address bound) over `data`.
+    pub async fn start_config(data: DataDir, mut config: Config) -> TestCistern {
+        super::init();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind cistern");

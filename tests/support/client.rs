@@ -196,6 +196,22 @@ impl Readers {
         .expect("progress sender is alive");
     }
 
+    /// Waits for every reader and asserts that each received exactly `want`.
+    pub async fn all_receive(self, want: &[u8]) {
+        for (i, result) in self.finish().await.into_iter().enumerate() {
+            let body = result.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            super::assert_same_bytes(&body, want, &format!("client {i}"));
+        }
+    }
+
+    /// Waits for every reader and asserts that each one's body ended in an error; `how`
+    /// completes "client N got a complete body ...".
+    pub async fn all_fail(self, how: &str) {
+        for (i, result) in self.finish().await.into_iter().enumerate() {
+            assert!(result.is_err(), "client {i} got a complete body {how}");
+        }
+    }
+
     /// Waits for every reader; results in the order they were spawned.
     pub async fn finish(self) -> Vec<Result<Bytes, String>> {
         let mut out = Vec::with_capacity(self.handles.len());
@@ -297,6 +313,19 @@ impl RawResponse {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts an OCI error response: `status`, and an error body whose first code is `code`.
+    /// `what` names the request in the failure message.
+    #[track_caller]
+    pub fn assert_oci_error(&self, status: u16, code: &str, what: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(oci_error_code(&self.body), code, "{what}");
     }
 }
 

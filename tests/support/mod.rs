@@ -87,6 +87,21 @@ pub fn blob_bytes(size: usize, seed: u64) -> Bytes {
     Bytes::from(out)
 }
 
+/// [`blob_bytes`] and their digest: the blob most tests start from.
+pub fn blob_and_digest(size: usize, seed: u64) -> (Bytes, String) {
+    let blob = blob_bytes(size, seed);
+    let digest = sha256_digest(&blob);
+    (blob, digest)
+}
+
+/// `count` blobs of `size` bytes (seeds `first_seed`, `first_seed + 1`, ...) and their
+/// digests, in the same order.
+pub fn blobs_and_digests(count: u64, size: usize, first_seed: u64) -> (Vec<Bytes>, Vec<String>) {
+    (first_seed..first_seed + count)
+        .map(|seed| blob_and_digest(size, seed))
+        .unzip()
+}
+
 /// `/v2/<repo>/blobs/<digest>`.
 pub fn blob_route(repo: &str, digest: &str) -> String {
     format!("/v2/{repo}/blobs/{digest}")

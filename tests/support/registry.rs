@@ -26,18 +26,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +60,9 @@ pub enum Fault {
     /// Answer with this status and an OCI error body (GET and HEAD). A 429 carries
     /// `Retry-After: 1`; a 404 uses the matching `*_UNKNOWN` code.
     Status(u16),
-    /// Declare the full `Content-Length`, send this many bytes, then abort the connection.
+    /// Declare the full `Content-Length`, send exactly this many bytes, then abort the
+    /// connection. The abort waits until those bytes have been written to the socket, so the
+    /// client receives every one of them before the connection ends: the cut offset is exact.
     CutAfter(u64),
     /// Declare the full `Content-Length`, send this many bytes, then send nothing more until the
     /// client goes away or the registry is dropped.
@@ -408,6 +414,47 @@ impl FakeRegistry {
         FakeRegistryBuilder::default()
     }
 
+    /// A registry holding one manifest (in `repo`, under `tag` if given), and nothing else.
+    pub async fn with_manifest(
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: &Bytes,
+    ) -> FakeRegistry {
+        FakeRegistry::builder()
+            .manifest(repo, tag, media_type, bytes.clone())
+            .start()
+            .await
+    }
+
+    /// A registry holding `blob` in `repo`, and nothing else, whose requests for it follow
+    /// `rule`.
+    pub async fn with_faulty_blob(repo: &str, blob: &Bytes, rule: impl Into<Rule>) -> FakeRegistry {
+        let digest = sha256_digest(blob);
+        FakeRegistry::builder()
+            .blob(repo, blob.clone())
+            .on_blob(&digest, rule)
+            .start()
+            .await
+    }
+
+    /// A registry holding `blobs` in `repo`, and nothing else.
+    pub async fn with_blobs(repo: &str, blobs: &[Bytes]) -> FakeRegistry {
+        let mut builder = FakeRegistry::builder();
+        for blob in blobs {
+            builder = builder.blob(repo, blob.clone());
+        }
+        builder.start().await
+    }
+
+    /// A registry holding `blob` in `repo`, and nothing else.
+    pub async fn with_blob(repo: &str, blob: &Bytes) -> FakeRegistry {
+        FakeRegistry::builder()
+            .blob(repo, blob.clone())
+            .start()
+            .await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -487,6 +534,14 @@ impl FakeRegistry {
             .count()
     }
 
+    /// The GET requests of this blob so far (with or without `Range`), oldest first.
+    pub fn blob_get_requests(&self, digest: &str) -> Vec<Seen> {
+        self.requests_for(Kind::Blob, digest)
+            .into_iter()
+            .filter(|s| s.method == Method::GET)
+            .collect()
+    }
+
     /// GETs of this blob so far (with or without `Range`).
     pub fn blob_gets(&self, digest: &str) -> usize {
         self.count(Method::GET, Kind::Blob, digest)
@@ -520,10 +575,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let flushes = Arc::new(Flushes::default());
             let service = service_fn({
-                let shared = shared.clone();
-                move |req| handle(shared.clone(), req)
+                let (shared, flushes) = (shared.clone(), flushes.clone());
+                move |req| handle(shared.clone(), flushes.clone(), req)
             });
+            let stream = FlushCountingStream {
+                inner: stream,
+                flushes,
+            };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -583,7 +643,11 @@ impl Route {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    flushes: Arc<Flushes>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let route = Route::parse(req.uri().path());
     let (kind, repo, reference) = route.describe();
     let method = req.method().clone();
@@ -608,8 +672,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             .header("Docker-Distribution-API-Version", "registry/2.0")
             .body(full(Bytes::from_static(b"{}")))
             .unwrap(),
-        Route::Blob { repo, digest } => blob(&shared, &method, req.headers(), &repo, &digest),
-        Route::Manifest { repo, reference } => manifest(&shared, &method, &repo, &reference),
+        Route::Blob { repo, digest } => {
+            blob(&shared, &flushes, &method, req.headers(), &repo, &digest)
+        }
+        Route::Manifest { repo, reference } => {
+            manifest(&shared, &flushes, &method, &repo, &reference)
+        }
         Route::Tags { repo } => tags(&shared, &repo, req.uri().query()),
         Route::Other => error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
     };
@@ -618,6 +686,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
 
 fn blob(
     shared: &Arc<Shared>,
+    flushes: &Arc<Flushes>,
     method: &Method,
     headers: &HeaderMap,
     repo: &str,
@@ -626,11 +695,7 @@ fn blob(
     let (data, rule) = {
         let mut state = shared.lock();
         let Some(r) = state.repos.get(repo) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-                "repository name not known to registry",
-            );
+            return name_unknown();
         };
         let Some(data) = r.blobs.get(digest).cloned() else {
             return error(
@@ -685,19 +750,22 @@ fn blob(
         data.slice(start as usize..end as usize),
         rule,
         shared.stop.clone(),
+        flushes.clone(),
     );
     response.body(body).unwrap()
 }
 
-fn manifest(shared: &Arc<Shared>, method: &Method, repo: &str, reference: &str) -> Response<Body> {
+fn manifest(
+    shared: &Arc<Shared>,
+    flushes: &Arc<Flushes>,
+    method: &Method,
+    repo: &str,
+    reference: &str,
+) -> Response<Body> {
     let (digest, found, rule) = {
         let mut state = shared.lock();
         let Some(r) = state.repos.get(repo) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-                "repository name not known to registry",
-            );
+            return name_unknown();
         };
         let digest = match r.tags.get(reference) {
             Some(digest) => digest.clone(),
@@ -728,18 +796,19 @@ fn manifest(shared: &Arc<Shared>, method: &Method, repo: &str, reference: &str) 
     }
     let data = corrupt_if_asked(found.bytes, rule.as_ref());
     response
-        .body(stream_body(data, rule, shared.stop.clone()))
+        .body(stream_body(
+            data,
+            rule,
+            shared.stop.clone(),
+            flushes.clone(),
+        ))
         .unwrap()
 }
 
 fn tags(shared: &Arc<Shared>, repo: &str, query: Option<&str>) -> Response<Body> {
     let state = shared.lock();
     let Some(r) = state.repos.get(repo) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "NAME_UNKNOWN",
-            "repository name not known to registry",
-        );
+        return name_unknown();
     };
     let mut n = None;
     let mut last = None;
@@ -844,18 +913,158 @@ impl Plan {
     }
 }
 
-type FrameResult = Result<Frame<Bytes>, io::Error>;
+/// What the pump hands the body.
+enum Piece {
+    Data(Bytes),
+    /// End the body with this error at once.
+    Fail(io::Error),
+    /// End the body with an error once every byte before this point is on the socket.
+    Cut,
+}
 
 /// A body fed by a task that follows the plan. The task stops as soon as the client goes away
 /// (hyper drops the body, closing the channel) or the registry is dropped.
-fn stream_body(data: Bytes, rule: Option<Rule>, stop: CancellationToken) -> Body {
-    let (tx, mut rx) = mpsc::channel::<FrameResult>(2);
+fn stream_body(
+    data: Bytes,
+    rule: Option<Rule>,
+    stop: CancellationToken,
+    flushes: Arc<Flushes>,
+) -> Body {
+    let (tx, rx) = mpsc::channel::<Piece>(2);
     tokio::spawn(pump(data, Plan::from_rule(rule), tx, stop));
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    StreamBody::new(stream).boxed()
+    PumpedBody {
+        rx,
+        flushes,
+        cut_after_flush: None,
+    }
+    .boxed()
 }
 
-async fn pump(data: Bytes, plan: Plan, tx: mpsc::Sender<FrameResult>, stop: CancellationToken) {
+/// The body of a response, as the pump sends it.
+///
+/// A cut needs care: an error from a body makes hyper drop the connection at once, with
+/// whatever it still holds in its write buffer (up to several frames). So at [`Piece::Cut`]
+/// the body notes the connection's flush count and answers `Pending` until the count moves.
+/// hyper buffers each frame before it asks for the next, so its buffer then holds every byte
+/// this body returned; it flushes that buffer, and calls the socket's flush only once the
+/// buffer is empty. Only then does the body return its error.
+struct PumpedBody {
+    rx: mpsc::Receiver<Piece>,
+    flushes: Arc<Flushes>,
+    /// Set at [`Piece::Cut`]: the flush count then.
+    cut_after_flush: Option<u64>,
+}
+
+impl hyper::body::Body for PumpedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        loop {
+            if let Some(seen) = self.cut_after_flush {
+                if self.flushes.flushed_since(seen, cx.waker()) {
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "fake registry: cut the body short",
+                    ))));
+                }
+                return Poll::Pending;
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Piece::Data(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Some(Piece::Fail(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Piece::Cut) => self.cut_after_flush = Some(self.flushes.count()),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// How often a connection's socket has been flushed, and who waits for the next flush.
+#[derive(Default)]
+struct Flushes {
+    count: AtomicU64,
+    waiter: Mutex<Option<Waker>>,
+}
+
+impl Flushes {
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// True if the socket was flushed since the count was `seen`; otherwise `waker` is woken
+    /// at the next flush.
+    fn flushed_since(&self, seen: u64, waker: &Waker) -> bool {
+        if self.count() != seen {
+            return true;
+        }
+        *self.waiter.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+        // A flush between the check and the registration found no waiter to wake.
+        self.count() != seen
+    }
+
+    fn flushed(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let waiter = self.waiter.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(waker) = waiter {
+            waker.wake();
+        }
+    }
+}
+
+/// A connection's socket, counting its completed flushes (see [`PumpedBody`]).
+struct FlushCountingStream {
+    inner: TcpStream,
+    flushes: Arc<Flushes>,
+}
+
+impl AsyncRead for FlushCountingStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FlushCountingStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.flushes.flushed();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn pump(data: Bytes, plan: Plan, tx: mpsc::Sender<Piece>, stop: CancellationToken) {
     let len = data.len() as u64;
     let limit = match plan.end {
         End::Complete => len,
@@ -890,8 +1099,8 @@ async fn pump(data: Bytes, plan: Plan, tx: mpsc::Sender<FrameResult>, stop: Canc
                 _ = stop.cancelled() => return,
             }
         }
-        let frame = Frame::data(data.slice(pos as usize..end as usize));
-        if tx.send(Ok(frame)).await.is_err() {
+        let piece = Piece::Data(data.slice(pos as usize..end as usize));
+        if tx.send(piece).await.is_err() {
             return;
         }
         pos = end;
@@ -899,15 +1108,13 @@ async fn pump(data: Bytes, plan: Plan, tx: mpsc::Sender<FrameResult>, stop: Canc
     match plan.end {
         End::Complete => {}
         End::Cut(_) => {
-            let _ = tx
-                .send(Err(io::Error::other("fake registry: cut the body short")))
-                .await;
+            let _ = tx.send(Piece::Cut).await;
         }
         End::Stall(_) => {
             tokio::select! {
                 _ = tx.closed() => {}
                 _ = stop.cancelled() => {
-                    let _ = tx.send(Err(io::Error::other("fake registry: stopped"))).await;
+                    let _ = tx.send(Piece::Fail(io::Error::other("fake registry: stopped"))).await;
                 }
             }
         }
@@ -930,6 +1137,15 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+/// The answer for a repository the registry does not hold.
+fn name_unknown() -> Response<Body> {
+    error(
+        StatusCode::NOT_FOUND,
+        "NAME_UNKNOWN",
+        "repository name not known to registry",
+    )
 }
 
 fn status_fault(code: u16, not_found_code: &str) -> Response<Body> {

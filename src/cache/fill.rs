@@ -405,6 +405,9 @@ async fn stream(
         };
         let mut batch: Vec<Bytes> = vec![first];
         let mut ended = false;
+        // A body error behind chunks that already arrived: those are handed over first, so
+        // the next upstream resumes after them, not before.
+        let mut broken = None;
         let mut batch_len = batch[0].len();
         while batch_len < MAX_WRITE_BATCH {
             match body.next().now_or_never() {
@@ -413,7 +416,8 @@ async fn stream(
                     batch.push(chunk);
                 }
                 Some(Some(Err(e))) => {
-                    return Err(failed(body_error(upstream, digest, *handed, &e)));
+                    broken = Some(e);
+                    break;
                 }
                 Some(None) => {
                     ended = true;
@@ -452,6 +456,9 @@ async fn stream(
         if batch_len > 0 {
             pipe.batches.send(batch).await.map_err(|_| Stop::Writer)?;
             *handed += batch_len;
+        }
+        if let Some(e) = broken {
+            return Err(failed(body_error(upstream, digest, *handed, &e)));
         }
         if ended {
             if skip > 0 {

@@ -6,10 +6,11 @@
 //! Architecture invariants:
 //! - The fill runs in its own task on the cache's `TaskTracker`, under a cancellation token
 //!   derived from the server's, never from a request. No client can cancel it.
-//! - **Receiving and storing overlap.** The task receives from the upstream and hands batches
-//!   to the fill's writer thread over a bounded channel ([`PIPELINE_BATCHES`] batches of at
-//!   most [`MAX_WRITE_BATCH`] bytes), which hashes and writes them. The upstream is paced by
-//!   the writer, and memory per fill is bounded by the channel.
+//! - **Receiving, hashing and storing overlap.** The task receives from the upstream and hands
+//!   batches to the fill's writer thread over a bounded channel ([`PIPELINE_BATCHES`] batches
+//!   of at most [`MAX_WRITE_BATCH`] bytes); the writer passes each batch on to a hashing
+//!   thread (another bounded channel) and writes it. The upstream is paced by the slower of
+//!   the two, and memory per fill is bounded by the channels.
 //! - **Readers finish on `Verified`, the cache on `Complete`.** Readers may send their last
 //!   byte once every byte has matched the digest; the fill stays in the fill map (new
 //!   requests join it) until the fsync, rename and directory fsync are done, and only then is
@@ -53,10 +54,6 @@ const MAX_WRITE_BATCH: usize = 1 << 20;
 /// Batches that may wait for the writer: enough to keep receiving while a batch is hashed and
 /// written, few enough to keep a fill's memory to a few MiB.
 const PIPELINE_BATCHES: usize = 3;
-
-/// Start writeback every this many bytes, so the commit's fsync has only the tail to flush
-/// (the kernel would otherwise wait up to 30 s and then flush the whole blob at commit).
-const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// Where a fill is. Cheap to clone (files and buffers are shared).
 #[derive(Clone, Debug)]
@@ -525,7 +522,6 @@ impl Pipe {
             verifier: DigestVerifier::new(),
             file: None,
             on_disk: 0,
-            flushed: 0,
             available: 0,
             spill: None,
             disk_full: false,
@@ -565,8 +561,6 @@ struct Writer {
     verifier: DigestVerifier,
     file: Option<Arc<File>>,
     on_disk: u64,
-    /// Writeback was started for bytes below this offset.
-    flushed: u64,
     available: u64,
     spill: Option<Arc<Spill>>,
     disk_full: bool,
@@ -583,16 +577,15 @@ impl Writer {
             Err(e) => self.disk_failed(&e, "creating a temporary file"),
         }
         self.publish();
+        let mut hasher = Hasher::start();
         while let Some(batch) = rx.blocking_recv() {
-            for chunk in &batch {
-                self.verifier.update(chunk);
-            }
+            hasher.feed(&batch)?;
             for chunk in batch {
                 self.take(chunk)?;
             }
-            self.start_writeback();
             self.publish();
         }
+        self.verifier = hasher.finish()?;
         Ok(())
     }
 
@@ -653,17 +646,6 @@ impl Writer {
         self.disk_full |= full;
     }
 
-    /// Asks the kernel to start writing back what was written since the last call.
-    fn start_writeback(&mut self) {
-        if self.spill.is_some() || self.on_disk - self.flushed < WRITEBACK_EVERY {
-            return;
-        }
-        if let Some(file) = &self.file {
-            start_writeback(file, self.flushed, self.on_disk - self.flushed);
-        }
-        self.flushed = self.on_disk;
-    }
-
     fn publish(&self) {
         let progress = Progress {
             file: self.file.clone(),
@@ -711,22 +693,67 @@ pub fn is_disk_full(e: &io::Error) -> bool {
         || e.kind() == io::ErrorKind::StorageFull
 }
 
-/// Starts writeback of a byte range without waiting for it (Linux `sync_file_range`). Only a
-/// hint: the commit's fsync is what makes the blob durable.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is valid for
-    // the duration of the call because `file` is borrowed.
-    let rc = unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "sync_file_range failed");
+/// Hashes a fill's bytes on a thread of its own, beside the writer: sha256 (~1.2 GiB/s here)
+/// and the copy into the page cache then overlap instead of adding up. If the thread cannot
+/// be started, the writer hashes inline.
+struct Hasher {
+    batches: Option<std::sync::mpsc::SyncSender<Vec<Bytes>>>,
+    thread: Option<std::thread::JoinHandle<DigestVerifier>>,
+    inline: DigestVerifier,
+}
+
+impl Hasher {
+    fn start() -> Hasher {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(PIPELINE_BATCHES);
+        let spawned = std::thread::Builder::new()
+            .name("cistern-hash".into())
+            .spawn(move || {
+                let mut v = DigestVerifier::new();
+                for batch in rx {
+                    for chunk in &batch {
+                        v.update(chunk);
+                    }
+                }
+                v
+            });
+        match spawned {
+            Ok(thread) => Hasher {
+                batches: Some(tx),
+                thread: Some(thread),
+                inline: DigestVerifier::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a hashing thread; hashing inline");
+                Hasher {
+                    batches: None,
+                    thread: None,
+                    inline: DigestVerifier::new(),
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, batch: &[Bytes]) -> Result<()> {
+        match &self.batches {
+            // Cloning a batch clones reference counts, not bytes.
+            Some(tx) => tx
+                .send(batch.to_vec())
+                .map_err(|_| Error::internal("the fill's hashing thread died")),
+            None => {
+                batch.iter().for_each(|c| self.inline.update(c));
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<DigestVerifier> {
+        drop(self.batches.take());
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::internal("the fill's hashing thread died")),
+            None => Ok(std::mem::take(&mut self.inline)),
+        }
     }
 }
 

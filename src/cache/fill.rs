@@ -49,7 +49,7 @@ use crate::upstream::{BlobResponse, Route, Upstream};
 /// Upstream chunks that are already waiting are handed to the writer together, up to this
 /// many bytes, so a fast upstream costs few channel hops while a slow one still lands each
 /// chunk as soon as it arrives.
-const MAX_WRITE_BATCH: usize = 1 << 20;
+const MAX_WRITE_BATCH: usize = 256 << 10;
 
 /// Batches that may wait for the writer: enough to keep receiving while a batch is hashed and
 /// written, few enough to keep a fill's memory to a few MiB.

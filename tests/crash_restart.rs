@@ -4,81 +4,27 @@
 
 mod support;
 
-use std::net::TcpListener as StdListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use support::process::{ChildCistern, free_port, write_config};
 use support::{Client, DataDir, FakeRegistry, Fault, Gate, MIB, blob_bytes, sha256_digest};
 
 const REPO: &str = "crash/test";
 
-/// The cistern binary as a child process, killed (SIGKILL) when dropped.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    async fn start(upstream: &str, data: &Path) -> Process {
-        // Pick a free port for the child; the tiny window before it binds is harmless here.
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = data.parent().unwrap().join(format!("cistern-{port}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[upstream]\nurl = {upstream:?}\n",
-                data.display().to_string()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the cistern binary");
-        let url = format!("http://127.0.0.1:{port}");
-        let mut p = Process { child, url };
-        p.wait_ready().await;
-        p
-    }
-
-    async fn wait_ready(&mut self) {
-        let client = Client::new(self.url.clone());
-        let deadline = tokio::time::Instant::now() + support::patience();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("cistern exited during start-up: {status}");
-            }
-            if client.get("/v2/").await.status == 200 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "cistern did not become ready"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-
-    fn kill9(&mut self) {
-        // std's kill() sends SIGKILL: no destructor, no shutdown hook runs in the child.
-        self.child.kill().expect("SIGKILL cistern");
-        self.child.wait().expect("reap cistern");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The cistern binary on the data directory `data`, in front of `upstream`.
+async fn start(upstream: &str, data: &Path) -> ChildCistern {
+    let port = free_port();
+    let config = data.parent().unwrap().join(format!("cistern-{port}.toml"));
+    write_config(&config, port, data, upstream);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cistern"));
+    command
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    ChildCistern::start(command, port, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +40,7 @@ async fn sigkill_mid_fill_leaves_nothing_servable_and_restart_cleans_up() {
         .await;
     let data = DataDir::new();
 
-    let mut first = Process::start(&upstream.url(), data.path()).await;
+    let mut first = start(&upstream.url(), data.path()).await;
     let client = Client::new(first.url.clone());
     let d = digest.clone();
     let pending = tokio::spawn(async move { client.get_blob(REPO, &d).await });
@@ -128,7 +74,7 @@ async fn sigkill_mid_fill_leaves_nothing_servable_and_restart_cleans_up() {
     // Restart on the same directory: leftovers are swept before anything is served, and the
     // blob is fetched afresh and verified.
     gate.open();
-    let second = Process::start(&upstream.url(), data.path()).await;
+    let second = start(&upstream.url(), data.path()).await;
     assert_eq!(data.tmp_files(), Vec::<std::path::PathBuf>::new());
     let got = Client::new(second.url.clone())
         .get_blob(REPO, &digest)

@@ -9,20 +9,19 @@
 
 mod support;
 
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use support::process::{ChildCistern, free_port, write_config};
 use support::{Client, DataDir, FakeRegistry, MIB, assert_same_bytes, blob_bytes, sha256_digest};
 
 const REPO: &str = "disk/full";
 /// The tmpfs: room for the small blob and a little, not for the large one beside it.
 const TMPFS_MIB: usize = 24;
 
-/// The cistern binary in its own mount namespace with `data` on a tmpfs. Killed when dropped.
+/// The cistern binary in its own mount namespace with `data` on a tmpfs.
 struct Confined {
-    child: Child,
-    url: String,
+    process: ChildCistern,
     /// `data` as the child sees it, through `/proc/<pid>/root`.
     data: PathBuf,
     log: PathBuf,
@@ -30,70 +29,35 @@ struct Confined {
 
 impl Confined {
     async fn start(upstream: &str, root: &Path) -> Confined {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let data = root.join("data");
         std::fs::create_dir_all(&data).unwrap();
         let config = root.join("cistern.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[upstream]\nurl = {upstream:?}\n",
-                data.display().to_string()
-            ),
-        )
-        .unwrap();
+        write_config(&config, port, &data, upstream);
         let log = root.join("cistern.log");
-        let child = Command::new("unshare")
+        let mut command = Command::new("unshare");
+        command
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(
                 r#"mount -t tmpfs -o "size=$1" cistern-test "$2" && exec "$3" serve --config "$4""#,
             )
             .arg("sh")
-            .arg(format!("{}m", TMPFS_MIB))
+            .arg(format!("{TMPFS_MIB}m"))
             .arg(&data)
             .arg(env!("CARGO_BIN_EXE_cistern"))
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start cistern under unshare");
-        let seen = PathBuf::from(format!("/proc/{}/root", child.id())).join(
+            .stderr(std::fs::File::create(&log).unwrap());
+        let process = ChildCistern::start(command, port, Some(log.clone())).await;
+        let seen = PathBuf::from(format!("/proc/{}/root", process.pid())).join(
             data.strip_prefix("/")
                 .expect("temporary directories are absolute"),
         );
-        let mut c = Confined {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
+        Confined {
+            process,
             data: seen,
             log,
-        };
-        c.wait_ready().await;
-        c
-    }
-
-    async fn wait_ready(&mut self) {
-        let client = Client::new(self.url.clone());
-        let deadline = tokio::time::Instant::now() + support::patience();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "cistern exited during start-up: {status}\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if client.get("/v2/").await.status == 200 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "cistern did not become ready"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -120,13 +84,6 @@ impl Confined {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Confined {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -175,7 +132,7 @@ async fn a_full_disk_passes_the_blob_through_then_makes_room() {
         .await;
     let dir = DataDir::new();
     let cistern = Confined::start(&upstream.url(), dir.root()).await;
-    let client = Client::new(cistern.url.clone());
+    let client = Client::new(cistern.process.url.clone());
 
     // The small blob is cached: the disk now has less free space than the large blob needs.
     let got = client.get_blob(REPO, &small_digest).await.unwrap();

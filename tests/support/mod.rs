@@ -6,6 +6,8 @@
 //!   request it saw.
 //! - [`cistern`]: `TestCistern`, which runs `cistern::run` on `127.0.0.1:0` over a temporary
 //!   `DataDir`, and shuts it down with the run's error or panic re-raised.
+//! - [`process`]: the cistern binary as a child process (`ChildCistern`), for tests that kill
+//!   it or run it in a namespace of its own.
 //! - [`client`]: a small reqwest client (`Client`) whose responses always carry the outcome of
 //!   reading the whole body, concurrent blob readers (`Readers`), and a raw HTTP/1.1 request for
 //!   paths that a URL library would normalise.
@@ -19,6 +21,7 @@
 
 pub mod cistern;
 pub mod client;
+pub mod process;
 pub mod registry;
 
 use std::future::Future;

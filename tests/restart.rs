@@ -112,3 +112,33 @@ async fn cached_content_is_served_after_a_restart_without_upstream() {
     );
     cistern.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_manifest_that_fails_its_digest_is_fetched_again() {
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let digest = sha256_digest(manifest);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, None, OCI_MANIFEST, &manifest[..])
+        .start()
+        .await;
+    // A manifest file whose bytes changed on disk (bit rot, a hand edit): it must not be
+    // served, nor make the manifest unservable.
+    let data = DataDir::new();
+    let path = data.manifest_path(&digest);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut corrupt = format!("{OCI_MANIFEST}\n").into_bytes();
+    corrupt.extend(manifest.iter().map(|b| b ^ 1));
+    std::fs::write(&path, &corrupt).unwrap();
+
+    let cistern = TestCistern::start_on(&upstream, data, |_| {}).await;
+    let got = cistern.client().get_manifest(REPO, &digest).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    assert_same_bytes(got.body.as_ref().unwrap(), manifest, "manifest");
+    let stored = std::fs::read(cistern.data().manifest_path(&digest)).unwrap();
+    assert_same_bytes(
+        &stored[OCI_MANIFEST.len() + 1..],
+        manifest,
+        "the stored manifest, repaired",
+    );
+}

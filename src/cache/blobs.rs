@@ -273,7 +273,7 @@ impl BlobCache {
                 fills.remove(&key);
             }
         }));
-        let guard = FillGuard::new(tx, followers, detach);
+        let guard = FillGuard::new(tx, followers.clone(), detach);
         let usage = self.usage.clone();
         let cx = FillContext {
             store: self.store.clone(),
@@ -295,7 +295,9 @@ impl BlobCache {
                 )),
             };
             match &outcome {
-                Ok(FillState::Complete { size, .. }) => usage.committed(&digest, *size),
+                Ok(FillState::Complete { size, .. }) => {
+                    usage.committed_followed(&digest, *size, Some(&followers))
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%digest, %name, error = %e, "cache fill failed"),
             }

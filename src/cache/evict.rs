@@ -31,11 +31,26 @@ use super::refs::{Graph, Pinned, RefIndex};
 use crate::oci::Digest;
 use crate::storage::DiskStore;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     size: u64,
     last_access: SystemTime,
     readers: u32,
+    /// The readers still following the fill that committed this blob: they joined before the
+    /// commit, so they hold no `ReadGuard`, and must keep it from eviction all the same.
+    followers: Option<std::sync::Weak<super::spill::Followers>>,
+}
+
+impl Entry {
+    /// Is anyone reading this blob now?
+    fn in_use(&self) -> bool {
+        self.readers > 0
+            || self
+                .followers
+                .as_ref()
+                .and_then(std::sync::Weak::upgrade)
+                .is_some_and(|f| !f.is_empty())
+    }
 }
 
 /// The budget: where the watermarks are.
@@ -114,6 +129,7 @@ impl Usage {
                     size,
                     last_access,
                     readers: 0,
+                    followers: None,
                 },
             );
         }
@@ -224,11 +240,22 @@ impl Usage {
 
     /// A blob was committed.
     pub fn committed(&self, digest: &Digest, size: u64) {
+        self.committed_followed(digest, size, None);
+    }
+
+    /// A fill committed a blob that `followers` may still be reading.
+    pub fn committed_followed(
+        &self,
+        digest: &Digest,
+        size: u64,
+        followers: Option<&Arc<super::spill::Followers>>,
+    ) {
         let mut inner = self.inner.lock().expect("usage poisoned");
         let entry = Entry {
             size,
             last_access: SystemTime::now(),
             readers: 0,
+            followers: followers.map(Arc::downgrade),
         };
         if let Some(old) = inner.blobs.insert(Arc::new(digest.clone()), entry) {
             inner.total -= old.size;
@@ -253,6 +280,7 @@ impl Usage {
                         size,
                         last_access: now,
                         readers: 0,
+                        followers: None,
                     },
                 );
                 inner.total += size;
@@ -340,7 +368,7 @@ impl Usage {
         let candidates = inner
             .blobs
             .iter()
-            .filter(|(_, e)| e.readers == 0)
+            .filter(|(_, e)| !e.in_use())
             .map(|(d, e)| Candidate {
                 digest: Arc::clone(d),
                 size: e.size,
@@ -360,9 +388,10 @@ impl Usage {
             if pinned.contains(&v.digest) {
                 continue;
             }
-            let unchanged = inner.blobs.get(&*v.digest).is_some_and(|e| {
-                e.readers == 0 && e.last_access == v.last_access && e.size == v.size
-            });
+            let unchanged = inner
+                .blobs
+                .get(&*v.digest)
+                .is_some_and(|e| !e.in_use() && e.last_access == v.last_access && e.size == v.size);
             if unchanged && let Some(e) = inner.blobs.remove(&*v.digest) {
                 inner.total -= e.size;
                 out.push((Arc::unwrap_or_clone(v.digest), e.size));
@@ -545,5 +574,27 @@ mod tests {
         assert_eq!(usage.pins(), vec![p.clone()]);
         assert!(usage.unpin(&p));
         assert!(!usage.unpin(&p));
+    }
+
+    #[test]
+    fn a_blob_still_followed_after_its_commit_is_not_a_victim() {
+        let usage = Usage::new(Some(Budget { high: 5, low: 0 }));
+        let followers = Arc::new(crate::cache::spill::Followers::default());
+        let reader = followers.join();
+        let (followed, idle) = (Digest::of(b"followed"), Digest::of(b"idle"));
+        usage.committed_followed(&followed, 10, Some(&followers));
+        usage.committed(&idle, 10);
+        assert_eq!(
+            usage.take_victims(),
+            vec![(idle, 10)],
+            "only the idle blob may go"
+        );
+        drop(reader);
+        usage.committed(&Digest::of(b"more"), 10);
+        let victims: Vec<Digest> = usage.take_victims().into_iter().map(|(d, _)| d).collect();
+        assert!(
+            victims.contains(&followed),
+            "once its reader is gone, it may go: {victims:?}"
+        );
     }
 }

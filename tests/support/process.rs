@@ -67,7 +67,9 @@ impl ChildCistern {
                     .unwrap_or_default();
                 panic!("cistern exited during start-up: {status}\n{log}");
             }
-            if client.get("/v2/").await.status == 200 {
+            // Connection refused until the child has bound its port: keep polling.
+            let ready = client.request(http::Method::GET, "/v2/").send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
                 return;
             }
             assert!(

@@ -19,6 +19,7 @@ struct Running {
     admin: Client,
     admin_url: String,
     token_file: std::path::PathBuf,
+    data: DataDir,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -50,6 +51,7 @@ async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -
         admin: Client::new(admin_url.clone()),
         admin_url,
         token_file,
+        data: data.clone(),
         stop,
         task,
     }
@@ -60,6 +62,35 @@ impl Running {
         self.admin
             .send(self.admin.request(method, path).bearer_auth(TOKEN))
             .await
+    }
+
+    /// GETs a blob and waits for its commit: clients get their last byte before the fsync and
+    /// rename, and a test that looks at the disk must not race them.
+    async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes {
+        let got = self.api.get_blob(repo, digest).await.unwrap();
+        self.data.wait_for_blob(digest, "the blob's commit").await;
+        got
+    }
+
+    /// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
+    async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
+        let m = self.api.get_manifest(repo, reference).await;
+        assert_eq!(
+            m.status,
+            StatusCode::OK,
+            "{repo}:{reference}: {}",
+            m.body_text()
+        );
+        for b in blobs {
+            let got = self.get_blob(repo, &sha256_digest(b)).await;
+            assert_same_bytes(&got, b, "a layer");
+        }
+    }
+
+    /// GETs a blob without waiting for its commit (for blobs that are there to be evicted).
+    async fn pull_blob(&self, blob: &bytes::Bytes) {
+        let got = self.api.get_blob(REPO, &sha256_digest(blob)).await.unwrap();
+        assert_same_bytes(&got, blob, "a blob");
     }
 
     async fn stop(self) {
@@ -114,7 +145,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
     let manifest_digest = sha256_digest(&manifest);
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    s.api.get_blob(REPO, &digest).await.unwrap();
+    s.get_blob(REPO, &digest).await;
     s.api.get_manifest(REPO, &manifest_digest).await;
     assert!(data.blob_path(&digest).exists());
 
@@ -153,16 +184,62 @@ async fn purge_removes_and_the_next_pull_refetches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
+    let (blob, digest) = blob_and_digest(4 * MIB, 3);
+    let gate = Gate::new();
+    // Only the first GET is held: the refetch after the purge goes straight through.
+    let upstream =
+        FakeRegistry::with_faulty_blob(REPO, &blob, Fault::GateAt(MIB as u64, gate.clone()).once())
+            .await;
+    let data = DataDir::new();
+    let s = start(&upstream, &data, None).await;
+    let client = s.api.clone();
+    let d = digest.clone();
+    let pulling = tokio::spawn(async move { client.get_blob(REPO, &d).await });
+    gate.wait_reached(1).await;
+
+    let r = s
+        .admin(Method::DELETE, &format!("/admin/blobs/{digest}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+    gate.open();
+    // The client that started the fill still gets the whole, verified blob.
+    let got = bounded("the held GET", pulling).await.unwrap().unwrap();
+    assert_same_bytes(&got, &blob, "the blob served during the purge");
+    let stats = bounded("the fill to end", async {
+        loop {
+            let stats = s.admin(Method::GET, "/admin/stats").await.json();
+            if stats["fills_running"] == 0 {
+                return stats;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(data.tmp_files(), Vec::<std::path::PathBuf>::new());
+    assert!(
+        !data.blob_path(&digest).exists(),
+        "the purged blob was committed by the fill that was running"
+    );
+    assert_eq!(stats["blobs"], 0, "{stats}");
+
+    // The next pull fetches it again, and this time it is cached.
+    s.get_blob(REPO, &digest).await;
+    assert_eq!(upstream.blob_gets(&digest), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pins_survive_eviction_and_restarts() {
     let (blobs, d) = blobs_and_digests(5, MIB, 10);
     let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
-    s.api.get_blob(REPO, &d[0]).await.unwrap();
+    s.get_blob(REPO, &d[0]).await;
     let r = s.admin(Method::PUT, &format!("/admin/pins/{}", d[0])).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
     for digest in &d[1..] {
-        s.api.get_blob(REPO, digest).await.unwrap();
+        s.get_blob(REPO, digest).await;
     }
     eventually("eviction", patience(), || !data.blob_path(&d[1]).exists()).await;
     assert!(data.blob_path(&d[0]).exists(), "a pinned blob was evicted");
@@ -222,21 +299,6 @@ async fn pins_survive_eviction_and_restarts() {
 
 const OTHER: &str = "library/other";
 
-/// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
-async fn pull(api: &Client, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
-    let m = api.get_manifest(repo, reference).await;
-    assert_eq!(
-        m.status,
-        StatusCode::OK,
-        "{repo}:{reference}: {}",
-        m.body_text()
-    );
-    for b in blobs {
-        let got = api.get_blob(repo, &sha256_digest(b)).await.unwrap();
-        assert_same_bytes(&got, b, "a layer");
-    }
-}
-
 /// Upstream requests for a repository's tag.
 fn tag_requests(upstream: &FakeRegistry, repo: &str, tag: &str) -> usize {
     upstream
@@ -268,8 +330,8 @@ async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
     let registry = upstream.addr().to_string();
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
-    pull(&s.api, OTHER, "1", &[&cfg_b, &base, &b1]).await;
+    s.pull(REPO, "1", &[&cfg_a, &base, &a1]).await;
+    s.pull(OTHER, "1", &[&cfg_b, &base, &b1]).await;
     let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
 
     // The tag goes, with what only it used; `base` stays for library/other.
@@ -298,7 +360,7 @@ async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
     // The tag's answer is gone from memory too: the next pull asks the upstream (tag_ttl is
     // five minutes, so a remembered answer would have been served).
     let before = tag_requests(&upstream, REPO, "1");
-    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
+    s.pull(REPO, "1", &[&cfg_a, &base, &a1]).await;
     assert!(
         tag_requests(&upstream, REPO, "1") > before,
         "a purged tag was answered from memory"
@@ -420,10 +482,11 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         (Some(pattern.as_str()), Some(true))
     );
 
-    pull(&s.api, KEEP, "1", &[]).await;
-    pull(&s.api, KEEP, &sha256_digest(&image), &[&cfg, &k1, &k2]).await;
+    s.pull(KEEP, "1", &[]).await;
+    s.pull(KEEP, &sha256_digest(&image), &[&cfg, &k1, &k2])
+        .await;
     for f in &fillers[..3] {
-        pull_blob(&s.api, f).await;
+        s.pull_blob(f).await;
     }
     let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
     eventually("eviction", patience(), || !exists(&fillers[0])).await;
@@ -438,7 +501,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
     let pins = s.admin(Method::GET, "/admin/pins").await.json();
     assert_eq!(pins["pins"], serde_json::json!([pattern]));
     for f in &fillers[3..] {
-        pull_blob(&s.api, f).await;
+        s.pull_blob(f).await;
     }
     eventually("eviction after the restart", patience(), || {
         !exists(&fillers[3])
@@ -452,17 +515,12 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         .admin(Method::DELETE, &format!("/admin/pins?{query}"))
         .await;
     assert_eq!(r.json()["changed"], true, "{}", r.body_text());
-    pull_blob(&s.api, &fillers[0]).await;
+    s.pull_blob(&fillers[0]).await;
     eventually("the unpinned layers evicted", patience(), || {
         !exists(&k1) || !exists(&k2)
     })
     .await;
     s.stop().await;
-}
-
-async fn pull_blob(api: &Client, blob: &bytes::Bytes) {
-    let got = api.get_blob(REPO, &sha256_digest(blob)).await.unwrap();
-    assert_same_bytes(&got, blob, "a blob");
 }
 
 fn form_urlencoded_pattern(pattern: &str) -> String {
@@ -496,14 +554,9 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
     let registry = upstream.addr().to_string();
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    pull(&s.api, REPO, "1", &[&cfg_a, &base, &a1]).await;
-    pull(
-        &s.api,
-        PINNED,
-        &sha256_digest(&deploy),
-        &[&cfg_d, &base, &d1],
-    )
-    .await;
+    s.pull(REPO, "1", &[&cfg_a, &base, &a1]).await;
+    s.pull(PINNED, &sha256_digest(&deploy), &[&cfg_d, &base, &d1])
+        .await;
     s.stop().await;
 
     let cli = |args: &[&str]| {

@@ -37,6 +37,9 @@ async fn the_least_recently_used_go_and_come_back_on_demand() {
 
     for (b, d) in blobs.iter().zip(&digests) {
         assert_same_bytes(&client.get_blob(REPO, d).await.unwrap(), b, "pull");
+        // Clients get their last byte before the commit: wait for it, so the budget check
+        // below sees this blob too.
+        cistern.data().wait_for_blob(d, "the blob's commit").await;
         eventually("the cache back under its budget", patience(), || {
             blob_bytes_on_disk(cistern.data()) <= high
         })
@@ -84,6 +87,9 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
         "pinned",
     );
     assert_same_bytes(&client.get_blob(REPO, &big_d).await.unwrap(), &big, "big");
+    for d in [&pinned_d, &big_d] {
+        cistern.data().wait_for_blob(d, "the blob's commit").await;
+    }
     tick().await;
 
     // A client starts reading the big blob (now cached) and stops after 1 MiB, holding the
@@ -140,6 +146,10 @@ async fn lru_order_survives_a_restart() {
     let client = cistern.client();
     for digest in &d[..3] {
         client.get_blob(REPO, digest).await.unwrap();
+        cistern
+            .data()
+            .wait_for_blob(digest, "the blob's commit")
+            .await;
         tick().await;
     }
     // Use the oldest again: it is now the most recently used.
@@ -187,7 +197,9 @@ async fn a_tag_pattern_in_the_config_pins_its_images_only() {
         let m = client.get_manifest(REPO, tag).await;
         assert_eq!(m.status, http::StatusCode::OK, "{}", m.body_text());
         for b in blobs {
-            client.get_blob(REPO, &sha256_digest(b)).await.unwrap();
+            let d = sha256_digest(b);
+            client.get_blob(REPO, &d).await.unwrap();
+            cistern.data().wait_for_blob(&d, "the blob's commit").await;
         }
         tick().await;
     }

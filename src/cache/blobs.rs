@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::evict::{ReadGuard, Usage};
-use super::fill::{self, BadSources, Detach, FillContext, FillGuard, FillState, blocking};
+use super::fill::{
+    self, BadSources, CommitGate, Detach, FillContext, FillGuard, FillState, blocking,
+};
 use super::spill::{Cursor, Followers};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
@@ -50,6 +52,7 @@ pub struct BlobCache {
 struct RunningFill {
     progress: watch::Receiver<FillState>,
     followers: Arc<Followers>,
+    gate: Arc<CommitGate>,
 }
 
 impl RunningFill {
@@ -254,9 +257,11 @@ impl BlobCache {
         let running = RunningFill {
             progress: rx,
             followers: Arc::default(),
+            gate: Arc::default(),
         };
         let (rx, cursor) = running.subscribe();
         let followers = running.followers.clone();
+        let gate = running.gate.clone();
         fills.insert(digest.clone(), running);
         drop(fills);
 
@@ -277,6 +282,7 @@ impl BlobCache {
         let usage = self.usage.clone();
         let cx = FillContext {
             store: self.store.clone(),
+            gate,
             bad_sources: self.bad_sources.clone(),
             disk_full: Box::new(move |needed| usage.disk_full(needed)),
         };
@@ -313,8 +319,20 @@ impl BlobCache {
     }
 
     /// Removes a cached blob (admin purge). A reader that has it open keeps reading; the
-    /// next request fetches it again.
+    /// next request fetches it again. A fill of the digest that is still running does not
+    /// commit; one that is already committing is waited for, and its file removed after it.
     pub async fn purge(&self, digest: &Digest) -> Result<()> {
+        let committing = self
+            .fills
+            .lock()
+            .expect("fill map poisoned")
+            .get(digest)
+            .filter(|f| !f.gate.close())
+            .map(|f| f.progress.clone());
+        if let Some(mut progress) = committing {
+            // The fill's sender goes away when it has finished (committed or not).
+            while progress.changed().await.is_ok() {}
+        }
         self.usage.forget(digest);
         let store = self.store.clone();
         let d = digest.clone();

@@ -27,6 +27,10 @@
 //!   never wait forever and never mistake a dead fill for a finished one.
 //! - The temporary file is removed on every path except a successful commit (see
 //!   `PartialBlob`'s `Drop`).
+//! - **A purge wins over a running fill.** An admin purge of a digest whose fill has not
+//!   begun its commit closes the fill's [`CommitGate`]: the readers still get their verified
+//!   bytes, but the blob is not committed. If the commit is already under way, the purge waits
+//!   for the fill to end and removes the file after it.
 
 use std::fs::File;
 use std::io;
@@ -179,9 +183,52 @@ impl Drop for FillGuard {
     }
 }
 
+/// Whether a fill may still commit its blob. A purge of the digest while the fill runs
+/// closes it, so the blob the purge removed does not reappear when the fill ends.
+#[derive(Debug, Default)]
+pub struct CommitGate(std::sync::Mutex<Gate>);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    #[default]
+    Open,
+    /// Purged before the commit began: the fill serves its readers and discards the file.
+    Closed,
+    /// The commit has begun; a purge must wait for the fill's end and remove the file.
+    Committing,
+}
+
+impl CommitGate {
+    /// The fill is about to commit: false if a purge closed the gate first.
+    pub fn begin_commit(&self) -> bool {
+        let mut gate = self.0.lock().expect("commit gate poisoned");
+        match *gate {
+            Gate::Closed => false,
+            Gate::Open | Gate::Committing => {
+                *gate = Gate::Committing;
+                true
+            }
+        }
+    }
+
+    /// A purge: true if the fill will not commit; false if its commit has already begun.
+    pub fn close(&self) -> bool {
+        let mut gate = self.0.lock().expect("commit gate poisoned");
+        match *gate {
+            Gate::Open | Gate::Closed => {
+                *gate = Gate::Closed;
+                true
+            }
+            Gate::Committing => false,
+        }
+    }
+}
+
 /// What the fill needs from the cache around it.
 pub struct FillContext {
     pub store: Arc<DiskStore>,
+    /// Closed by a purge of this digest while the fill runs.
+    pub gate: Arc<CommitGate>,
     pub bad_sources: Arc<BadSources>,
     /// Called with a number of bytes when the disk ran full, to make room.
     pub disk_full: Box<dyn Fn(u64) + Send + Sync>,
@@ -335,6 +382,10 @@ pub async fn run(
         tracing::warn!(%digest, %name, size = handed, "blob served from the upstream but not cached: the disk write failed");
         return Ok(FillState::Verified(verified));
     };
+    if !cx.gate.begin_commit() {
+        tracing::info!(%digest, %name, size = handed, "blob served but not cached: it was purged while it was being fetched");
+        return Ok(FillState::Verified(verified));
+    }
     let file = partial.file.clone();
     let committed = {
         let store = cx.store.clone();

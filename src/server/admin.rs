@@ -184,8 +184,10 @@ impl Admin {
     async fn purge(&self, target: Target) -> Result<Response<Body>> {
         let pins = self.usage.all_pins();
         let (plan, report) = self.app.manifests.purge_refs(&target, &pins).await?;
+        // Through the blob cache too: it drops them from the disk budget's index and stops a
+        // fill of one of them that is still running from committing it again.
         for d in &plan.remove_blobs {
-            self.usage.forget(d);
+            self.app.blobs.purge(d).await?;
         }
         tracing::info!(
             %target,

@@ -89,8 +89,6 @@ pub struct Progress {
     /// The blob's size: the upstream's `Content-Length` while receiving (`None` if it sent
     /// none), the real size once verified.
     pub size: Option<u64>,
-    /// The fill's readers, for the pass-through window (see [`super::spill`]).
-    pub followers: Arc<Followers>,
 }
 
 impl Progress {
@@ -102,7 +100,6 @@ impl Progress {
             spill: None,
             available: size,
             size: Some(size),
-            followers: Arc::default(),
         }
     }
 }
@@ -373,7 +370,6 @@ pub async fn run(
         spill: written.spill.clone(),
         available: handed,
         size: Some(handed),
-        followers: guard.followers.clone(),
     };
     // Readers may finish now; the fill stays in the map until the commit is done.
     guard.publish(FillState::Verified(verified.clone()));
@@ -704,7 +700,6 @@ impl Writer {
             spill: self.spill.clone(),
             available: self.available,
             size: self.size,
-            followers: self.followers.clone(),
         };
         self.tx.send_modify(|s| {
             // Never overwrite a final state (the fill may have been cancelled meanwhile).

@@ -371,15 +371,17 @@ fn admin_local(
 /// - by default, freed memory above 128 KiB at the top of a heap goes back to the kernel, and
 ///   buffers of 128 KiB or more get their own mmap: the upstream client's receive buffers
 ///   then cost a fresh mmap and a page fault per page, every time. A fixed 4 MiB mmap
-///   threshold and an 8 MiB trim threshold keep them in the heap. Measured: cold 200 MiB GETs
-///   0.34 -> 0.26 s, peak RSS with 50 cold clients +1-2 MiB (docs/BENCHMARKS.md).
+///   threshold keeps them in the heap (cold 200 MiB GETs 0.34 -> 0.26 s). The trim
+///   threshold decides how much freed heap stays mapped: 128 KiB made cold GETs 20 % slower
+///   again, 8 MiB cost 3-5 MiB of peak RSS with 50 clients on one cold blob, 1 MiB cost
+///   neither (measured in docs/BENCHMARKS.md).
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets tunables; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
     }
 }
 

@@ -232,13 +232,37 @@ impl DiskStore {
         })
     }
 
+    /// Creates `dir` and whichever of its parents are missing, but never the data directory
+    /// itself: if it was removed under a running server, a write fails (and is logged)
+    /// instead of quietly creating a stray piece of the tree again.
+    pub(crate) fn create_dir_below_root(&self, dir: &Path) -> io::Result<()> {
+        match fs::create_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.parent() {
+                Some(parent) if parent != self.root && parent.starts_with(&self.root) => {
+                    self.create_dir_below_root(parent)?;
+                    self.create_dir_below_root(dir)
+                }
+                _ => Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} is gone (was the data directory removed?)",
+                        dir.display()
+                    ),
+                )),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes a verified partial blob visible under its digest: fsync the file, rename it
     /// into place, fsync the directory. The caller has checked the digest.
     pub fn commit_blob(&self, mut partial: PartialBlob, digest: &Digest) -> io::Result<()> {
         partial.file.sync_all()?;
         let dest = self.blob_path(digest);
         let dir = dest.parent().expect("blob paths have a parent");
-        fs::create_dir_all(dir)?;
+        self.create_dir_below_root(dir)?;
         fs::rename(&partial.path, &dest)?;
         partial.committed = true;
         sync_dir(dir)
@@ -287,7 +311,7 @@ impl DiskStore {
         }
         let dest = self.manifest_path(digest);
         let dir = dest.parent().expect("manifest paths have a parent");
-        fs::create_dir_all(dir)?;
+        self.create_dir_below_root(dir)?;
         fs::rename(&partial.path, &dest)?;
         partial.committed = true;
         sync_dir(dir)
@@ -454,6 +478,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStore::open(dir.path()).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn a_removed_data_directory_is_not_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        let s = DiskStore::open(&root).unwrap();
+        let data = b"late commit";
+        let digest = Digest::of(data);
+        let p = s.create_partial(&digest).unwrap();
+        (&*p.file).write_all(data).unwrap();
+        // Shards and parents below the root are created as needed ...
+        fs::remove_dir_all(root.join("blobs")).unwrap();
+        s.commit_blob(p, &digest).unwrap();
+        assert!(s.open_blob(&digest).unwrap().is_some());
+        // ... but a root removed under the store stays removed: the write fails instead.
+        let p = s.create_partial(&Digest::of(b"other")).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+        let e = s.commit_blob(p, &Digest::of(b"other")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert!(
+            s.write_link("registry.test", "library/app", &digest)
+                .is_err()
+        );
+        assert!(!root.exists());
     }
 
     #[test]

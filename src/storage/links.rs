@@ -36,7 +36,7 @@ impl DiskStore {
 
     pub fn write_link(&self, registry: &str, repository: &str, digest: &Digest) -> io::Result<()> {
         let dir = self.link_dir(registry, repository);
-        fs::create_dir_all(&dir)?;
+        self.create_dir_below_root(&dir)?;
         let record = LinkRecord {
             registry: registry.to_string(),
             repository: repository.to_string(),

@@ -115,7 +115,7 @@ impl DiskStore {
 
     pub fn write_tag(&self, record: &TagRecord) -> io::Result<()> {
         let dir = self.tag_dir(&record.registry, &record.repository, &record.tag);
-        fs::create_dir_all(&dir)?;
+        self.create_dir_below_root(&dir)?;
         let dest = dir.join(format!(
             "{}.json",
             Digest::of(record.accept.as_bytes()).hex()

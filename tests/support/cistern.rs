@@ -168,8 +168,25 @@ pub struct TestCistern {
 }
 
 impl Drop for TestCistern {
+    /// Stops the server. A test that did not call `shutdown` still waits a moment for it to
+    /// finish: a fill committing while the data directory is being removed would leave a
+    /// stray directory behind in /tmp. The wait is short and bounded, so a test that ends
+    /// with a fill stalled on purpose is not held up by the shutdown grace period.
     fn drop(&mut self) {
         self.stop.cancel();
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current()
+            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| {
+                let _ = handle.block_on(tokio::time::timeout(Duration::from_secs(2), task));
+            });
+        }
     }
 }
 

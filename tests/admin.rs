@@ -308,24 +308,64 @@ fn tag_requests(upstream: &FakeRegistry, repo: &str, tag: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
-    let base = blob_bytes(64 * KIB, 40);
-    let (cfg_a, a1) = (blob_bytes(KIB, 41), blob_bytes(32 * KIB, 42));
-    let (cfg_b, b1) = (blob_bytes(KIB, 43), blob_bytes(16 * KIB, 44));
+/// Two images that share a base layer: `app` (`REPO:1`: config `cfg_a`, layers `base`, `a1`)
+/// and `other` (in `other_repo`, tagged `other_tag` or only by digest: `cfg_b`, `base`, `b1`).
+struct SharedBase {
+    upstream: FakeRegistry,
+    base: bytes::Bytes,
+    cfg_a: bytes::Bytes,
+    a1: bytes::Bytes,
+    cfg_b: bytes::Bytes,
+    b1: bytes::Bytes,
+    app: bytes::Bytes,
+    other: bytes::Bytes,
+}
+
+async fn two_images_sharing_a_layer(
+    other_repo: &str,
+    other_tag: Option<&str>,
+    seed: u64,
+) -> SharedBase {
+    let base = blob_bytes(64 * KIB, seed);
+    let (cfg_a, a1) = (blob_bytes(KIB, seed + 1), blob_bytes(32 * KIB, seed + 2));
+    let (cfg_b, b1) = (blob_bytes(KIB, seed + 3), blob_bytes(16 * KIB, seed + 4));
     let app = oci_image_manifest(&cfg_a, &[&base, &a1]);
     let other = oci_image_manifest(&cfg_b, &[&base, &b1]);
     let upstream = FakeRegistry::builder()
         .blob(REPO, base.clone())
         .blob(REPO, cfg_a.clone())
         .blob(REPO, a1.clone())
-        .blob(OTHER, base.clone())
-        .blob(OTHER, cfg_b.clone())
-        .blob(OTHER, b1.clone())
+        .blob(other_repo, base.clone())
+        .blob(other_repo, cfg_b.clone())
+        .blob(other_repo, b1.clone())
         .manifest(REPO, Some("1"), OCI_MANIFEST, app.clone())
-        .manifest(OTHER, Some("1"), OCI_MANIFEST, other.clone())
+        .manifest(other_repo, other_tag, OCI_MANIFEST, other.clone())
         .start()
         .await;
+    SharedBase {
+        upstream,
+        base,
+        cfg_a,
+        a1,
+        cfg_b,
+        b1,
+        app,
+        other,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
+    let SharedBase {
+        upstream,
+        base,
+        cfg_a,
+        a1,
+        cfg_b,
+        b1,
+        app,
+        other,
+    } = two_images_sharing_a_layer(OTHER, Some("1"), 40).await;
     // The [upstream] shorthand's registry is the upstream's host and port.
     let registry = upstream.addr().to_string();
     let data = DataDir::new();
@@ -534,23 +574,17 @@ fn form_urlencoded_pattern(pattern: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repository() {
     const PINNED: &str = "library/deploy";
-    let base = blob_bytes(16 * KIB, 70);
-    let (cfg_a, a1) = (blob_bytes(KIB, 71), blob_bytes(8 * KIB, 72));
-    let (cfg_d, d1) = (blob_bytes(KIB, 73), blob_bytes(4 * KIB, 74));
-    let app = oci_image_manifest(&cfg_a, &[&base, &a1]);
     // library/deploy is pulled by digest only (a deployment pinned to a digest).
-    let deploy = oci_image_manifest(&cfg_d, &[&base, &d1]);
-    let upstream = FakeRegistry::builder()
-        .blob(REPO, base.clone())
-        .blob(REPO, cfg_a.clone())
-        .blob(REPO, a1.clone())
-        .blob(PINNED, base.clone())
-        .blob(PINNED, cfg_d.clone())
-        .blob(PINNED, d1.clone())
-        .manifest(REPO, Some("1"), OCI_MANIFEST, app.clone())
-        .manifest(PINNED, None, OCI_MANIFEST, deploy.clone())
-        .start()
-        .await;
+    let SharedBase {
+        upstream,
+        base,
+        cfg_a,
+        a1,
+        cfg_b: cfg_d,
+        b1: d1,
+        other: deploy,
+        ..
+    } = two_images_sharing_a_layer(PINNED, None, 70).await;
     let registry = upstream.addr().to_string();
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;

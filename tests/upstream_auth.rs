@@ -139,7 +139,25 @@ fn serve(s: &AuthState, realm: &str, req: Request<Incoming>) -> Response<Full<By
     }
 }
 
-async fn start_cistern(upstream: &str) -> (Client, CancellationToken, DataDir) {
+/// A running cistern; `stop` waits for it, so no fill is still writing when the data
+/// directory is removed.
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _data: DataDir,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        support::bounded("cistern to stop", self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn start_cistern(upstream: &str) -> (Client, Running) {
     support::init();
     let data = DataDir::new();
     let config = cistern::Config {
@@ -150,8 +168,15 @@ async fn start_cistern(upstream: &str) -> (Client, CancellationToken, DataDir) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
-    tokio::spawn(cistern::run(listener, config, stop.clone()));
-    (Client::new(url), stop, data)
+    let task = tokio::spawn(cistern::run(listener, config, stop.clone()));
+    (
+        Client::new(url),
+        Running {
+            stop,
+            task,
+            _data: data,
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +189,7 @@ async fn token_is_fetched_once_per_scope_and_client_credentials_stay_home() {
         300,
     )
     .await;
-    let (client, stop, _data) = start_cistern(&registry.url).await;
+    let (client, running) = start_cistern(&registry.url).await;
 
     // The client sends credentials of its own: they are for cistern, never for the upstream.
     let got = client
@@ -204,7 +229,7 @@ async fn token_is_fetched_once_per_scope_and_client_credentials_stay_home() {
     let tokens = registry.token_requests();
     assert_eq!(tokens.len(), 2, "{tokens:?}");
     assert!(tokens[1].contains("scope=repository%3Aother%2Frepo%3Apull"));
-    stop.cancel();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,14 +242,14 @@ async fn expired_token_is_replaced() {
         1,
     )
     .await;
-    let (client, stop, _data) = start_cistern(&registry.url).await;
+    let (client, running) = start_cistern(&registry.url).await;
     support::assert_same_bytes(&client.get_blob("x/y", &da).await.unwrap(), &a, "a");
     assert_eq!(registry.token_requests().len(), 1);
     // Let the one-second token expire: cistern must fetch a fresh one, not reuse it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     support::assert_same_bytes(&client.get_blob("x/y", &db).await.unwrap(), &b, "b");
     assert_eq!(registry.token_requests().len(), 2, "expired token replaced");
-    stop.cancel();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +284,7 @@ async fn unreachable_token_realm_is_a_clear_error() {
             });
         }
     });
-    let (client, stop, _data) = start_cistern(&format!("http://{reg_addr}")).await;
+    let (client, running) = start_cistern(&format!("http://{reg_addr}")).await;
     let digest = sha256_digest(b"x");
     let r = client.get(&support::blob_route("a/b", &digest)).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body_text());
@@ -268,5 +293,5 @@ async fn unreachable_token_realm_is_a_clear_error() {
         "{}",
         r.body_text()
     );
-    stop.cancel();
+    running.stop().await;
 }

@@ -319,9 +319,17 @@ impl BlobCache {
     }
 
     /// Removes a cached blob (admin purge). A reader that has it open keeps reading; the
-    /// next request fetches it again. A fill of the digest that is still running does not
-    /// commit; one that is already committing is waited for, and its file removed after it.
+    /// next request fetches it again.
     pub async fn purge(&self, digest: &Digest) -> Result<()> {
+        self.remove_file(digest).await?;
+        self.purged(digest).await
+    }
+
+    /// The blob's file was just removed (by [`BlobCache::purge`] or a repository or tag
+    /// purge): drops it from the disk budget's index and keeps a fill of it from bringing it
+    /// back. A fill that has not begun its commit will not commit; one already committing
+    /// is waited for, and its file removed after it.
+    pub async fn purged(&self, digest: &Digest) -> Result<()> {
         let committing = self
             .fills
             .lock()
@@ -332,8 +340,13 @@ impl BlobCache {
         if let Some(mut progress) = committing {
             // The fill's sender goes away when it has finished (committed or not).
             while progress.changed().await.is_ok() {}
+            self.remove_file(digest).await?;
         }
         self.usage.forget(digest);
+        Ok(())
+    }
+
+    async fn remove_file(&self, digest: &Digest) -> Result<()> {
         let store = self.store.clone();
         let d = digest.clone();
         blocking(move || store.remove_blob(&d), "removing a blob").await

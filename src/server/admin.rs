@@ -184,10 +184,10 @@ impl Admin {
     async fn purge(&self, target: Target) -> Result<Response<Body>> {
         let pins = self.usage.all_pins();
         let (plan, report) = self.app.manifests.purge_refs(&target, &pins).await?;
-        // Through the blob cache too: it drops them from the disk budget's index and stops a
-        // fill of one of them that is still running from committing it again.
+        // The files are gone; the blob cache drops them from the disk budget's index and
+        // stops a fill of one of them that is still running from committing it again.
         for d in &plan.remove_blobs {
-            self.app.blobs.purge(d).await?;
+            self.app.blobs.purged(d).await?;
         }
         tracing::info!(
             %target,

@@ -67,7 +67,7 @@ pub enum BlobSource {
     Cached {
         file: Arc<File>,
         size: u64,
-        guard: Option<ReadGuard>,
+        guard: ReadGuard,
     },
     /// A fill in progress (past the upstream's headers); follow its progress. The cursor
     /// keeps the bytes this reader needs if the fill has to pass them through memory.
@@ -170,7 +170,7 @@ impl BlobCache {
         Ok(found.map(|(file, size)| BlobSource::Cached {
             file: Arc::new(file),
             size,
-            guard: Some(self.usage.open(digest, size)),
+            guard: self.usage.open(digest, size),
         }))
     }
 
@@ -192,10 +192,11 @@ impl BlobCache {
         let (mut progress, cursor) = match self.join_or_start(route, name, digest) {
             Joined::Fill(progress, cursor) => (progress, cursor),
             Joined::Committed(file, size) => {
+                // A hit after all, and read like one: eviction must wait for it.
                 return Ok(BlobSource::Cached {
                     file,
                     size,
-                    guard: None,
+                    guard: self.usage.open(digest, size),
                 });
             }
         };

@@ -11,6 +11,8 @@
 //! - A blob with an open reader, a pinned blob, or a blob still being filled (not yet in the
 //!   index) is never chosen. A reader that opens a blob in the instant it is removed keeps
 //!   reading it: an open file outlives its name.
+//! - A commit updates the blob's entry, never replaces it: a reader may have opened the file
+//!   (and entered it in the index) between the commit's rename and this index's update.
 //! - A pass holds the index lock only to copy the unread entries out and to take the victims
 //!   out; victims are chosen (sorted) outside it, and one whose entry changed in between
 //!   (opened, read, re-committed) stays. The pinned set (digest, repository and tag pins,
@@ -251,16 +253,31 @@ impl Usage {
         followers: Option<&Arc<super::spill::Followers>>,
     ) {
         let mut inner = self.inner.lock().expect("usage poisoned");
-        let entry = Entry {
-            size,
-            last_access: SystemTime::now(),
-            readers: 0,
-            followers: followers.map(Arc::downgrade),
+        let now = SystemTime::now();
+        let followers = followers.map(Arc::downgrade);
+        // The file is visible from its rename on, before this call: a hit in between has
+        // already put the blob in the index with its reader, and that reader must stay
+        // counted. (So must one still reading a copy committed before a purge.)
+        let old_size = match inner.blobs.get_mut(digest) {
+            Some(e) => {
+                let old = e.size;
+                e.size = size;
+                e.last_access = now;
+                e.followers = followers;
+                old
+            }
+            None => {
+                let entry = Entry {
+                    size,
+                    last_access: now,
+                    readers: 0,
+                    followers,
+                };
+                inner.blobs.insert(Arc::new(digest.clone()), entry);
+                0
+            }
         };
-        if let Some(old) = inner.blobs.insert(Arc::new(digest.clone()), entry) {
-            inner.total -= old.size;
-        }
-        inner.total += size;
+        inner.total = inner.total - old_size + size;
         drop(inner);
         self.check();
     }
@@ -563,6 +580,27 @@ mod tests {
         assert_eq!(taken, vec![(d.clone(), 10)]);
         assert_eq!(usage.total(), 30);
         assert_eq!(usage.len(), 3);
+    }
+
+    #[test]
+    fn a_reader_that_opened_the_blob_before_its_commit_was_indexed_keeps_it() {
+        // A hit can open the file between the commit's rename and the fill's call to
+        // `committed`: the reader joins the index first, and the commit must not forget it.
+        let usage = Usage::new(Some(Budget { high: 5, low: 0 }));
+        let (read, idle) = (Digest::of(b"read"), Digest::of(b"idle"));
+        let reading = usage.open(&read, 10);
+        usage.committed(&read, 10);
+        usage.committed(&idle, 10);
+        assert_eq!(usage.total(), 20, "counted once");
+        assert_eq!(
+            usage.take_victims(),
+            vec![(idle, 10)],
+            "only the idle blob may go"
+        );
+        drop(reading);
+        usage.committed(&Digest::of(b"more"), 10);
+        let victims: Vec<Digest> = usage.take_victims().into_iter().map(|(d, _)| d).collect();
+        assert!(victims.contains(&read), "once read, it may go: {victims:?}");
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl BlobReader {
     pub fn new(source: BlobSource, start: u64, end: Option<u64>) -> BlobReader {
         match source {
             BlobSource::Cached { file, size, guard } => BlobReader {
-                _guard: guard,
+                _guard: Some(guard),
                 progress: None,
                 cursor: None,
                 data: Some(Progress::committed(file, size)),

@@ -61,11 +61,12 @@ async fn the_least_recently_used_go_and_come_back_on_demand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_being_read_or_pinned_is_never_evicted() {
-    // A large blob held open by a slow client, a pinned one, and enough others to force
-    // eviction well past both.
+    // A large blob held open by a slow client, a pinned one, and four others: the last of
+    // them takes the cache over its high watermark (17 + 4 × 1.5 MiB > 95 % of 24 MiB), and
+    // getting under the low one (85 %) takes two blobs, which must not be these two.
     let big = blob_bytes(16 * MIB, 200);
     let pinned = blob_bytes(MIB, 201);
-    let others: Vec<_> = (0..5).map(|i| blob_bytes(4 * MIB, 210 + i)).collect();
+    let others: Vec<_> = (0..4).map(|i| blob_bytes(3 * MIB / 2, 210 + i)).collect();
     let mut builder = FakeRegistry::builder()
         .blob(REPO, big.clone())
         .blob(REPO, pinned.clone());
@@ -94,44 +95,38 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
 
     // A client starts reading the big blob (now cached) and stops after 1 MiB, holding the
     // response open: far more than socket buffers hold remains unsent.
-    let slow = reqwest::Client::new();
-    let mut held = slow
-        .get(client.url(&blob_route(REPO, &big_d)))
-        .send()
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    while got.len() < MIB {
-        got.extend_from_slice(&held.chunk().await.unwrap().expect("more body"));
-    }
+    let held = HeldResponse::start(cistern.addr(), &blob_route(REPO, &big_d), MIB).await;
 
-    for b in &others {
-        let d = sha256_digest(b);
-        assert_same_bytes(&client.get_blob(REPO, &d).await.unwrap(), b, "other");
+    let others_d: Vec<_> = others.iter().map(|b| sha256_digest(b)).collect();
+    for (b, d) in others.iter().zip(&others_d) {
+        assert_same_bytes(&client.get_blob(REPO, d).await.unwrap(), b, "other");
+        // Under the high watermark until the last one, so none goes before its commit is
+        // seen; waiting for each keeps their LRU order the order of the pulls.
+        if d != &others_d[3] {
+            cistern.data().wait_for_blob(d, "the blob's commit").await;
+        }
         tick().await;
     }
-    // Eviction has run (the others alone are 20 MiB of a 24 MiB budget) ...
+    // Eviction has run ...
+    let gone = |d: &str| !cistern.data().blob_path(d).exists();
+    // (Victims go oldest first, so others[1] gone means others[0] is too. Were the big blob
+    // not held, it would be the oldest victim, and enough on its own.)
     eventually("eviction", patience(), || {
-        !cistern
-            .data()
-            .blob_path(&sha256_digest(&others[0]))
-            .exists()
+        gone(&others_d[1]) || gone(&big_d)
     })
     .await;
-    // ... but the blob being read and the pinned one are still there.
+    // ... but the blob being read and the pinned one are still there ...
+    assert!(!gone(&big_d), "evicted while read");
+    assert!(!gone(&pinned_d), "pinned blob evicted");
+    // ... and it took the least recently used of those it may take.
     assert!(
-        cistern.data().blob_path(&big_d).exists(),
-        "evicted while read"
-    );
-    assert!(
-        cistern.data().blob_path(&pinned_d).exists(),
-        "pinned blob evicted"
+        gone(&others_d[0]) && !gone(&others_d[2]),
+        "not in LRU order"
     );
     // And the held response completes with the right bytes.
-    while let Some(chunk) = held.chunk().await.unwrap() {
-        got.extend_from_slice(&chunk);
-    }
-    assert_same_bytes(&got, &big, "the held response");
+    let rest = held.finish().await;
+    assert_eq!(rest.status, 200);
+    assert_same_bytes(&rest.body, &big, "the held response");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

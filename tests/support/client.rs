@@ -348,6 +348,62 @@ pub async fn raw_request(addr: SocketAddr, method: &str, target: &[u8]) -> RawRe
     .await
 }
 
+/// A GET whose reader stops after part of the body, so the server cannot finish it: its
+/// socket's receive buffer is fixed small (which turns Linux's autotuning off; autotuning may
+/// otherwise grow it to `tcp_rmem`'s maximum, 32 MiB on some machines, and swallow a whole
+/// test blob).
+pub struct HeldResponse {
+    stream: tokio::net::TcpStream,
+    raw: Vec<u8>,
+}
+
+impl HeldResponse {
+    /// Sends `GET path` and reads until at least `body_bytes` of the body have arrived.
+    pub async fn start(addr: SocketAddr, path: &str, body_bytes: usize) -> HeldResponse {
+        bounded("the start of a held response", async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .set_recv_buffer_size(64 * 1024)
+                .expect("set SO_RCVBUF");
+            let mut stream = socket.connect(addr).await.expect("connect");
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .expect("write request");
+            let mut held = HeldResponse {
+                stream,
+                raw: Vec::new(),
+            };
+            let mut buf = vec![0; 64 * 1024];
+            while held.body_len() < body_bytes {
+                let n = held.stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the response ended early");
+                held.raw.extend_from_slice(&buf[..n]);
+            }
+            held
+        })
+        .await
+    }
+
+    fn body_len(&self) -> usize {
+        self.raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(0, |split| self.raw.len() - split - 4)
+    }
+
+    /// Reads the rest of the response.
+    pub async fn finish(mut self) -> RawResponse {
+        bounded("the rest of a held response", async {
+            let _ = self.stream.read_to_end(&mut self.raw).await;
+            parse_raw(&self.raw, false)
+        })
+        .await
+    }
+}
+
 fn parse_raw(raw: &[u8], head: bool) -> RawResponse {
     let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
         return RawResponse {

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 pub use self::cistern::{DataDir, TestCistern};
-pub use self::client::{Client, RawResponse, Readers, Response, raw_request};
+pub use self::client::{Client, HeldResponse, RawResponse, Readers, Response, raw_request};
 pub use self::registry::{FakeRegistry, Fault, Gate, Kind, Rule, Seen};
 
 pub const KIB: usize = 1024;

@@ -1,6 +1,7 @@
 //! The HTTP edge: the accept loop, connections, graceful shutdown. Knows HTTP, not OCI; the
 //! OCI handling is in [`handlers`].
 
+pub mod activity;
 pub mod admin;
 pub mod handlers;
 
@@ -8,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -81,8 +83,18 @@ pub async fn accept_loop<S: Service>(
         let abort = abort.clone();
         connections.spawn(async move {
             let service = service_fn(move |req| {
+                let end = activity::request_started();
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(app.handle(req).await) }
+                async move {
+                    let response = app.handle(req).await.map(|body| {
+                        body.map_frame(move |frame| {
+                            let _counted_when_dropped = &end;
+                            frame
+                        })
+                        .boxed_unsync()
+                    });
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);

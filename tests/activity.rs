@@ -1,0 +1,44 @@
+//! The server counts request starts and response ends (what tells the heap trimmer that a
+//! burst is over): a response's end is counted when its body is done, not when its headers go.
+//!
+//! The counter is process-wide, so this binary holds one test only: nothing else moves it.
+
+mod support;
+
+use support::*;
+
+const REPO: &str = "library/app";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_ends_when_its_body_is_done() {
+    use ::cistern::server::activity::events;
+
+    let (blob, digest) = blob_and_digest(16 * MIB, 7);
+    let upstream = FakeRegistry::with_blobs(REPO, std::slice::from_ref(&blob)).await;
+    let cistern = TestCistern::start(&upstream).await;
+    let client = cistern.client();
+    assert_same_bytes(
+        &client.get_blob(REPO, &digest).await.unwrap(),
+        &blob,
+        "pull",
+    );
+    cistern
+        .data()
+        .wait_for_blob(&digest, "the blob's commit")
+        .await;
+    eventually("the pull's end is counted", patience(), || events() == 2).await;
+
+    // Held part-way: started, not ended, however long we look.
+    let held = HeldResponse::start(cistern.addr(), &blob_route(REPO, &digest), MIB).await;
+    assert_eq!(events(), 3, "the held request's start");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(events(), 3, "a response still being sent has not ended");
+
+    let rest = held.finish().await;
+    assert_eq!(rest.status, 200);
+    assert_same_bytes(&rest.body, &blob, "held pull");
+    eventually("the held response's end is counted", patience(), || {
+        events() == 4
+    })
+    .await;
+}

@@ -9,6 +9,9 @@
     helpers.py rss STOPFILE PID...          samples the summed VmRSS of PIDs every 50 ms until
                                             STOPFILE exists, then prints JSON with the largest
                                             sample and each PID's (and the sum of) VmHWM
+    helpers.py hashtime FILE                seconds one core takes to sha256 FILE, read into
+                                            memory first (best of 3; hashlib is OpenSSL's,
+                                            SHA-NI where the CPU has it)
     helpers.py report RESULTS.tsv           the results table (Markdown) from run.sh's samples
 
 Every network wait has a timeout; nothing here runs unbounded.
@@ -149,6 +152,20 @@ def median(rows, measure, server):
     return statistics.median(vals) if vals else None
 
 
+def hashtime(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        data = f.read()
+    best = None
+    for _ in range(3):
+        start = time.perf_counter()
+        hashlib.sha256(data).digest()
+        took = time.perf_counter() - start
+        best = took if best is None else min(best, took)
+    print(f"{best:.4f}")
+
+
 def first(rows, measure, server):
     vals = rows.get((measure, server), [])
     return vals[0] if vals else None
@@ -211,6 +228,17 @@ def report(path):
         "≤ 1.10×",
         ratio_cells("cold_blob_s", "direct_blob_s", "upstream", " s", secs, lambda r: r <= 1.10),
     )
+    floor = median(rows, "hash_floor_s", "sha256")
+    direct = median(rows, "direct_blob_s", "upstream")
+    if floor is not None and direct:
+        # Not a proxy's measure: the CPU any proxy that checks the digest before it sends the
+        # last byte spends on top of moving the bytes. On a machine with few cores, shared by
+        # the client and the upstream, it adds to the wall time.
+        row(
+            f"(for scale, not a proxy: one core's sha256 of the {blob} MiB blob, which a verifying proxy adds to the transfer's CPU, vs straight from the upstream)",
+            "",
+            [f"{fmt_ratio(floor / direct)} ({floor:.3f} vs {direct:.3f} s)"] + [""] * (len(SERVERS) - 1),
+        )
     cells = []
     for key, _ in SERVERS:
         gets = [int(float(g)) for g in rows.get(("burst_upstream_gets", key), [])]
@@ -274,6 +302,7 @@ def main():
     {"ports": lambda: ports(int(args[0])),
      "join": lambda: join(*args),
      "rss": lambda: rss(*args),
+     "hashtime": lambda: hashtime(*args),
      "report": lambda: report(*args)}[cmd]()
 
 

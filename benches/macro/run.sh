@@ -32,8 +32,10 @@
 #                     to 10m so that waiting requests are not sent upstream), same two
 #
 # Blobs (random, incompressible; sizes overridable by the environment variables in brackets):
-#   A1..A<COLD_RUNS>  [BLOB_MIB=200]  one cold GET of each through each proxy; A1 then for the
-#                                     warm single-client GETs
+#   A1..A<COLD_RUNS>  [BLOB_MIB=200]  one cold GET of each through each proxy, after a
+#                                     `sync`; A1 then for the warm single-client GETs. The
+#                                     time one core takes to sha256 A1 is reported beside:
+#                                     a proxy that verifies before its last byte cannot beat it
 #   B1..B<BURST_RUNS> [BURST_MIB=100] BURST_CLIENTS=100 concurrent cold GETs of one of them,
 #                                     then the same burst warm; BURST_RUNS=3 rounds (a new blob
 #                                     each), proxies interleaved; medians; upstream GETs counted
@@ -48,6 +50,8 @@
 #   C                 [BIG_MIB=2048]  BIG_CLIENTS=50 concurrent cold GETs; peak RSS of the
 #                                     proxy's processes (VmHWM, reset with clear_refs first;
 #                                     nginx: master + workers summed)
+# Before the proxies start, TOUCH_MIB (default: what the run's caches will write, within the
+# free memory) of memory is written once and freed, see "the machine's memory" below.
 # Warm GETs: WARM_RUNS=5 rounds, servers interleaved; medians. Manifest req/s: wrk,
 # WRK_CONNS=64 connections, WRK_THREADS=2 threads, WRK_SECS=10 s, WRK_RUNS=3 rounds; median.
 # Every client transfer is bounded by MAX_TIME=900 s; every wait for a server by 30 s.
@@ -423,6 +427,34 @@ record throttle_mib_s throttle "$rate"
 
 # === distribution in proxy mode, cistern ===
 
+# === the machine's memory ===
+
+# In a virtual machine whose memory the hypervisor backs on first touch (Firecracker, and any
+# VM with a balloon), the first write to a page of guest memory costs a fault in the host: on
+# the 2-core VM of docs/BENCHMARKS.md, writing files into never-touched memory ran at
+# 0.2-0.4 GB/s instead of 3-4 GB/s, and it made every proxy that caches (cistern and nginx
+# proxy_cache, not distribution, whose client path writes nothing) look 2-3x slower on cold
+# GETs. Touch the memory this run's cache files will take once, up front: then the page cache
+# gets pages that are already backed, as it always does on a real machine.
+if [[ -z "${TOUCH_MIB:-}" ]]; then
+    per_proxy=$((COLD_RUNS * BLOB_MIB + BURST_RUNS * BURST_MIB + SLOW_MIB + BIG_MIB))
+    avail=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
+    TOUCH_MIB=$((3 * per_proxy + 1024))
+    ((TOUCH_MIB <= avail - 2048)) || TOUCH_MIB=$((avail - 2048))
+    ((TOUCH_MIB > 0)) || TOUCH_MIB=0
+fi
+say "touching ${TOUCH_MIB} MiB of memory once (TOUCH_MIB=0 skips it)"
+started=$SECONDS
+python3 -c "
+import sys
+n, step = int(sys.argv[1]) << 20, 64 << 20
+b = bytearray(n)
+for i in range(0, n, step):
+    b[i:i + step] = b'\x01' * len(b[i:i + step])
+" "$TOUCH_MIB"
+echo "  took $((SECONDS - started)) s" >&2
+record touch_mib all "$TOUCH_MIB"
+
 say "starting distribution (proxy mode) and cistern"
 for pair in "distribution:$P_DIST:$UP" "distribution-slow:$P_DIST_SLOW:$THROTTLE"; do
     IFS=: read -r name port _ <<<"$pair"
@@ -454,8 +486,14 @@ done
 # === 1. cold single-client GETs, and straight from the upstream ===
 
 say "cold ${BLOB_MIB} MiB GETs (one per proxy per blob), and the same blobs straight from the upstream"
+floor="$(python3 "$HELPERS" hashtime "$WORK/blobs/A1")"
+record hash_floor_s sha256 "$floor"
+echo "  one core hashes the ${BLOB_MIB} MiB blob (sha256) in $floor s" >&2
 for i in $(seq 1 "$COLD_RUNS"); do
     n=A$i
+    # The blobs' pushes, and the round before, leave GiBs of dirty pages: flush them now, so
+    # that no proxy's cache writes wait behind writeback it did not cause.
+    sync
     # The upstream serves from its page cache, as it will for the proxies.
     curl_get "$UP$(blob_path "$n")" >/dev/null
     timed_get upstream direct_blob_s "$UP$(blob_path "$n")" "${SIZE[$n]}"

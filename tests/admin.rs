@@ -1,6 +1,7 @@
 //! The admin API (token, stats, purge, pins) and the `cistern admin` CLI, against a running
 //! server and on a stopped cache directory.
 
+mod fallback_support;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -25,16 +26,21 @@ struct Running {
 }
 
 async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -> Running {
-    init();
-    let token_file = data.root().join("admin-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let mut config = ::cistern::Config {
         data_dir: data.path().to_path_buf(),
         upstream: ::cistern::config::UpstreamConfig::new(upstream.url()),
         ..::cistern::Config::default()
     };
-    config.admin.token_file = Some(token_file.clone());
     config.cache.max_size = max_size.map(ByteSize::b);
+    start_config(data, config).await
+}
+
+/// Starts `config` with the admin listener and its token file.
+async fn start_config(data: &DataDir, mut config: ::cistern::Config) -> Running {
+    init();
+    let token_file = data.root().join("admin-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    config.admin.token_file = Some(token_file.clone());
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_url = format!("http://{}", api.local_addr().unwrap());
@@ -130,6 +136,172 @@ async fn admin_api_needs_its_token_and_reports_stats() {
     assert_eq!(v["blob_hits"], 1);
     assert_eq!(v["blob_misses"], 1);
     assert_eq!(v["hit_ratio"], 0.5);
+    s.stop().await;
+}
+
+/// `GET /metrics`, parsed: every line is a comment or `name[{labels}] value`, and each sample
+/// appears once.
+fn scrape_lines(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "{series} twice"
+        );
+    }
+    samples
+}
+
+impl Running {
+    async fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let r = self.admin(Method::GET, "/metrics").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        scrape_lines(&r.body_text())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_hits_upstream_failures_and_skips() {
+    use ::cistern::config::UpstreamConfig;
+    use fallback_support::{closed_port_url, default_route};
+
+    let (blobs, digests) = blobs_and_digests(2, 300 * KIB, 40);
+    let origin = FakeRegistry::with_blobs(REPO, &blobs).await;
+    let data = DataDir::new();
+    let mut config = TestCistern::config_for(&data);
+    config.upstreams.insert(
+        "mirror".into(),
+        UpstreamConfig {
+            breaker_failures: 1,
+            breaker_cooldown: std::time::Duration::from_secs(3600),
+            ..UpstreamConfig::new(closed_port_url().await)
+        },
+    );
+    config
+        .upstreams
+        .insert("origin".into(), UpstreamConfig::new(origin.url()));
+    config.routes = vec![default_route("docker.io", &["mirror", "origin"])];
+    config.validate().expect("valid test config");
+    let s = start_config(&data, config).await;
+
+    let anonymous = s.admin.get("/metrics").await;
+    anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    let m = s.metrics().await;
+    assert_eq!(m["cistern_cache_blobs"], 0.0);
+    assert_eq!(
+        m[r#"cistern_upstream_requests_total{upstream="origin"}"#],
+        0.0
+    );
+    assert!(
+        !m.contains_key("cistern_cache_max_size_bytes"),
+        "no budget, no sample"
+    );
+
+    // A miss: the mirror refuses the connection (its circuit opens), the origin serves.
+    assert_same_bytes(
+        &s.get_blob(REPO, &digests[0]).await,
+        &blobs[0],
+        "first pull",
+    );
+    // A hit.
+    assert_same_bytes(
+        &s.get_blob(REPO, &digests[0]).await,
+        &blobs[0],
+        "second pull",
+    );
+    // A miss that skips the mirror.
+    assert_same_bytes(
+        &s.get_blob(REPO, &digests[1]).await,
+        &blobs[1],
+        "other blob",
+    );
+
+    let m = s.metrics().await;
+    let size = blobs[0].len() as f64;
+    assert_eq!(m[r#"cistern_blob_requests_total{result="hit"}"#], 1.0);
+    assert_eq!(m[r#"cistern_blob_requests_total{result="miss"}"#], 2.0);
+    assert_eq!(m["cistern_cache_blobs"], 2.0);
+    assert_eq!(m["cistern_cache_blob_bytes"], 2.0 * size);
+    assert_eq!(m["cistern_fills_running"], 0.0);
+    assert_eq!(m["cistern_evicted_blobs_total"], 0.0);
+    assert_eq!(
+        m[r#"cistern_upstream_requests_total{upstream="mirror"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_failures_total{upstream="mirror"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_skipped_total{upstream="mirror"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_circuit_open{upstream="mirror"}"#],
+        1.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_blob_bytes_total{upstream="mirror"}"#],
+        0.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_requests_total{upstream="origin"}"#],
+        2.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_failures_total{upstream="origin"}"#],
+        0.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_circuit_open{upstream="origin"}"#],
+        0.0
+    );
+    assert_eq!(
+        m[r#"cistern_upstream_blob_bytes_total{upstream="origin"}"#],
+        2.0 * size
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_evictions_and_show_the_budget() {
+    let (blobs, digests) = blobs_and_digests(3, 100 * KIB, 50);
+    let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
+    let data = DataDir::new();
+    let max = 250 * KIB as u64;
+    let s = start(&upstream, &data, Some(max)).await;
+    for d in &digests {
+        s.get_blob(REPO, d).await;
+    }
+    let evicted = bounded("an eviction", async {
+        loop {
+            let m = s.metrics().await;
+            if m["cistern_evicted_blobs_total"] > 0.0 {
+                return m;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(evicted["cistern_cache_max_size_bytes"], max as f64);
+    assert_eq!(
+        evicted["cistern_evicted_bytes_total"],
+        evicted["cistern_evicted_blobs_total"] * (100 * KIB) as f64
+    );
+    assert!(evicted["cistern_cache_blob_bytes"] <= max as f64);
     s.stop().await;
 }
 

@@ -5,5 +5,6 @@
 
 pub mod errors;
 pub mod headers;
+pub mod metrics;
 pub mod registry;
 pub mod route;

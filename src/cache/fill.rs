@@ -473,6 +473,7 @@ async fn stream(
             }
         }
         received += batch_len as u64;
+        upstream.received_blob_bytes(batch_len as u64);
         // An upstream that ignored our Range resends bytes we already have: drop them.
         if skip > 0 {
             let mut kept = Vec::with_capacity(batch.len());

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! GET    /admin/stats                               cache size, entries, hit ratio, fills
+//! GET    /metrics                                   the same and the upstreams' counters,
+//!                                                   for Prometheus (text format 0.0.4)
 //! DELETE /admin/blobs/<digest>                      purge a blob (open readers finish)
 //! DELETE /admin/manifests/<digest>                  purge a manifest
 //! DELETE /admin/repositories/<registry>/<repo>      purge a repository
@@ -35,6 +37,7 @@ use hyper::body::Incoming;
 
 use super::Body;
 use super::handlers::{App, error_response, full};
+use crate::api::metrics::{self, Family};
 use crate::cache::evict::Usage;
 use crate::cache::pins::Pin;
 use crate::cache::refs::{PurgeReport, RepoKey, Target};
@@ -76,6 +79,16 @@ impl Admin {
         let method = req.method();
         if path == "/admin/stats" && method == Method::GET {
             return Ok(json(StatusCode::OK, self.stats()));
+        }
+        if path == "/metrics" {
+            expect(method, &Method::GET)?;
+            let body = Bytes::from(metrics::render(&self.metrics()));
+            return Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(full(body))
+                .expect("valid response"));
         }
         if path == "/admin/pins" {
             return match *method {
@@ -242,6 +255,112 @@ impl Admin {
             "tags": tags,
             "links": links,
         })
+    }
+}
+
+impl Admin {
+    /// Everything `/admin/stats` says, as Prometheus metrics, and each upstream's counters.
+    fn metrics(&self) -> Vec<Family> {
+        let (manifests, tags, links) = self.app.manifests.index().counts();
+        let (hits, misses) = self.app.blobs.hit_counts();
+        let (evicted, evicted_bytes) = self.usage.evictions();
+        let mut requests = Family::counter(
+            "cistern_blob_requests_total",
+            "Blob GETs by where the bytes came from: the disk cache (hit) or an upstream fill, started or joined (miss).",
+        );
+        requests.sample(vec![("result", "hit".into())], hits as f64);
+        requests.sample(vec![("result", "miss".into())], misses as f64);
+        let mut pins = Family::gauge(
+            "cistern_pins",
+            "Pin patterns: made at run time (admin API, pins.json) or in the config.",
+        );
+        pins.sample(
+            vec![("source", "admin".into())],
+            self.usage.pins().len() as f64,
+        );
+        pins.sample(
+            vec![("source", "config".into())],
+            self.usage.config_pins().len() as f64,
+        );
+        let mut families = vec![
+            Family::gauge("cistern_cache_blobs", "Blobs in the disk cache.")
+                .value(self.usage.len() as f64),
+            Family::gauge(
+                "cistern_cache_blob_bytes",
+                "Bytes of blobs in the disk cache.",
+            )
+            .value(self.usage.total() as f64),
+            requests,
+            Family::gauge("cistern_fills_running", "Blob downloads under way.")
+                .value(self.app.blobs.running_fills() as f64),
+            Family::counter(
+                "cistern_evicted_blobs_total",
+                "Blobs removed to keep the cache under its budget.",
+            )
+            .value(evicted as f64),
+            Family::counter(
+                "cistern_evicted_bytes_total",
+                "Bytes of blobs removed to keep the cache under its budget.",
+            )
+            .value(evicted_bytes as f64),
+            Family::gauge(
+                "cistern_manifests",
+                "Manifests in the disk cache (the reference index's count).",
+            )
+            .value(manifests as f64),
+            Family::gauge(
+                "cistern_manifests_in_memory",
+                "Manifests kept in memory, in front of the disk.",
+            )
+            .value(self.app.manifests.in_memory() as f64),
+            Family::gauge("cistern_tags", "Tag records on disk.").value(tags as f64),
+            Family::gauge(
+                "cistern_links",
+                "Manifests recorded as pulled from a repository by digest.",
+            )
+            .value(links as f64),
+            pins,
+        ];
+        if let Some(max) = self.max_size {
+            families.push(
+                Family::gauge(
+                    "cistern_cache_max_size_bytes",
+                    "The blob budget, cache.max_size.",
+                )
+                .value(max as f64),
+            );
+        }
+        let mut up_requests = Family::counter(
+            "cistern_upstream_requests_total",
+            "Requests sent to each upstream.",
+        );
+        let mut up_failures = Family::counter(
+            "cistern_upstream_failures_total",
+            "Exchanges with each upstream that failed: connection errors, timeouts, 5xx, bodies cut off or not matching their digest.",
+        );
+        let mut up_skipped = Family::counter(
+            "cistern_upstream_skipped_total",
+            "Requests that passed an upstream over because its circuit was open.",
+        );
+        let mut up_bytes = Family::counter(
+            "cistern_upstream_blob_bytes_total",
+            "Blob bytes received from each upstream.",
+        );
+        let mut up_open = Family::gauge(
+            "cistern_upstream_circuit_open",
+            "1 while an upstream's circuit is open (requests skip it), else 0.",
+        );
+        for u in self.app.routes.upstreams() {
+            let s = u.stats();
+            let label = || vec![("upstream", u.name().to_string())];
+            up_requests.sample(label(), s.requests as f64);
+            up_failures.sample(label(), s.failures as f64);
+            up_skipped.sample(label(), s.skipped as f64);
+            up_bytes.sample(label(), s.blob_bytes as f64);
+            up_open.sample(label(), u8::from(s.circuit_open));
+        }
+        families.extend([up_requests, up_failures, up_skipped, up_bytes, up_open]);
+        families
     }
 }
 

@@ -13,6 +13,7 @@
 //! redirect leaves the original host.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -62,6 +63,31 @@ pub struct Upstream {
     /// `max_concurrent_requests` slots; a blob download holds its slot until its body ends.
     slots: Arc<Semaphore>,
     breaker: Breaker,
+    counters: Counters,
+}
+
+/// What an upstream has done since start, for `/metrics`.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    skipped: AtomicU64,
+    blob_bytes: AtomicU64,
+}
+
+/// A snapshot of an upstream's counters and circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamStats {
+    /// Requests sent (a token fetch and a retry after one are part of the same request).
+    pub requests: u64,
+    /// Exchanges that failed: connection errors, timeouts, 5xx, bodies that broke off or did
+    /// not verify. A 404 or a 429 is an answer, not a failure.
+    pub failures: u64,
+    /// Requests that went to the next upstream without trying this one: its circuit was open.
+    pub skipped: u64,
+    /// Blob bytes received from it.
+    pub blob_bytes: u64,
+    pub circuit_open: bool,
 }
 
 /// A blob response, ready to stream.
@@ -183,6 +209,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            counters: Counters::default(),
         })
     }
 
@@ -197,12 +224,33 @@ impl Upstream {
 
     /// May a request go to this upstream now (circuit breaker)?
     pub fn admit(&self) -> bool {
-        self.breaker.admit(Instant::now())
+        let admitted = self.breaker.admit(Instant::now());
+        if !admitted {
+            self.counters.skipped.fetch_add(1, Relaxed);
+        }
+        admitted
+    }
+
+    /// Counts blob bytes received from this upstream.
+    pub fn received_blob_bytes(&self, n: u64) {
+        self.counters.blob_bytes.fetch_add(n, Relaxed);
+    }
+
+    pub fn stats(&self) -> UpstreamStats {
+        let c = &self.counters;
+        UpstreamStats {
+            requests: c.requests.load(Relaxed),
+            failures: c.failures.load(Relaxed),
+            skipped: c.skipped.load(Relaxed),
+            blob_bytes: c.blob_bytes.load(Relaxed),
+            circuit_open: self.breaker.is_open(Instant::now()),
+        }
     }
 
     /// Records that an exchange with this upstream failed (connection error, timeout, 5xx,
     /// a body that broke off), for the circuit breaker.
     pub fn record_failure(&self, why: &dyn std::fmt::Display) {
+        self.counters.failures.fetch_add(1, Relaxed);
         if self.breaker.record_failure(Instant::now()) {
             tracing::warn!(upstream = %self.name, error = %why, "circuit open: skipping this upstream for a while");
         }
@@ -245,6 +293,7 @@ impl Upstream {
                 ));
             }
         };
+        self.counters.requests.fetch_add(1, Relaxed);
         let result = self.send_authenticated(repo, make, what).await;
         match &result {
             Err(e)

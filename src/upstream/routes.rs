@@ -89,6 +89,27 @@ impl Routes {
         })
     }
 
+    /// Every upstream once (one is shared by every route that lists it), by name: those of
+    /// the config and those of routes made on demand.
+    pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        let dynamic = self.dynamic.lock().expect("route map poisoned");
+        let mut all: Vec<Arc<Upstream>> = Vec::new();
+        for route in self
+            .by_registry
+            .values()
+            .chain(&self.default)
+            .chain(dynamic.values())
+        {
+            for u in route.upstreams.iter().chain(&route.tag_upstreams) {
+                if !all.iter().any(|seen| Arc::ptr_eq(seen, u)) {
+                    all.push(u.clone());
+                }
+            }
+        }
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
     /// Picks the route for a request (see `api::registry::target` for the rules).
     pub fn resolve(&self, ns: Option<&str>, name: &RepoName) -> Result<Routed> {
         let Target { registry, name } = registry::target(

@@ -41,6 +41,17 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_with_clock(listener, config, shutdown, cache::Clock::system()).await
+}
+
+/// [`run`], with tag answers dated by `clock` instead of the system's: tests step a manual
+/// clock past a TTL instead of sleeping through it.
+pub async fn run_with_clock(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+    clock: cache::Clock,
+) -> anyhow::Result<()> {
     let admin = match config.admin.listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -49,7 +60,7 @@ pub async fn run(
         ),
         None => None,
     };
-    run_with_admin(listener, admin, config, shutdown).await
+    serve(listener, admin, config, shutdown, clock).await
 }
 
 /// The run-time pins in `pins.json`. Digests, as written by earlier versions, are pins too;
@@ -73,6 +84,23 @@ pub async fn run_with_admin(
     admin_listener: Option<TcpListener>,
     config: Config,
     shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve(
+        listener,
+        admin_listener,
+        config,
+        shutdown,
+        cache::Clock::system(),
+    )
+    .await
+}
+
+async fn serve(
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+    clock: cache::Clock,
 ) -> anyhow::Result<()> {
     config.validate()?;
     let admin_token = match &config.admin.token_file {
@@ -152,6 +180,7 @@ pub async fn run_with_admin(
             &config.cache,
             config.offline,
             index,
+            clock,
         ),
         routes,
         offline: config.offline,

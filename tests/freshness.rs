@@ -1,11 +1,14 @@
-//! Tag freshness: stale-if-error (also across a restart), stale-while-revalidate, negative
-//! caching of missing tags, and offline mode. TTLs are a second or so; tests sleep only to
-//! make sure at least that much time has passed, and never assert how long anything took.
+//! Tag freshness: TTLs, stale-if-error (also across a restart), stale-while-revalidate,
+//! negative caching of missing tags, and offline mode. Time is a manual clock
+//! (`cistern::cache::Clock`) that each test steps past a TTL, or stops just short of one:
+//! nothing sleeps for time to pass, and the edges of every window are exact.
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use ::cistern::cache::Clock;
+use ::cistern::config::Config;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::*;
@@ -20,22 +23,131 @@ fn manifest(seed: u32) -> Bytes {
     ))
 }
 
-/// Lets a TTL of `ttl` run out: a lower bound on elapsed time, nothing more.
-async fn outlive(ttl: Duration) {
-    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+const SECOND: Duration = Duration::from_secs(1);
+
+fn clock() -> Clock {
+    Clock::manual(SystemTime::now())
+}
+
+/// A cistern in front of `upstream` on `data`, its tag answers dated by `clock`.
+async fn start_on(
+    upstream: &FakeRegistry,
+    data: DataDir,
+    clock: &Clock,
+    tweak: impl FnOnce(&mut Config),
+) -> TestCistern {
+    let mut config = TestCistern::config_for(&data);
+    config.upstream.url = upstream.url();
+    tweak(&mut config);
+    TestCistern::start_config_clock(data, config, clock.clone()).await
+}
+
+async fn start(
+    upstream: &FakeRegistry,
+    clock: &Clock,
+    tweak: impl FnOnce(&mut Config),
+) -> TestCistern {
+    start_on(upstream, DataDir::new(), clock, tweak).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_answer_is_served_until_its_ttl_and_asked_again_after() {
+    let (old, new) = (manifest(20), manifest(21));
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
+    let clock = clock();
+    let ttl = Duration::from_secs(300);
+    let cistern = start(&upstream, &clock, |c| {
+        c.cache.tag_ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+    })
+    .await;
+    let client = cistern.client();
+    assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &old);
+    let asked = upstream.manifest_requests();
+
+    upstream.add_manifest(REPO, Some("1.0"), OCI_MANIFEST, new.clone());
+    clock.advance(ttl - SECOND);
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.bytes(),
+        &old,
+        "still fresh"
+    );
+    assert_eq!(
+        upstream.manifest_requests(),
+        asked,
+        "a fresh answer asks no upstream"
+    );
+
+    clock.advance(2 * SECOND);
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.bytes(),
+        &new,
+        "expired: asked again"
+    );
+    assert!(upstream.manifest_requests() > asked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_rules_give_matching_tags_their_own_ttl() {
+    use ::cistern::config::TagRule;
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, Some("latest"), OCI_MANIFEST, manifest(22))
+        .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(23))
+        .start()
+        .await;
+    let clock = clock();
+    let cistern = start(&upstream, &clock, |c| {
+        c.cache.tag_ttl = Duration::from_secs(86_400);
+        c.cache.tag_rules = vec![TagRule {
+            pattern: "lat*".into(),
+            ttl: Duration::from_secs(60),
+        }];
+        c.cache.stale_while_revalidate = Duration::ZERO;
+    })
+    .await;
+    let client = cistern.client();
+    assert_eq!(
+        client.get_manifest(REPO, "latest").await.bytes(),
+        &manifest(22)
+    );
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.bytes(),
+        &manifest(23)
+    );
+
+    upstream.add_manifest(REPO, Some("latest"), OCI_MANIFEST, manifest(24));
+    upstream.add_manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(25));
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        client.get_manifest(REPO, "latest").await.bytes(),
+        &manifest(24),
+        "the rule's 60 s ran out"
+    );
+    assert_eq!(
+        client.get_manifest(REPO, "1.0").await.bytes(),
+        &manifest(23),
+        "the default day did not"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
     let old = manifest(1);
     let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
-    let ttl = Duration::from_secs(1);
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    let clock = clock();
+    let ttl = Duration::from_secs(60);
+    let window = Duration::from_secs(3600);
+    let cistern = start(&upstream, &clock, |c| {
+        c.cache.tag_ttl = ttl;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+        c.cache.stale_if_error = window;
+    })
+    .await;
     let client = cistern.client();
     assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &old);
 
     upstream.on_manifest("1.0", Fault::Status(503));
-    outlive(ttl).await;
+    clock.advance(ttl + window - SECOND);
     let stale = client.get_manifest(REPO, "1.0").await;
     assert_eq!(stale.status, StatusCode::OK, "{}", stale.body_text());
     assert_eq!(stale.bytes(), &old);
@@ -50,6 +162,16 @@ async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.header("warning").is_some());
 
+    // Past the stale-if-error window, a failing upstream is an error again.
+    clock.advance(2 * SECOND);
+    let expired = client.get_manifest(REPO, "1.0").await;
+    assert!(
+        expired.status.is_server_error(),
+        "{} {}",
+        expired.status,
+        expired.body_text()
+    );
+
     // Once the upstream answers again, the answer is fresh again (no warning).
     upstream.clear_faults();
     let fresh = client.get_manifest(REPO, "1.0").await;
@@ -61,8 +183,9 @@ async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
 async fn stale_if_error_survives_a_restart() {
     let old = manifest(2);
     let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
-    let ttl = Duration::from_secs(1);
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    let clock = clock();
+    let ttl = Duration::from_secs(60);
+    let cistern = start(&upstream, &clock, |c| c.cache.tag_ttl = ttl).await;
     assert_eq!(
         cistern.client().get_manifest(REPO, "1.0").await.bytes(),
         &old
@@ -70,8 +193,8 @@ async fn stale_if_error_survives_a_restart() {
     let data = cistern.shutdown().await;
 
     upstream.on_manifest("1.0", Fault::Status(503));
-    let cistern = TestCistern::start_on(&upstream, data, |c| c.cache.tag_ttl = ttl).await;
-    outlive(ttl).await;
+    let cistern = start_on(&upstream, data, &clock, |c| c.cache.tag_ttl = ttl).await;
+    clock.advance(ttl + SECOND);
     let stale = cistern.client().get_manifest(REPO, "1.0").await;
     assert_eq!(stale.status, StatusCode::OK, "{}", stale.body_text());
     assert_eq!(stale.bytes(), &old);
@@ -84,8 +207,9 @@ async fn without_stale_if_error_a_failing_upstream_is_an_error() {
         .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(3))
         .start()
         .await;
-    let ttl = Duration::from_secs(1);
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let clock = clock();
+    let ttl = Duration::from_secs(60);
+    let cistern = start(&upstream, &clock, |c| {
         c.cache.tag_ttl = ttl;
         c.cache.stale_if_error = Duration::ZERO;
     })
@@ -96,7 +220,7 @@ async fn without_stale_if_error_a_failing_upstream_is_an_error() {
         StatusCode::OK
     );
     upstream.on_manifest("1.0", Fault::Status(503));
-    outlive(ttl).await;
+    clock.advance(ttl + SECOND);
     let r = client.get_manifest(REPO, "1.0").await;
     assert!(r.status.is_server_error(), "{} {}", r.status, r.body_text());
 }
@@ -105,17 +229,19 @@ async fn without_stale_if_error_a_failing_upstream_is_an_error() {
 async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
     let (old, new) = (manifest(4), manifest(5));
     let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
-    let ttl = Duration::from_secs(1);
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let clock = clock();
+    let ttl = Duration::from_secs(60);
+    let window = Duration::from_secs(3600);
+    let cistern = start(&upstream, &clock, |c| {
         c.cache.tag_ttl = ttl;
-        c.cache.stale_while_revalidate = Duration::from_secs(3600);
+        c.cache.stale_while_revalidate = window;
     })
     .await;
     let client = cistern.client();
     assert_eq!(client.get_manifest(REPO, "latest").await.bytes(), &old);
 
     upstream.add_manifest(REPO, Some("latest"), OCI_MANIFEST, new.clone());
-    outlive(ttl).await;
+    clock.advance(ttl + window - SECOND);
     // The stale answer comes at once, without a warning: nothing failed.
     let first = client.get_manifest(REPO, "latest").await;
     assert_eq!(first.bytes(), &old);
@@ -141,16 +267,16 @@ async fn a_missing_tag_is_remembered_for_negative_ttl() {
         .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(6))
         .start()
         .await;
-    let cistern = TestCistern::start_with(&upstream, |c| {
-        c.cache.negative_ttl = Duration::from_secs(3600);
-    })
-    .await;
+    let clock = clock();
+    let negative = Duration::from_secs(60);
+    let cistern = start(&upstream, &clock, |c| c.cache.negative_ttl = negative).await;
     let client = cistern.client();
     let first = client.get_manifest(REPO, "nope").await;
     first.assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
     let asked = upstream.manifest_requests();
     assert!(asked > 0);
     for _ in 0..20 {
+        clock.advance(negative / 30);
         client
             .get_manifest(REPO, "nope")
             .await
@@ -168,8 +294,9 @@ async fn a_missing_tag_is_remembered_for_negative_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_tag_is_asked_again_once_negative_ttl_passes() {
     let upstream = FakeRegistry::builder().start().await;
-    let negative = Duration::from_secs(1);
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.negative_ttl = negative).await;
+    let clock = clock();
+    let negative = Duration::from_secs(60);
+    let cistern = start(&upstream, &clock, |c| c.cache.negative_ttl = negative).await;
     let client = cistern.client();
     assert_eq!(
         client.get_manifest(REPO, "soon").await.status,
@@ -177,7 +304,7 @@ async fn a_missing_tag_is_asked_again_once_negative_ttl_passes() {
     );
     let m = manifest(7);
     upstream.add_manifest(REPO, Some("soon"), OCI_MANIFEST, m.clone());
-    outlive(negative).await;
+    clock.advance(negative + SECOND);
     assert_eq!(client.get_manifest(REPO, "soon").await.bytes(), &m);
 }
 
@@ -194,7 +321,8 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
     let other = upstream.add_blob(REPO, blob_bytes(KIB, 9));
 
     // Fill the cache online, as a site would before shipping it.
-    let cistern = TestCistern::start(&upstream).await;
+    let clock = clock();
+    let cistern = start(&upstream, &clock, |_| {}).await;
     let client = cistern.client();
     assert_eq!(client.get_manifest(REPO, "1.0").await.bytes(), &m);
     assert_same_bytes(
@@ -205,14 +333,10 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
     let data = cistern.shutdown().await;
 
     let before = upstream.requests().len();
-    let cistern = TestCistern::start_on(&upstream, data, |c| {
-        c.offline = true;
-        // Offline, a tag answer of any age is served.
-        c.cache.tag_ttl = Duration::from_millis(1);
-    })
-    .await;
+    let cistern = start_on(&upstream, data, &clock, |c| c.offline = true).await;
     let client = cistern.client();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Offline, a tag answer of any age is served: this one is a year past every window.
+    clock.advance(Duration::from_secs(365 * 86_400));
     let by_tag = client.get_manifest(REPO, "1.0").await;
     assert_eq!(by_tag.status, StatusCode::OK, "{}", by_tag.body_text());
     assert_eq!(by_tag.bytes(), &m);
@@ -266,7 +390,8 @@ async fn each_route_keeps_its_own_tag_ttl() {
         stale_if_error: None,
         negative_ttl: None,
     };
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let clock = clock();
+    let cistern = start(&upstream, &clock, |c| {
         c.upstream = UpstreamConfig::default();
         c.upstreams = [
             ("docker-io".to_string(), UpstreamConfig::new(&url)),
@@ -275,7 +400,7 @@ async fn each_route_keeps_its_own_tag_ttl() {
         .into();
         c.routes = vec![
             route("docker.io", true, Duration::from_secs(3600)),
-            route("ghcr.io", false, Duration::from_secs(1)),
+            route("ghcr.io", false, Duration::from_secs(60)),
         ];
     })
     .await;
@@ -285,11 +410,11 @@ async fn each_route_keeps_its_own_tag_ttl() {
     assert_eq!(client.get(&ghcr).await.bytes(), &old);
 
     upstream.add_manifest(REPO, Some("1.0"), OCI_MANIFEST, new.clone());
-    outlive(Duration::from_secs(1)).await;
+    clock.advance(Duration::from_secs(61));
     assert_eq!(
         client.get(&ghcr).await.bytes(),
         &new,
-        "ghcr.io's 1s TTL ran out"
+        "ghcr.io's 60 s TTL ran out"
     );
     assert_eq!(
         client.get_manifest(REPO, "1.0").await.bytes(),

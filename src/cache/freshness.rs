@@ -1,5 +1,5 @@
-//! Tag freshness: how old a remembered tag answer may be, and what to do with it. Pure: ages
-//! come in as durations, so every rule is tested without clocks.
+//! Tag freshness: how old a remembered tag answer may be, and what to do with it. The policy
+//! is pure: ages come in as durations, so every rule is unit-tested without clocks.
 //!
 //! A tag answer (tag → digest) is:
 //! - **fresh** while younger than its TTL (`cache.tag_rules`, else `cache.tag_ttl`): served;
@@ -11,10 +11,64 @@
 //!
 //! "Not found" answers are remembered for `cache.negative_ttl` only, and never served stale.
 //! Offline mode serves whatever it has, at any age. Digests never expire.
+//!
+//! Ages are measured on a [`Clock`]: the system's, or in tests one moved by hand, so that the
+//! integration tests step past a TTL instead of sleeping through it.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crate::config::CacheConfig;
+
+/// Where tag answers get their fetch times and ages: the system clock, or a manual one that
+/// stands still until a test advances it.
+#[derive(Clone, Default)]
+pub struct Clock {
+    manual: Option<Arc<Mutex<SystemTime>>>,
+}
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// A clock that reads `start` until [`Clock::advance`] moves it (tests).
+    pub fn manual(start: SystemTime) -> Clock {
+        Clock {
+            manual: Some(Arc::new(Mutex::new(start))),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        match &self.manual {
+            Some(t) => *t.lock().expect("clock poisoned"),
+            None => SystemTime::now(),
+        }
+    }
+
+    /// Moves a manual clock forward; every copy of it moves. The system clock cannot be moved.
+    pub fn advance(&self, by: Duration) {
+        let t = self
+            .manual
+            .as_ref()
+            .expect("only a manual clock can be advanced");
+        *t.lock().expect("clock poisoned") += by;
+    }
+
+    /// How long ago `then` was; zero if it is in the future (a clock set back).
+    pub fn age(&self, then: SystemTime) -> Duration {
+        self.now().duration_since(then).unwrap_or(Duration::ZERO)
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.manual {
+            Some(_) => write!(f, "Clock::manual({:?})", self.now()),
+            None => f.write_str("Clock::system"),
+        }
+    }
+}
 
 /// What to do with a remembered answer of a given age.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,5 +246,17 @@ mod tests {
         });
         assert_eq!(p.classify("x", MIN), Freshness::Expired);
         assert!(!p.negative_is_fresh(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_manual_clock_moves_only_when_told_and_every_copy_with_it() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let clock = Clock::manual(start);
+        let copy = clock.clone();
+        assert_eq!(clock.now(), start);
+        copy.advance(Duration::from_secs(90));
+        assert_eq!(clock.now(), start + Duration::from_secs(90));
+        assert_eq!(clock.age(start), Duration::from_secs(90));
+        assert_eq!(clock.age(start + Duration::from_secs(100)), Duration::ZERO);
     }
 }

@@ -23,12 +23,12 @@
 //!   pull asks the upstream.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use super::fill::blocking;
-use super::freshness::Freshness;
+use super::freshness::{Clock, Freshness};
 use super::pins::Pin;
 use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
@@ -103,20 +103,24 @@ struct Inner {
     index: Arc<RefIndex>,
     /// One purge at a time.
     purging: tokio::sync::Mutex<()>,
+    /// Fetch times of tag answers, and their ages.
+    clock: Clock,
 }
 
 impl ManifestCache {
     /// A manifest cache with an empty reference index (benchmarks, tests).
     pub fn new(store: Arc<DiskStore>, config: &CacheConfig, offline: bool) -> Self {
-        Self::with_index(store, config, offline, Arc::default())
+        Self::with_index(store, config, offline, Arc::default(), Clock::system())
     }
 
-    /// A manifest cache that keeps `index` (built by `RefIndex::load`) current.
+    /// A manifest cache that keeps `index` (built by `RefIndex::load`) current, and dates tag
+    /// answers by `clock`.
     pub fn with_index(
         store: Arc<DiskStore>,
         config: &CacheConfig,
         offline: bool,
         index: Arc<RefIndex>,
+        clock: Clock,
     ) -> Self {
         let by_digest = moka::future::Cache::builder()
             .max_capacity(config.manifest_memory.as_u64())
@@ -137,6 +141,7 @@ impl ManifestCache {
                 offline,
                 index,
                 purging: tokio::sync::Mutex::new(()),
+                clock,
             }),
         }
     }
@@ -410,9 +415,7 @@ impl Inner {
             return self.resolve_offline(&key, known, accept).await;
         }
         if let Some(answer) = &known {
-            let age = SystemTime::now()
-                .duration_since(answer.fetched)
-                .unwrap_or(Duration::ZERO);
+            let age = self.clock.age(answer.fetched);
             match &answer.info {
                 None if route.freshness.negative_is_fresh(age) => {
                     return Err(Error::new(
@@ -445,9 +448,7 @@ impl Inner {
             Ok(info) => Ok(info),
             Err(e) if e.is_upstream_failure() => {
                 let stale = known.and_then(|a| {
-                    let age = SystemTime::now()
-                        .duration_since(a.fetched)
-                        .unwrap_or(Duration::ZERO);
+                    let age = self.clock.age(a.fetched);
                     let info = a.info?;
                     (route.freshness.classify(tag.as_str(), age) != Freshness::Expired)
                         .then_some(info)
@@ -532,7 +533,7 @@ impl Inner {
                     self.resolve_tag_on(route, upstream, name, tag, accept)
                 })
                 .await;
-                let now = SystemTime::now();
+                let now = self.clock.now();
                 match &result {
                     Ok(info) => {
                         let answer = TagAnswer {

@@ -12,5 +12,6 @@ pub mod singleflight;
 pub mod spill;
 
 pub use blobs::{BlobCache, BlobSource};
+pub use freshness::Clock;
 pub use manifests::{Manifest, ManifestCache};
 pub use reader::BlobReader;

@@ -226,7 +226,17 @@ impl TestCistern {
     }
 
     /// Runs `config` on `127.0.0.1:0` (its `listen` set to the address bound) over `data`.
-    pub async fn start_config(data: DataDir, mut config: Config) -> TestCistern {
+    pub async fn start_config(data: DataDir, config: Config) -> TestCistern {
+        TestCistern::start_config_clock(data, config, cistern::cache::Clock::system()).await
+    }
+
+    /// [`TestCistern::start_config`] with tag answers dated by `clock` (a manual one lets a
+    /// test step past a TTL instead of sleeping through it).
+    pub async fn start_config_clock(
+        data: DataDir,
+        mut config: Config,
+        clock: cistern::cache::Clock,
+    ) -> TestCistern {
         super::init();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -234,7 +244,12 @@ impl TestCistern {
         let addr = listener.local_addr().expect("local addr");
         config.listen = addr;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(cistern::run(listener, config.clone(), stop.clone()));
+        let task = tokio::spawn(cistern::run_with_clock(
+            listener,
+            config.clone(),
+            stop.clone(),
+            clock,
+        ));
         TestCistern {
             addr,
             config,

@@ -231,48 +231,35 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
 
     let m = s.metrics().await;
     let size = blobs[0].len() as f64;
-    assert_eq!(m[r#"cistern_blob_requests_total{result="hit"}"#], 1.0);
-    assert_eq!(m[r#"cistern_blob_requests_total{result="miss"}"#], 2.0);
-    assert_eq!(m["cistern_cache_blobs"], 2.0);
-    assert_eq!(m["cistern_cache_blob_bytes"], 2.0 * size);
-    assert_eq!(m["cistern_fills_running"], 0.0);
-    assert_eq!(m["cistern_evicted_blobs_total"], 0.0);
-    assert_eq!(
-        m[r#"cistern_upstream_requests_total{upstream="mirror"}"#],
-        1.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_failures_total{upstream="mirror"}"#],
-        1.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_skipped_total{upstream="mirror"}"#],
-        1.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_circuit_open{upstream="mirror"}"#],
-        1.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_blob_bytes_total{upstream="mirror"}"#],
-        0.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_requests_total{upstream="origin"}"#],
-        2.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_failures_total{upstream="origin"}"#],
-        0.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_circuit_open{upstream="origin"}"#],
-        0.0
-    );
-    assert_eq!(
-        m[r#"cistern_upstream_blob_bytes_total{upstream="origin"}"#],
-        2.0 * size
-    );
+    let upstream =
+        |metric: &str, name: &str| format!("cistern_upstream_{metric}{{upstream=\"{name}\"}}");
+    let want = [
+        (
+            r#"cistern_blob_requests_total{result="hit"}"#.to_string(),
+            1.0,
+        ),
+        (
+            r#"cistern_blob_requests_total{result="miss"}"#.to_string(),
+            2.0,
+        ),
+        ("cistern_cache_blobs".into(), 2.0),
+        ("cistern_cache_blob_bytes".into(), 2.0 * size),
+        ("cistern_fills_running".into(), 0.0),
+        ("cistern_evicted_blobs_total".into(), 0.0),
+        (upstream("requests_total", "mirror"), 1.0),
+        (upstream("failures_total", "mirror"), 1.0),
+        (upstream("skipped_total", "mirror"), 1.0),
+        (upstream("circuit_open", "mirror"), 1.0),
+        (upstream("blob_bytes_total", "mirror"), 0.0),
+        (upstream("requests_total", "origin"), 2.0),
+        (upstream("failures_total", "origin"), 0.0),
+        (upstream("skipped_total", "origin"), 0.0),
+        (upstream("circuit_open", "origin"), 0.0),
+        (upstream("blob_bytes_total", "origin"), 2.0 * size),
+    ];
+    for (series, value) in want {
+        assert_eq!(m.get(&series), Some(&value), "{series}");
+    }
     s.stop().await;
 }
 

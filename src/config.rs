@@ -49,6 +49,17 @@ pub struct Config {
     pub cache: CacheConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
+}
+
+/// HTTPS on the registry listener: off unless both files are given.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert_file: Option<PathBuf>,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
 }
 
 /// The admin API: off unless `listen` is set.
@@ -240,6 +251,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             log: LogConfig::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -360,6 +372,21 @@ impl Config {
         };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty".into());
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => {
+                return invalid(
+                    "tls.key_file",
+                    "tls.cert_file is set: give its key too".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "tls.cert_file",
+                    "tls.key_file is set: give its certificate too".into(),
+                );
+            }
+            _ => {}
         }
         if self.routes.is_empty() {
             if !self.upstreams.is_empty() {

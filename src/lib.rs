@@ -118,6 +118,11 @@ async fn serve(
         }
         None => None,
     };
+    // HTTPS: loaded before anything else starts, so a bad certificate stops the start.
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || storage::DiskStore::open(&data_dir))
         .await?
@@ -203,6 +208,7 @@ async fn serve(
         .collect();
     tracing::info!(
         listen = %listener.local_addr()?,
+        tls = tls.is_some(),
         routes = %registries.join("; "),
         data_dir = %config.data_dir.display(),
         cached_blobs = usage.len(),
@@ -227,6 +233,7 @@ async fn serve(
             shutdown.clone(),
             abort_connections.clone(),
             connections.clone(),
+            None,
         ))
     });
     server::accept_loop(
@@ -235,6 +242,7 @@ async fn serve(
         shutdown,
         abort_connections.clone(),
         connections.clone(),
+        tls,
     )
     .await;
     if let Some(admin_loop) = admin_loop {

@@ -342,6 +342,60 @@ fn skopeo_pulls_through_cistern() {
 
 /// Pulls the four `library/` images and the large one into `ctd` through `hosts` and checks
 /// them.
+/// HTTPS on cistern's listener (`[tls]`), with a client that checks the certificate: skopeo
+/// trusts only the test CA (no `--tls-verify=false`, no fallback to plain HTTP).
+#[test]
+fn skopeo_pulls_over_https() {
+    let Some(work) = e2e::begin(
+        "skopeo_pulls_over_https",
+        e2e::SKOPEO_TOOLS,
+        false,
+        "skopeo-https",
+    ) else {
+        return;
+    };
+    let (registry, skopeo, fx) = e2e::seeded_registry(&work);
+    let tls = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
+    let certs = work.sub("certs");
+    std::fs::copy(tls.join("ca.crt"), certs.join("ca.crt")).unwrap();
+    let cistern = Cistern::start_tls(
+        &work.sub("cistern"),
+        registry.addr,
+        &tls.join("server.crt"),
+        &tls.join("server.key"),
+    );
+    let host = cistern.host();
+    let ctx = || logs(&registry, Some(&cistern));
+
+    for seeded in [&fx.app, &fx.multi] {
+        let raw = skopeo.inspect_raw_https(&seeded.reference(&host), &certs, &ctx);
+        assert!(
+            raw == seeded.manifest,
+            "inspect --raw over HTTPS of {}",
+            seeded.repo
+        );
+    }
+    for (n, seeded) in [&fx.app, &fx.multi].into_iter().enumerate() {
+        let dest = work.sub("first").join(n.to_string());
+        skopeo.copy_to_dir_https(&seeded.reference(&host), &dest, &certs, &ctx);
+        check_dir(&dest, seeded);
+    }
+    registry.settle(LOG_QUIET);
+    let before = registry.blob_gets().len();
+    for (n, seeded) in [&fx.app, &fx.multi].into_iter().enumerate() {
+        let dest = work.sub("second").join(n.to_string());
+        skopeo.copy_to_dir_https(&seeded.reference(&host), &dest, &certs, &ctx);
+        check_dir(&dest, seeded);
+    }
+    registry.settle(LOG_QUIET);
+    assert_eq!(
+        registry.blob_gets().len(),
+        before,
+        "the second pull over HTTPS reached the upstream for blobs\n{}",
+        ctx()
+    );
+}
+
 fn ctr_pull_all(
     ctd: &Containerd,
     ns: &str,

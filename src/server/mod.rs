@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod admin;
 pub mod handlers;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ pub async fn accept_loop<S: Service>(
     shutdown: CancellationToken,
     abort: CancellationToken,
     connections: TaskTracker,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -81,7 +83,44 @@ pub async fn accept_loop<S: Service>(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let abort = abort.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
+            match tls {
+                None => serve_connection(stream, peer, app, builder, shutdown, abort).await,
+                Some(tls) => {
+                    // Bounded like the request head: a client that connects and says nothing
+                    // does not hold a task.
+                    let handshake = tokio::select! {
+                        r = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)) => r,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, app, builder, shutdown, abort).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Serves one connection (plain or TLS) until it closes, or until shutdown: then in-flight
+/// responses may finish until `abort`.
+async fn serve_connection<S: Service, IO>(
+    io: IO,
+    peer: std::net::SocketAddr,
+    app: Arc<S>,
+    builder: auto::Builder<TokioExecutor>,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        {
             let service = service_fn(move |req| {
                 let end = activity::request_started();
                 let app = app.clone();
@@ -96,7 +135,7 @@ pub async fn accept_loop<S: Service>(
                     Ok::<_, Infallible>(response)
                 }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -111,6 +150,6 @@ pub async fn accept_loop<S: Service>(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        });
+        }
     }
 }

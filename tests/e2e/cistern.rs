@@ -38,7 +38,23 @@ impl Cistern {
              default = true\n"
         );
         daemon::start_on_free_port(|port| {
-            Cistern::try_start(dir, &routes_toml, cache_toml, run, port)
+            Cistern::try_start(dir, &routes_toml, cache_toml, run, port, None)
+        })
+    }
+
+    /// Like [`Cistern::start`], serving HTTPS with `cert` and `key` (`[tls]`).
+    #[allow(dead_code)] // used by tests/e2e_real_clients.rs, not by every test crate
+    pub fn start_tls(dir: &Path, upstream: SocketAddr, cert: &Path, key: &Path) -> Cistern {
+        let routes_toml = format!(
+            "[upstreams.local]\n\
+             url = \"http://{upstream}\"\n\
+             [[routes]]\n\
+             registry = \"docker.io\"\n\
+             upstreams = [\"local\"]\n\
+             default = true\n"
+        );
+        daemon::start_on_free_port(|port| {
+            Cistern::try_start(dir, &routes_toml, "", 1, port, Some((cert, key)))
         })
     }
 
@@ -47,7 +63,7 @@ impl Cistern {
     /// [`Cistern::restart`] does not apply to it (it restarts with the one route).
     #[allow(dead_code)] // used by tests/e2e_fallback.rs, not by every test crate
     pub fn start_routes(dir: &Path, routes_toml: &str) -> Cistern {
-        daemon::start_on_free_port(|port| Cistern::try_start(dir, routes_toml, "", 1, port))
+        daemon::start_on_free_port(|port| Cistern::try_start(dir, routes_toml, "", 1, port, None))
     }
 
     fn try_start(
@@ -56,14 +72,24 @@ impl Cistern {
         cache_toml: &str,
         run: u32,
         port: u16,
+        tls: Option<(&Path, &Path)>,
     ) -> Result<Cistern, String> {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let data_dir = dir.join("cache");
+        let tls_toml = match tls {
+            Some((cert, key)) => format!(
+                "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
             "listen = \"{addr}\"\n\
              data_dir = \"{}\"\n\
              shutdown_grace = \"2s\"\n\
              {routes_toml}\n\
+             {tls_toml}\n\
              [cache]\n\
              {cache_toml}\n\
              [log]\n\
@@ -80,8 +106,10 @@ impl Cistern {
         // from whatever else might have taken the port in the meantime.
         let log = daemon.log.clone();
         let serving = addr.to_string();
+        // Over TLS the log line alone: it is written once the listener is bound.
+        let plain = tls.is_none();
         daemon.try_wait_ready("logs its listen address and GET /v2/ answers 200", || {
-            daemon::log_contains(&log, &serving) && daemon::v2_ping_ok(addr)
+            daemon::log_contains(&log, &serving) && (!plain || daemon::v2_ping_ok(addr))
         })?;
         Ok(Cistern {
             addr,

@@ -80,6 +80,52 @@ impl Skopeo {
         serde_json::from_slice(&out).expect("skopeo inspect prints JSON")
     }
 
+    /// `skopeo inspect --raw` over HTTPS, trusting only the CA certificates (`*.crt`) in
+    /// `cert_dir`.
+    #[allow(dead_code)] // used by tests/e2e_real_clients.rs, not by every test crate
+    pub fn inspect_raw_https(
+        &self,
+        reference: &str,
+        cert_dir: &Path,
+        ctx: &dyn Fn() -> String,
+    ) -> Vec<u8> {
+        let mut c = self.cmd("inspect");
+        c.args([
+            "--raw",
+            "--tls-verify=true",
+            "--retry-times",
+            "0",
+            "--cert-dir",
+        ]);
+        c.arg(cert_dir);
+        c.arg(format!("docker://{reference}"));
+        run_ok(&mut c, LIMIT, ctx).stdout
+    }
+
+    /// `skopeo copy --all docker://REF dir:DEST` over HTTPS, trusting only the CA
+    /// certificates in `cert_dir`.
+    #[allow(dead_code)] // used by tests/e2e_real_clients.rs, not by every test crate
+    pub fn copy_to_dir_https(
+        &self,
+        reference: &str,
+        dest: &Path,
+        cert_dir: &Path,
+        ctx: &dyn Fn() -> String,
+    ) {
+        let mut c = self.cmd("copy");
+        c.args([
+            "--all",
+            "--src-tls-verify=true",
+            "--retry-times",
+            "0",
+            "--src-cert-dir",
+        ]);
+        c.arg(cert_dir);
+        c.arg(format!("docker://{reference}"));
+        c.arg(format!("dir:{}", dest.display()));
+        run_ok(&mut c, LIMIT, ctx);
+    }
+
     /// `skopeo list-tags --tls-verify=false docker://REPO`.
     pub fn list_tags(&self, repo: &str, ctx: &dyn Fn() -> String) -> Vec<String> {
         let mut c = self.cmd("list-tags");

@@ -55,6 +55,12 @@ pub async fn accept_loop<S: Service>(
         // what bounds memory with many clients on one blob. It also caps request headers,
         // which 64 KiB covers with room to spare.
         .max_buf_size(MAX_BUFFERED);
+    // The same bound per HTTP/2 stream (HTTPS clients get h2 by ALPN): hyper's default would
+    // queue ~400 KiB per stream, 20 MiB for 50 clients on one blob.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_send_buf_size(MAX_BUFFERED);
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {

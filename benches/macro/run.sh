@@ -50,8 +50,9 @@
 #   C                 [BIG_MIB=2048]  BIG_CLIENTS=50 concurrent cold GETs; peak RSS of the
 #                                     proxy's processes (VmHWM, reset with clear_refs first;
 #                                     nginx: master + workers summed)
-# Before the proxies start, TOUCH_MIB (default: what the run's caches will write, within the
-# free memory) of memory is written once and freed, see "the machine's memory" below.
+# Before each section that fills caches, the memory those fills will take is written once and
+# freed, and free page reporting is held off where the kernel has it (TOUCH=0 skips both);
+# see "the machine's memory" below.
 # Warm GETs: WARM_RUNS=5 rounds, servers interleaved; medians. Manifest req/s: wrk,
 # WRK_CONNS=64 connections, WRK_THREADS=2 threads, WRK_SECS=10 s, WRK_RUNS=3 rounds; median.
 # Every client transfer is bounded by MAX_TIME=900 s; every wait for a server by 30 s.
@@ -117,6 +118,10 @@ declare -A PID_NAME=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [[ -n "${REPORTING_OLD:-}" ]]; then
+        echo "$REPORTING_OLD" >"$REPORTING_PARAM" 2>/dev/null ||
+            echo "warning: could not restore $REPORTING_PARAM to $REPORTING_OLD" >&2
+    fi
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
@@ -432,28 +437,41 @@ record throttle_mib_s throttle "$rate"
 # In a virtual machine whose memory the hypervisor backs on first touch (Firecracker, and any
 # VM with a balloon), the first write to a page of guest memory costs a fault in the host: on
 # the 2-core VM of docs/BENCHMARKS.md, writing files into never-touched memory ran at
-# 0.2-0.4 GB/s instead of 3-4 GB/s, and it made every proxy that caches (cistern and nginx
+# 0.2-0.5 GB/s instead of 3-4 GB/s, and it made every proxy that caches (cistern and nginx
 # proxy_cache, not distribution, whose client path writes nothing) look 2-3x slower on cold
-# GETs. Touch the memory this run's cache files will take once, up front: then the page cache
-# gets pages that are already backed, as it always does on a real machine.
-if [[ -z "${TOUCH_MIB:-}" ]]; then
-    per_proxy=$((COLD_RUNS * BLOB_MIB + BURST_RUNS * BURST_MIB + SLOW_MIB + BIG_MIB))
-    avail=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
-    TOUCH_MIB=$((3 * per_proxy + 1024))
-    ((TOUCH_MIB <= avail - 2048)) || TOUCH_MIB=$((avail - 2048))
-    ((TOUCH_MIB > 0)) || TOUCH_MIB=0
+# GETs. Worse, with free page reporting (virtio-balloon) a page freed in the guest goes back
+# to the host within seconds, to be faulted in again at its next use. So: hold reporting off
+# for the run where the kernel lets us (min_free_ms, restored on exit), and before each
+# section that fills caches, write the memory those fills will take once (touch_memory):
+# the page cache then gets pages that are already backed, as it always does on a real
+# machine. TOUCH=0 skips both.
+: "${TOUCH:=1}"
+REPORTING_PARAM=/sys/module/page_reporting/parameters/min_free_ms
+if [[ $TOUCH == 1 && -w $REPORTING_PARAM ]]; then
+    old="$(cat "$REPORTING_PARAM")"
+    for ms in 300000 120000 60000; do
+        if echo "$ms" >"$REPORTING_PARAM" 2>/dev/null; then
+            REPORTING_OLD=$old
+            echo "  free page reporting held off: $REPORTING_PARAM $old -> $ms (restored on exit)" >&2
+            break
+        fi
+    done
 fi
-say "touching ${TOUCH_MIB} MiB of memory once (TOUCH_MIB=0 skips it)"
-started=$SECONDS
-python3 -c "
+touch_memory() { # touch_memory MIB: write MIB of memory once (capped to leave 2 GiB free)
+    [[ $TOUCH == 1 ]] || return 0
+    local mib=$1 avail started=$SECONDS
+    avail=$(awk '/MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)
+    ((mib <= avail - 2048)) || mib=$((avail - 2048))
+    ((mib > 0)) || return 0
+    python3 -c "
 import sys
 n, step = int(sys.argv[1]) << 20, 64 << 20
 b = bytearray(n)
 for i in range(0, n, step):
     b[i:i + step] = b'\x01' * len(b[i:i + step])
-" "$TOUCH_MIB"
-echo "  took $((SECONDS - started)) s" >&2
-record touch_mib all "$TOUCH_MIB"
+" "$mib"
+    echo "  touched $mib MiB of memory in $((SECONDS - started)) s" >&2
+}
 
 say "starting distribution (proxy mode) and cistern"
 for pair in "distribution:$P_DIST:$UP" "distribution-slow:$P_DIST_SLOW:$THROTTLE"; do
@@ -486,6 +504,7 @@ done
 # === 1. cold single-client GETs, and straight from the upstream ===
 
 say "cold ${BLOB_MIB} MiB GETs (one per proxy per blob), and the same blobs straight from the upstream"
+touch_memory $((3 * COLD_RUNS * BLOB_MIB + 512))
 floor="$(python3 "$HELPERS" hashtime "$WORK/blobs/A1")"
 record hash_floor_s sha256 "$floor"
 echo "  one core hashes the ${BLOB_MIB} MiB blob (sha256) in $floor s" >&2
@@ -565,6 +584,7 @@ burst() { # burst SERVER MEASURE URL N SIZE: N parallel GETs in one curl; record
 }
 
 say "${BURST_CLIENTS} concurrent GETs of one ${BURST_MIB} MiB blob: cold, then warm; ${BURST_RUNS} rounds"
+touch_memory $((3 * BURST_RUNS * BURST_MIB + 512))
 for i in $(seq 1 "$BURST_RUNS"); do
     for p in "${PROXIES[@]}"; do
         before=$(upstream_gets "${DIGEST[B$i]}")
@@ -580,6 +600,7 @@ done
 # === 5. clients joining a cold fill from a slow upstream ===
 
 say "joining a cold fill of ${SLOW_MIB} MiB from a ${SLOW_RATE}/s upstream: ${JOINERS} joiners"
+touch_memory $((3 * SLOW_MIB + 512))
 for p in "${PROXIES[@]}"; do
     before=$(throttle_gets "${DIGEST[S]}")
     python3 "$HELPERS" join "${BASE[$p-slow]}$(blob_path S)" "${SIZE[S]}" "$JOINERS" \
@@ -615,6 +636,7 @@ done
 # === 6. peak RSS while many clients stream one cold big blob ===
 
 say "peak RSS: ${BIG_CLIENTS} clients stream one cold ${BIG_MIB} MiB blob"
+touch_memory $((3 * BIG_MIB + 512))
 for p in "${PROXIES[@]}"; do
     main=${MAIN_PID[$p]}
     pids=("$main")

@@ -21,6 +21,19 @@ pub struct Cistern {
     pub daemon: Daemon,
 }
 
+/// The one route of [`Cistern::start`]: docker.io (and requests that name no registry) from
+/// the registry at `upstream`.
+fn docker_io_from(upstream: SocketAddr) -> String {
+    format!(
+        "[upstreams.local]\n\
+         url = \"http://{upstream}\"\n\
+         [[routes]]\n\
+         registry = \"docker.io\"\n\
+         upstreams = [\"local\"]\n\
+         default = true\n"
+    )
+}
+
 impl Cistern {
     pub fn start(dir: &Path, upstream: SocketAddr) -> Cistern {
         Cistern::start_with(dir, upstream, "", 1)
@@ -29,14 +42,7 @@ impl Cistern {
     /// Starts cistern with `cache_toml` lines in its `[cache]` table; its data_dir is
     /// `dir/cache` and its log `dir/cistern-<run>.log`.
     pub fn start_with(dir: &Path, upstream: SocketAddr, cache_toml: &str, run: u32) -> Cistern {
-        let routes_toml = format!(
-            "[upstreams.local]\n\
-             url = \"http://{upstream}\"\n\
-             [[routes]]\n\
-             registry = \"docker.io\"\n\
-             upstreams = [\"local\"]\n\
-             default = true\n"
-        );
+        let routes_toml = docker_io_from(upstream);
         daemon::start_on_free_port(|port| {
             Cistern::try_start(dir, &routes_toml, cache_toml, run, port, None)
         })
@@ -45,14 +51,7 @@ impl Cistern {
     /// Like [`Cistern::start`], serving HTTPS with `cert` and `key` (`[tls]`).
     #[allow(dead_code)] // used by tests/e2e_real_clients.rs, not by every test crate
     pub fn start_tls(dir: &Path, upstream: SocketAddr, cert: &Path, key: &Path) -> Cistern {
-        let routes_toml = format!(
-            "[upstreams.local]\n\
-             url = \"http://{upstream}\"\n\
-             [[routes]]\n\
-             registry = \"docker.io\"\n\
-             upstreams = [\"local\"]\n\
-             default = true\n"
-        );
+        let routes_toml = docker_io_from(upstream);
         daemon::start_on_free_port(|port| {
             Cistern::try_start(dir, &routes_toml, "", 1, port, Some((cert, key)))
         })

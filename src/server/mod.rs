@@ -125,37 +125,33 @@ async fn serve_connection<S: Service, IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    {
-        {
-            let service = service_fn(move |req| {
-                let end = activity::request_started();
-                let app = app.clone();
-                async move {
-                    let response = app.handle(req).await.map(|body| {
-                        body.map_frame(move |frame| {
-                            let _counted_when_dropped = &end;
-                            frame
-                        })
-                        .boxed_unsync()
-                    });
-                    Ok::<_, Infallible>(response)
-                }
+    let service = service_fn(move |req| {
+        let end = activity::request_started();
+        let app = app.clone();
+        async move {
+            let response = app.handle(req).await.map(|body| {
+                body.map_frame(move |frame| {
+                    let _counted_when_dropped = &end;
+                    frame
+                })
+                .boxed_unsync()
             });
-            let conn = builder.serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
                 r = conn.as_mut() => r,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = abort.cancelled() => Ok(()),
-                    }
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                () = abort.cancelled() => Ok(()),
             }
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -229,7 +229,18 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
         "other blob",
     );
 
-    let m = s.metrics().await;
+    // A blob's file is visible a moment before the fill updates the index and leaves the
+    // fill map: wait for both.
+    let m = bounded("the second commit in the index", async {
+        loop {
+            let m = s.metrics().await;
+            if m["cistern_cache_blobs"] == 2.0 && m["cistern_fills_running"] == 0.0 {
+                return m;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let size = blobs[0].len() as f64;
     let upstream =
         |metric: &str, name: &str| format!("cistern_upstream_{metric}{{upstream=\"{name}\"}}");

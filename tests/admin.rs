@@ -171,6 +171,25 @@ impl Running {
         );
         scrape_lines(&r.body_text())
     }
+
+    /// Scrapes until `ready` holds (bounded): counters and the index move a moment after
+    /// what the test waited for.
+    async fn metrics_when(
+        &self,
+        what: &str,
+        ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
+    ) -> std::collections::HashMap<String, f64> {
+        bounded(what, async {
+            loop {
+                let m = self.metrics().await;
+                if ready(&m) {
+                    return m;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,16 +250,11 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
 
     // A blob's file is visible a moment before the fill updates the index and leaves the
     // fill map: wait for both.
-    let m = bounded("the second commit in the index", async {
-        loop {
-            let m = s.metrics().await;
-            if m["cistern_cache_blobs"] == 2.0 && m["cistern_fills_running"] == 0.0 {
-                return m;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let m = s
+        .metrics_when("the second commit in the index", |m| {
+            m["cistern_cache_blobs"] == 2.0 && m["cistern_fills_running"] == 0.0
+        })
+        .await;
     let size = blobs[0].len() as f64;
     let upstream =
         |metric: &str, name: &str| format!("cistern_upstream_{metric}{{upstream=\"{name}\"}}");
@@ -284,16 +298,9 @@ async fn metrics_count_evictions_and_show_the_budget() {
     for d in &digests {
         s.get_blob(REPO, d).await;
     }
-    let evicted = bounded("an eviction", async {
-        loop {
-            let m = s.metrics().await;
-            if m["cistern_evicted_blobs_total"] > 0.0 {
-                return m;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let evicted = s
+        .metrics_when("an eviction", |m| m["cistern_evicted_blobs_total"] > 0.0)
+        .await;
     assert_eq!(evicted["cistern_cache_max_size_bytes"], max as f64);
     assert_eq!(
         evicted["cistern_evicted_bytes_total"],

@@ -232,7 +232,6 @@ impl Usage {
         }
     }
 
-    /// Total bytes of committed blobs.
     /// (blobs, bytes) removed by eviction since start.
     pub fn evictions(&self) -> (u64, u64) {
         (
@@ -241,6 +240,7 @@ impl Usage {
         )
     }
 
+    /// Total bytes of committed blobs.
     pub fn total(&self) -> u64 {
         self.inner.lock().expect("usage poisoned").total
     }

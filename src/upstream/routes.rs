@@ -90,17 +90,13 @@ impl Routes {
     }
 
     /// Every upstream once (one is shared by every route that lists it), by name: those of
-    /// the config and those of routes made on demand.
+    /// the config and those of routes made on demand. The default route is also in
+    /// `by_registry`, and a route's `tag_upstreams` are some of its `upstreams`.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
         let dynamic = self.dynamic.lock().expect("route map poisoned");
         let mut all: Vec<Arc<Upstream>> = Vec::new();
-        for route in self
-            .by_registry
-            .values()
-            .chain(&self.default)
-            .chain(dynamic.values())
-        {
-            for u in route.upstreams.iter().chain(&route.tag_upstreams) {
+        for route in self.by_registry.values().chain(dynamic.values()) {
+            for u in &route.upstreams {
                 if !all.iter().any(|seen| Arc::ptr_eq(seen, u)) {
                     all.push(u.clone());
                 }

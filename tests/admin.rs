@@ -46,12 +46,14 @@ async fn start_config(data: &DataDir, mut config: ::cistern::Config) -> Running 
     let api_url = format!("http://{}", api.local_addr().unwrap());
     let admin_url = format!("http://{}", admin.local_addr().unwrap());
     let stop = CancellationToken::new();
-    let task = tokio::spawn(::cistern::run_with_admin(
-        api,
-        Some(admin),
-        config,
-        stop.clone(),
-    ));
+    let run_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let server = ::cistern::Server::builder(config)
+            .admin_listener(admin)
+            .build()
+            .await?;
+        server.run(api, run_stop).await
+    });
     Running {
         api: Client::new(api_url),
         admin: Client::new(admin_url.clone()),

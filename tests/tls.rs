@@ -101,10 +101,13 @@ async fn tls_config_errors_name_the_field() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
         stop.cancel();
-        bounded(
-            "a start that must fail",
-            ::cistern::run(listener, config, stop),
-        )
+        bounded("a start that must fail", async move {
+            ::cistern::Server::builder(config)
+                .build()
+                .await?
+                .run(listener, stop)
+                .await
+        })
         .await
         .unwrap_err()
         .to_string()

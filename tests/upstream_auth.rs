@@ -168,7 +168,14 @@ async fn start_cistern(upstream: &str) -> (Client, Running) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
-    let task = tokio::spawn(cistern::run(listener, config, stop.clone()));
+    let run_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        cistern::Server::builder(config)
+            .build()
+            .await?
+            .run(listener, run_stop)
+            .await
+    });
     (
         Client::new(url),
         Running {

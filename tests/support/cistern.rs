@@ -244,12 +244,14 @@ impl TestCistern {
         let addr = listener.local_addr().expect("local addr");
         config.listen = addr;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(cistern::run_with_clock(
-            listener,
-            config.clone(),
-            stop.clone(),
-            clock,
-        ));
+        let (run_config, run_stop) = (config.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let server = cistern::Server::builder(run_config)
+                .clock(clock)
+                .build()
+                .await?;
+            server.run(listener, run_stop).await
+        });
         TestCistern {
             addr,
             config,

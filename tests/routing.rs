@@ -178,3 +178,43 @@ async fn the_same_tag_on_two_registries_is_two_manifests() {
         assert_eq!(got.bytes(), &ghcr_manifest, "ghcr.io/org/app:1 by path");
     }
 }
+
+/// A 250-character name without a slash is valid, but Docker Hub's `library/` prefix takes it
+/// past the 255-character limit: a clean 400 NAME_INVALID, where it used to panic the
+/// connection's task (the client saw a reset connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_library_prefix_makes_too_long_is_name_invalid() {
+    let hub = FakeRegistry::builder().start().await;
+    let ghcr = FakeRegistry::builder().start().await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+    let name = "a".repeat(250);
+    let target = format!("/v2/{name}/manifests/latest");
+    raw_request(cistern.addr(), "GET", target.as_bytes())
+        .await
+        .assert_oci_error(400, "NAME_INVALID", "GET");
+    let head = raw_request(cistern.addr(), "HEAD", target.as_bytes()).await;
+    assert_eq!(head.status, 400, "HEAD");
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests().len());
+}
+
+/// On the Docker Hub default route, a name that starts with a registry host (`quay.io/org/app`)
+/// asks for a registry with no route: 404, and Docker Hub is never asked for a repository
+/// named `quay.io/org/app`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unserved_registry_in_the_path_is_404_not_docker_hub() {
+    let hub = FakeRegistry::builder().start().await;
+    let ghcr = FakeRegistry::builder().start().await;
+    let cistern = hub_and_ghcr(&hub, &ghcr).await;
+    let client = cistern.client();
+    for path in [
+        "/v2/quay.io/org/app/manifests/1".to_string(),
+        "/v2/localhost/app/manifests/1".to_string(),
+        blob_route("registry.example.com/app", &sha256_digest(b"x")),
+    ] {
+        let got = client.get(&path).await;
+        got.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+        assert!(got.body_text().contains("no route"), "{}", got.body_text());
+    }
+    assert!(hub.requests().is_empty(), "{}", hub.requests().len());
+    assert!(ghcr.requests().is_empty(), "{}", ghcr.requests().len());
+}

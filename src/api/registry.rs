@@ -7,6 +7,7 @@
 //! - Docker's `registry-mirrors` and podman's `[[registry.mirror]]` send no registry at all:
 //!   those requests take the default route.
 
+use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 
 /// Docker Hub's canonical name. Its other spellings all mean it.
@@ -73,13 +74,23 @@ pub fn target(
     }
 }
 
+/// The registry a name starts with, if it starts with one (by [`looks_like_registry`]).
+/// Docker Hub repositories never do, so on a Docker Hub route such a name asks for a registry
+/// this mirror does not serve, not for a Docker Hub repository.
+pub fn leading_registry(name: &RepoName) -> Option<&str> {
+    let (first, _) = name.as_str().split_once('/')?;
+    looks_like_registry(first).then_some(first)
+}
+
 /// The name as the registry stores it: Docker Hub keeps official images under `library/`,
-/// and clients that talk to cistern directly may leave it out.
-pub fn upstream_name(registry: &str, name: &RepoName) -> RepoName {
+/// and clients that talk to cistern directly may leave it out. A name that the prefix takes
+/// past the grammar's length limit is `NAME_INVALID`: it cannot exist on Docker Hub.
+pub fn upstream_name(registry: &str, name: &RepoName) -> Result<RepoName> {
     if registry == DOCKER_HUB && !name.as_str().contains('/') {
-        RepoName::parse(&format!("library/{name}")).expect("library/<valid name> is valid")
+        RepoName::parse(&format!("library/{name}"))
+            .map_err(|e| Error::new(ErrorKind::NameInvalid, format!("library/{name}: {e}")))
     } else {
-        name.clone()
+        Ok(name.clone())
     }
 }
 
@@ -130,6 +141,15 @@ mod tests {
     }
 
     #[test]
+    fn leading_registries() {
+        assert_eq!(leading_registry(&n("ghcr.io/org/app")), Some("ghcr.io"));
+        assert_eq!(leading_registry(&n("localhost/app")), Some("localhost"));
+        assert_eq!(leading_registry(&n("library/nginx")), None);
+        assert_eq!(leading_registry(&n("nginx")), None);
+        assert_eq!(leading_registry(&n("org/v1.2")), None);
+    }
+
+    #[test]
     fn docker_hub_spellings() {
         assert_eq!(canonical_registry("Index.Docker.io"), "docker.io");
         assert_eq!(canonical_registry("registry-1.docker.io:443"), "docker.io");
@@ -139,8 +159,19 @@ mod tests {
 
     #[test]
     fn library_prefix_only_on_docker_hub() {
-        assert_eq!(upstream_name("docker.io", &n("nginx")), n("library/nginx"));
-        assert_eq!(upstream_name("docker.io", &n("org/app")), n("org/app"));
-        assert_eq!(upstream_name("ghcr.io", &n("nginx")), n("nginx"));
+        let up = |r: &str, name: &str| upstream_name(r, &n(name)).unwrap();
+        assert_eq!(up("docker.io", "nginx"), n("library/nginx"));
+        assert_eq!(up("docker.io", "org/app"), n("org/app"));
+        assert_eq!(up("ghcr.io", "nginx"), n("nginx"));
+    }
+
+    /// A valid name with no slash that `library/` takes past 255 characters used to panic
+    /// the connection's task.
+    #[test]
+    fn library_prefix_past_the_length_limit_is_name_invalid() {
+        let long = "a".repeat(250);
+        let e = upstream_name("docker.io", &n(&long)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NameInvalid);
+        assert_eq!(upstream_name("ghcr.io", &n(&long)).unwrap(), n(&long));
     }
 }

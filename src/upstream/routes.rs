@@ -115,26 +115,31 @@ impl Routes {
             self.any_registry,
         );
         let route = match registry {
-            None => self.default.clone().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NameUnknown,
-                    format!(
-                        "{name}: the request names no registry and this mirror has no default route"
-                    ),
-                )
-            })?,
+            None => {
+                let route = self.default.clone().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NameUnknown,
+                        format!(
+                            "{name}: the request names no registry and this mirror has no default route"
+                        ),
+                    )
+                })?;
+                // `ghcr.io/org/app` on the Docker Hub route names a registry with no route,
+                // not a Docker Hub repository: answer as for any unserved registry.
+                if route.registry == registry::DOCKER_HUB
+                    && let Some(r) = registry::leading_registry(&name)
+                {
+                    return Err(unserved(r));
+                }
+                route
+            }
             Some(r) => match self.by_registry.get(&r) {
                 Some(route) => route.clone(),
                 None if self.any_registry => self.dynamic_route(&r)?,
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::NameUnknown,
-                        format!("registry {r:?} is not served by this mirror (no route for it)"),
-                    ));
-                }
+                None => return Err(unserved(&r)),
             },
         };
-        let name = registry::upstream_name(&route.registry, &name);
+        let name = registry::upstream_name(&route.registry, &name)?;
         Ok(Routed { route, name })
     }
 
@@ -196,6 +201,14 @@ fn is_host_port(s: &str) -> bool {
         });
     let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
     host_ok && port_ok
+}
+
+/// The answer for a registry this mirror has no route for.
+fn unserved(registry: &str) -> Error {
+    Error::new(
+        ErrorKind::NameUnknown,
+        format!("registry {registry:?} is not served by this mirror (no route for it)"),
+    )
 }
 
 #[cfg(test)]

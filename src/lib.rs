@@ -19,6 +19,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod oci;
+pub mod policy;
 pub mod server;
 pub mod storage;
 pub mod upstream;

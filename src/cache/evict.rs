@@ -28,9 +28,9 @@ use std::time::SystemTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::pins::Pin;
 use super::refs::{Graph, Pinned, RefIndex};
 use crate::oci::Digest;
+use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
 
 #[derive(Debug, Clone)]

@@ -27,14 +27,15 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use super::clock::Clock;
 use super::fill::blocking;
-use super::freshness::{Clock, Freshness};
-use super::pins::Pin;
 use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
+use crate::policy::freshness::Freshness;
+use crate::policy::pins::Pin;
 use crate::storage::TagRecord;
 use crate::storage::tags::millis_since_epoch;
 use crate::storage::{DiskStore, StoredManifest};

@@ -35,9 +35,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::pins::Pin;
 use crate::oci::Digest;
 use crate::oci::references::{self, References};
+use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
 
 /// A repository on a registry.

@@ -9,12 +9,6 @@ use crate::policy::pins::Pin;
 impl Config {
     /// Checks the rules that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field: &str, message: String| {
-            Err(ConfigError::Invalid {
-                field: field.to_string(),
-                message,
-            })
-        };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", "must not be empty".into());
         }
@@ -33,6 +27,28 @@ impl Config {
             }
             _ => {}
         }
+        self.validate_routes()?;
+        self.validate_cache()?;
+        if let Some(addr) = self.admin.listen
+            && !addr.ip().is_loopback()
+            && self.admin.token_file.is_none()
+        {
+            return invalid(
+                "admin.token_file",
+                format!("required when admin.listen ({addr}) is not a loopback address"),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// `[upstream]`, or `[upstreams.NAME]` with the `[[routes]]` that use them.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
         if self.routes.is_empty() {
             if !self.upstreams.is_empty() {
                 return invalid(
@@ -125,6 +141,11 @@ impl Config {
                 return invalid("routes", "more than one route has default = true".into());
             }
         }
+        Ok(())
+    }
+
+    /// `[cache]`: sizes, watermarks, pins and tag rules.
+    fn validate_cache(&self) -> Result<(), ConfigError> {
         if self.cache.max_manifest_size.as_u64() < 1024 {
             return invalid(
                 "cache.max_manifest_size",
@@ -175,23 +196,16 @@ impl Config {
                 );
             }
         }
-        if let Some(addr) = self.admin.listen
-            && !addr.ip().is_loopback()
-            && self.admin.token_file.is_none()
-        {
-            return invalid(
-                "admin.token_file",
-                format!("required when admin.listen ({addr}) is not a loopback address"),
-            );
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return invalid(
-                "log.level",
-                format!("{:?} is not a tracing filter", self.log.level),
-            );
-        }
         Ok(())
     }
+}
+
+/// A failed check of `field`.
+fn invalid(field: &str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        field: field.to_string(),
+        message,
+    })
 }
 
 fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {

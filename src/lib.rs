@@ -13,8 +13,8 @@
 //! - [`upstream`]: the upstream registry client, routes, and the walk over a route's upstreams.
 //! - [`storage`]: content-addressed files, temp files, atomic commits.
 //! - [`config`]: TOML → validated [`Config`] with defaults.
-//! - [`api`], [`oci`], [`error`]: routes, header rules, OCI error bodies, digests, names,
-//!   references, media types (pure).
+//! - [`api`], [`oci`], [`policy`], [`error`] (pure): routes, header rules, OCI error bodies,
+//!   digests, names, references, media types; globs, pin patterns, the freshness policy.
 //!
 //! `docs/ARCHITECTURE.md` states the invariants.
 
@@ -24,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod oci;
+pub mod policy;
 pub mod run;
 pub mod server;
 pub mod storage;

@@ -17,11 +17,11 @@
 
 use http::Method;
 
-use crate::cache::pins::Pin;
 use crate::cache::refs::{RepoKey, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::name::check_registry;
 use crate::oci::{Digest, RepoName, Tag};
+use crate::policy::pins::Pin;
 
 /// One admin operation.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //! - A manifest requested by digest is checked against that digest before it is stored or
 //!   served. One requested by tag is stored under the digest of its bytes, and rejected if
 //!   the upstream's `Docker-Content-Digest` disagrees.
-//! - Tag → digest answers follow the freshness policy (`cache::freshness`): fresh within their
+//! - Tag → digest answers follow the freshness policy (`policy::freshness`): fresh within their
 //!   TTL, then served while refreshed in the background, then served only if every upstream
 //!   fails; revalidation is a HEAD. They are kept per (registry, repository, tag, Accept set),
 //!   in memory and on disk (`storage::tags`), so they survive restarts.
@@ -27,14 +27,15 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use super::clock::Clock;
 use super::fill::blocking;
-use super::freshness::{Clock, Freshness};
-use super::pins::Pin;
 use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
+use crate::policy::freshness::Freshness;
+use crate::policy::pins::Pin;
 use crate::storage::TagRecord;
 use crate::storage::tags::millis_since_epoch;
 use crate::storage::{DiskStore, StoredManifest};

@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::evict::{Budget, Usage};
-use super::pins::Pin;
 use super::refs::RefIndex;
 use super::{BlobCache, Clock, ManifestCache};
 use crate::config::Config;
+use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
 
 /// Everything the cache holds, ready to serve.

@@ -34,6 +34,13 @@ pub const STALL: Duration = Duration::from_secs(60);
 /// A cursor's value once its follower was dropped for stalling.
 const DROPPED: u64 = u64::MAX;
 
+/// A waiting writer looks at the cursors again at least this often, woken or not. Readers wake
+/// it when they move, but a reader that moves just as the fill starts passing through can read
+/// `passing_through` as still unset (it and the cursor are separate atomics) and skip the
+/// wake-up; this bounds what such a miss costs. The tests set it far longer, so that they fail
+/// if a wake-up is missing instead of being rescued by the re-poll.
+const REPOLL: Duration = Duration::from_millis(200);
+
 /// The readers of one fill and how far each has got.
 #[derive(Default)]
 pub struct Followers {
@@ -42,6 +49,10 @@ pub struct Followers {
     next_id: AtomicU64,
     /// Set once the fill passes through: only then do readers wake the writer when they move.
     passing_through: AtomicBool,
+    /// Set, under `cursors`' lock, while the writer waits for room: the tests' way to know it
+    /// is waiting, so that they can check what wakes it.
+    #[cfg(test)]
+    writer_waiting: AtomicBool,
 }
 
 impl std::fmt::Debug for Followers {
@@ -230,6 +241,18 @@ impl Spill {
         window: u64,
         stall: Duration,
     ) -> Result<(), PassError> {
+        self.pass_repolling(followers, chunk, window, stall, REPOLL)
+    }
+
+    /// [`Spill::pass`], looking at the cursors again at least every `repoll` while it waits.
+    fn pass_repolling(
+        &self,
+        followers: &Followers,
+        chunk: Bytes,
+        window: u64,
+        stall: Duration,
+        repoll: Duration,
+    ) -> Result<(), PassError> {
         followers.passing_through.store(true, Ordering::Release);
         let mut cursors = followers.cursors.lock().expect("followers poisoned");
         let mut last_move = (Followers::slowest(&cursors), Instant::now());
@@ -262,11 +285,15 @@ impl Spill {
                 continue;
             }
             let wait = stall.saturating_sub(last_move.1.elapsed());
+            #[cfg(test)]
+            followers.writer_waiting.store(true, Ordering::Relaxed);
             cursors = followers
                 .moved
-                .wait_timeout(cursors, wait.min(Duration::from_millis(200)))
+                .wait_timeout(cursors, wait.min(repoll))
                 .expect("followers poisoned")
                 .0;
+            #[cfg(test)]
+            followers.writer_waiting.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -274,10 +301,55 @@ impl Spill {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
     use std::thread;
 
     fn bytes(n: usize, fill: u8) -> Bytes {
         Bytes::from(vec![fill; n])
+    }
+
+    /// Stall limit and re-poll interval for the writers the wake-up tests start: so long that
+    /// only a wake-up can get them going again within [`WAKE_BOUND`].
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    /// How long a test waits for something that should happen at once: generous for a busy
+    /// machine, and far below [`NEVER`].
+    const WAKE_BOUND: Duration = Duration::from_secs(10);
+
+    /// Passes `chunk` through a 10-byte window on a thread of its own, with neither the stall
+    /// limit nor the re-poll to get a waiting writer going: the result arrives on the channel.
+    fn writer(
+        s: &Arc<Spill>,
+        f: &Arc<Followers>,
+        chunk: Bytes,
+    ) -> mpsc::Receiver<Result<(), PassError>> {
+        let (s, f) = (s.clone(), f.clone());
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(s.pass_repolling(&f, chunk, 10, NEVER, NEVER));
+        });
+        rx
+    }
+
+    /// Returns once the writer waits for room (a bounded poll).
+    fn until_the_writer_waits(f: &Followers) {
+        let deadline = Instant::now() + WAKE_BOUND;
+        loop {
+            let cursors = f.cursors.lock().unwrap();
+            // Read under the lock the writer holds whenever it is not waiting.
+            if f.writer_waiting.load(Ordering::Relaxed) {
+                return;
+            }
+            drop(cursors);
+            assert!(Instant::now() < deadline, "the writer never waited");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The writer's result, which must come well before any re-poll could have fetched it.
+    fn woken(rx: &mpsc::Receiver<Result<(), PassError>>) -> Result<(), PassError> {
+        rx.recv_timeout(WAKE_BOUND)
+            .expect("the waiting writer was not woken")
     }
 
     #[test]
@@ -316,12 +388,11 @@ mod tests {
         let slow = f.join();
         let s = Arc::new(Spill::new(0));
         s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
-        let (s2, f2) = (s.clone(), f.clone());
-        let writer = thread::spawn(move || s2.pass(&f2, bytes(10, 2), 10, STALL));
-        thread::sleep(Duration::from_millis(50));
+        let writer = writer(&s, &f, bytes(10, 2));
+        until_the_writer_waits(&f);
         assert_eq!(s.end(), 10, "the writer must wait for room");
         slow.advance(10).unwrap();
-        assert_eq!(writer.join().unwrap(), Ok(()));
+        assert_eq!(woken(&writer), Ok(()));
         assert_eq!(s.end(), 20);
     }
 
@@ -368,10 +439,9 @@ mod tests {
         let leaving = f.join();
         let s = Arc::new(Spill::new(0));
         s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
-        let (s2, f2) = (s.clone(), f.clone());
-        let writer = thread::spawn(move || s2.pass(&f2, bytes(10, 2), 10, STALL));
-        thread::sleep(Duration::from_millis(30));
+        let writer = writer(&s, &f, bytes(10, 2));
+        until_the_writer_waits(&f);
         drop(leaving);
-        assert_eq!(writer.join().unwrap(), Ok(()));
+        assert_eq!(woken(&writer), Ok(()));
     }
 }

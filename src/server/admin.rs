@@ -3,7 +3,7 @@
 //! operation (`admin::Op`, whose docs list the endpoints) carried out by the library's
 //! `admin::Admin`, plus `GET /metrics` for Prometheus (text format 0.0.4).
 //!
-//! A pattern (`cache::pins`) is `sha256:<hex>`, `<registry>/<repo>` or `<registry>/<repo>:<tag>`
+//! A pattern (`policy::pins`) is `sha256:<hex>`, `<registry>/<repo>` or `<registry>/<repo>:<tag>`
 //! with `*` and `?` globs, percent-encoded in the query (`docker.io%2Flibrary%2F*`; a `/` may
 //! also be left as is). `<registry>` is the name requests are recorded under: the route's
 //! registry (`docker.io`, `ghcr.io`, or the `[upstream]` URL's host and port).

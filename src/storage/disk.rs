@@ -181,7 +181,7 @@ impl DiskStore {
     }
 
     /// The pin patterns made through the admin API (`pins.json`: a JSON list of strings, each
-    /// a digest as in earlier versions, or a `cache::pins` pattern). Not checked here.
+    /// a digest as in earlier versions, or a `policy::pins` pattern). Not checked here.
     pub fn read_pins(&self) -> io::Result<Vec<String>> {
         let raw = match fs::read(self.root.join("pins.json")) {
             Ok(r) => r,

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use super::client::Upstream;
 use crate::api::registry::{self, Target};
-use crate::cache::freshness::Policy;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
+use crate::policy::freshness::Policy;
 
 /// Most registries `proxy_any_registry` will make routes for; past it, requests for new ones
 /// are refused rather than growing without bound on client input.
@@ -73,7 +73,7 @@ impl Routes {
                 registry: r.registry.clone(),
                 upstreams,
                 tag_upstreams,
-                freshness: Policy::new(&r.cache),
+                freshness: r.cache.freshness(),
             });
             if r.default {
                 default = Some(route.clone());
@@ -81,7 +81,7 @@ impl Routes {
             by_registry.insert(r.registry, route);
         }
         Ok(Routes {
-            default_freshness: Policy::new(&config.cache),
+            default_freshness: config.cache.freshness(),
             by_registry,
             default,
             any_registry: config.proxy_any_registry,

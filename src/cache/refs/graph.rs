@@ -1,44 +1,11 @@
-//! The reference index: which manifests each repository and tag names, and which blobs and
-//! child manifests each stored manifest references. It answers "what is pinned" (eviction)
-//! and "what may go" (purge by repository or tag).
-//!
-//! ```text
-//! roots                                    graph
-//! (registry, repository, tag) ─ tag records ─▶ manifest ─ manifests[] ─▶ manifest ─▶ blobs
-//! (registry, repository)      ─ links ───────▶ manifest ─ config, layers ───────────▶ blobs
-//! ```
-//!
-//! The files are the source of truth, as everywhere in cistern: tag records (`storage::tags`),
-//! links (`storage::links`, manifests pulled by digest that no tag of their repository
-//! reaches) and the stored manifests themselves. [`RefIndex::load`] rebuilds the index from
-//! them at start (about 10k manifests per second on one core: see ARCHITECTURE), and the
-//! manifest cache keeps it current as it stores manifests and records tags and links. Nothing
-//! else is persisted, so there is no second store to reconcile after a crash.
-//!
-//! [`Graph`] is pure (no IO): the roots, the references, reachability, the pinned set and the
-//! purge plan. [`RefIndex`] wraps it in a lock and does the IO (load, and carrying out a
-//! purge plan on disk, on the blocking pool).
-//!
-//! Purge invariants:
-//! - A purge removes the roots it names (tag records, links), then the manifests reachable
-//!   from them that no remaining root or pin reaches, then the blobs those manifests
-//!   referenced that no remaining manifest references and no pin covers. Content another
-//!   repository, tag or pin still uses is kept; blobs referenced by no manifest at all, and
-//!   manifests reached by no root (say, one a tag pointed at before it moved), are not a
-//!   repository's to remove: purge them by digest.
-//! - Files go in that order (roots, manifests, blobs), so a crash part-way leaves unreferenced
-//!   content, never a root that promises more than is there (and any miss is fetched again).
-//! - A purge removes the roots it names even if a repository or tag pin matches them (the pin
-//!   stays, and pins them again when next pulled); digest pins keep what they name.
+//! The reference graph and the decisions made on it: reachability, the pinned set and purge
+//! plans. Pure: no IO, no locks; `RefIndex` keeps one behind a lock and feeds it from disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::pins::Pin;
 use crate::oci::Digest;
-use crate::oci::references::{self, References};
-use crate::storage::DiskStore;
+use crate::oci::references::References;
+use crate::policy::pins::Pin;
 
 /// A repository on a registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -295,7 +262,7 @@ impl Graph {
         self.pinned_without(pins, None)
     }
 
-    /// Decides a purge (see the module's invariants). Pure: nothing changes until
+    /// Decides a purge (see `cache::refs`'s invariants). Pure: nothing changes until
     /// [`Graph::apply`] and the file removals.
     pub fn plan_purge(&self, target: &Target, pins: &[Pin]) -> PurgePlan {
         let mut plan = PurgePlan::default();
@@ -384,184 +351,6 @@ impl Graph {
     pub fn remove_manifest(&mut self, digest: &Digest) {
         self.manifests.remove(digest);
     }
-}
-
-/// A manifest's references, or none (with a warning) if it cannot be read.
-pub fn references_or_warn(digest: &Digest, bytes: &[u8]) -> References {
-    references::parse(bytes).unwrap_or_else(|e| {
-        tracing::warn!(%digest, error = %e, "manifest is not readable JSON: it references nothing");
-        References::default()
-    })
-}
-
-/// The index: the graph behind a lock, and a generation that moves whenever something is
-/// added (so an eviction pass can tell that its pinned set may have grown).
-#[derive(Default)]
-pub struct RefIndex {
-    graph: Mutex<Graph>,
-    generation: AtomicU64,
-}
-
-/// What a purge removed and kept, for the admin answer.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct PurgeReport {
-    pub tags: usize,
-    pub links: usize,
-    pub removed: Amounts,
-    pub kept: Amounts,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Amounts {
-    pub manifests: usize,
-    pub manifest_bytes: u64,
-    pub blobs: usize,
-    pub blob_bytes: u64,
-}
-
-impl RefIndex {
-    /// Builds the index from the stored manifests, tag records and links (blocking: call it
-    /// on the blocking pool). Unreadable manifests count as referencing nothing.
-    pub fn load(store: &DiskStore) -> std::io::Result<RefIndex> {
-        let mut g = Graph::default();
-        for d in store.list_manifests()? {
-            match store.read_manifest(&d) {
-                Ok(Some(m)) => {
-                    let refs = references_or_warn(&d, &m.bytes);
-                    g.add_manifest(d, refs);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(digest = %d, error = %e, "stored manifest unreadable"),
-            }
-        }
-        for r in store.list_tags()? {
-            if let Some(d) = r.digest() {
-                let key = RepoKey {
-                    registry: r.registry,
-                    repository: r.repository,
-                };
-                g.set_tag(key, &r.tag, &r.accept, d);
-            }
-        }
-        for (registry, repository, d) in store.list_links()? {
-            g.add_link(
-                RepoKey {
-                    registry,
-                    repository,
-                },
-                d,
-            );
-        }
-        Ok(RefIndex {
-            graph: Mutex::new(g),
-            generation: AtomicU64::new(0),
-        })
-    }
-
-    fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
-        self.graph.lock().expect("reference index poisoned")
-    }
-
-    /// Moves whenever something was added to the index.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    fn changed(&self, changed: bool) {
-        if changed {
-            self.generation.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    pub fn manifest_stored(&self, digest: &Digest, bytes: &[u8]) {
-        let refs = references_or_warn(digest, bytes);
-        let changed = self.graph().add_manifest(digest.clone(), refs);
-        self.changed(changed);
-    }
-
-    pub fn tag_recorded(&self, key: RepoKey, tag: &str, accept: &str, digest: &Digest) {
-        let changed = self.graph().set_tag(key, tag, accept, digest.clone());
-        self.changed(changed);
-    }
-
-    /// A manifest was pulled from `key` by digest. True if the caller should write a link
-    /// (it is in the index from now on, so concurrent pulls write it once).
-    pub fn claim_link(&self, key: &RepoKey, digest: &Digest) -> bool {
-        let mut g = self.graph();
-        if !g.needs_link(key, digest) {
-            return false;
-        }
-        g.add_link(key.clone(), digest.clone());
-        drop(g);
-        self.changed(true);
-        true
-    }
-
-    pub fn manifest_purged(&self, digest: &Digest) {
-        self.graph().remove_manifest(digest);
-    }
-
-    pub fn pinned(&self, pins: &[Pin]) -> Pinned {
-        self.graph().pinned(pins)
-    }
-
-    pub fn plan_purge(&self, target: &Target, pins: &[Pin]) -> PurgePlan {
-        self.graph().plan_purge(target, pins)
-    }
-
-    pub fn apply(&self, plan: &PurgePlan) {
-        self.graph().apply(plan);
-    }
-
-    /// (manifests, tags, links) in the index, for stats.
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let g = self.graph();
-        let (t, l) = g.root_counts();
-        (g.manifest_count(), t, l)
-    }
-}
-
-/// Carries out a purge plan on disk (blocking): roots first, then manifests, then blobs, and
-/// measures what was removed and kept.
-pub fn execute(store: &DiskStore, plan: &PurgePlan) -> std::io::Result<PurgeReport> {
-    let mut report = PurgeReport {
-        tags: plan.tags.len(),
-        links: plan.links.len(),
-        ..PurgeReport::default()
-    };
-    for (key, tag) in &plan.tags {
-        store.remove_tag(&key.registry, &key.repository, tag)?;
-    }
-    for (key, d) in &plan.links {
-        store.remove_link(&key.registry, &key.repository, d)?;
-    }
-    for d in &plan.remove_manifests {
-        if let Some(size) = store.manifest_file_size(d)? {
-            store.remove_manifest(d)?;
-            report.removed.manifests += 1;
-            report.removed.manifest_bytes += size;
-        }
-    }
-    for d in &plan.keep_manifests {
-        if let Some(size) = store.manifest_file_size(d)? {
-            report.kept.manifests += 1;
-            report.kept.manifest_bytes += size;
-        }
-    }
-    for d in &plan.remove_blobs {
-        if let Some(size) = store.blob_size(d)? {
-            store.remove_blob(d)?;
-            report.removed.blobs += 1;
-            report.removed.blob_bytes += size;
-        }
-    }
-    for d in &plan.keep_blobs {
-        if let Some(size) = store.blob_size(d)? {
-            report.kept.blobs += 1;
-            report.kept.blob_bytes += size;
-        }
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Pin patterns: what may never be evicted or garbage-collected by a purge. Pure.
 //!
 //! Three forms, each with `*` (any run of characters, `/` included) and `?` (one character)
-//! globs, matched by [`glob_match`]:
+//! globs, matched by [`glob::matches`]:
 //!
 //! ```text
 //! sha256:<hex>                        a blob or manifest digest (sha256:4f1b* pins a prefix)
@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use super::freshness::glob_match;
+use super::glob;
 use crate::oci::Digest;
 
 /// One pin pattern.
@@ -120,7 +120,7 @@ impl Pin {
     /// Does this digest pin match `digest`? (Repository pins never match a digest.)
     pub fn matches_digest(&self, digest: &Digest) -> bool {
         match self {
-            Pin::Digest(p) => glob_match(p, &digest.to_string()),
+            Pin::Digest(p) => glob::matches(p, &digest.to_string()),
             Pin::Repo { .. } => false,
         }
     }
@@ -133,9 +133,9 @@ impl Pin {
                 repository: p,
                 tag: t,
             } => {
-                glob_match(r, registry)
-                    && glob_match(p, repository)
-                    && t.as_ref().is_none_or(|t| glob_match(t, tag))
+                glob::matches(r, registry)
+                    && glob::matches(p, repository)
+                    && t.as_ref().is_none_or(|t| glob::matches(t, tag))
             }
             Pin::Digest(_) => false,
         }
@@ -148,7 +148,7 @@ impl Pin {
                 registry: r,
                 repository: p,
                 tag: None,
-            } => glob_match(r, registry) && glob_match(p, repository),
+            } => glob::matches(r, registry) && glob::matches(p, repository),
             _ => false,
         }
     }

@@ -1,24 +1,5 @@
-//! The disk budget: an index of committed blobs (size, last access, open readers) and the
-//! background task that removes the least recently used ones when the cache is too big.
-//!
-//! The file system is the single source of truth. At start a scan of `blobs/` builds the
-//! index; a blob's last access is its file's mtime, set on every cache hit, so LRU order
-//! survives restarts without a second store to keep consistent with the files.
-//!
-//! Architecture invariants:
-//! - Eviction runs off the request path, in its own task, and only when the blobs pass the
-//!   high watermark; it removes least recently used blobs until they are under the low one.
-//! - A blob with an open reader, a pinned blob, or a blob still being filled (not yet in the
-//!   index) is never chosen. A reader that opens a blob in the instant it is removed keeps
-//!   reading it: an open file outlives its name.
-//! - A commit updates the blob's entry, never replaces it: a reader may have opened the file
-//!   (and entered it in the index) between the commit's rename and this index's update.
-//! - A pass holds the index lock only to copy the unread entries out and to take the victims
-//!   out; victims are chosen (sorted) outside it, and one whose entry changed in between
-//!   (opened, read, re-committed) stays. The pinned set (digest, repository and tag pins,
-//!   through `cache::refs`) is computed once per pass, again only if a pin, tag, link or
-//!   manifest was added while the pass chose.
-//! - Removing a blob never breaks a cached manifest: the blob is fetched again on demand.
+//! The index of committed blobs (size, last access, open readers), the pins, and an eviction
+//! pass over them: copy the candidates out, choose outside the lock, take the victims out.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +7,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
-use super::pins::Pin;
-use super::refs::{Graph, Pinned, RefIndex};
+use super::victims::{Candidate, choose_victims};
+use crate::cache::refs::{Graph, Pinned, RefIndex};
 use crate::oci::Digest;
+use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
 
 #[derive(Debug, Clone)]
@@ -40,7 +21,7 @@ struct Entry {
     readers: u32,
     /// The readers still following the fill that committed this blob: they joined before the
     /// commit, so they hold no `ReadGuard`, and must keep it from eviction all the same.
-    followers: Option<std::sync::Weak<super::spill::Followers>>,
+    followers: Option<std::sync::Weak<crate::cache::spill::Followers>>,
 }
 
 impl Entry {
@@ -263,7 +244,7 @@ impl Usage {
         &self,
         digest: &Digest,
         size: u64,
-        followers: Option<&Arc<super::spill::Followers>>,
+        followers: Option<&Arc<crate::cache::spill::Followers>>,
     ) {
         let mut inner = self.inner.lock().expect("usage poisoned");
         let now = SystemTime::now();
@@ -340,6 +321,18 @@ impl Usage {
         self.over.notify_one();
     }
 
+    /// Waits until a pass is wanted: the blobs passed the high watermark, or the disk ran
+    /// full.
+    pub(super) async fn pass_wanted(&self) {
+        self.over.notified().await;
+    }
+
+    /// Counts what a pass removed (for `evictions`).
+    pub(super) fn count_evicted(&self, blobs: u64, bytes: u64) {
+        self.evicted_blobs.fetch_add(blobs, Ordering::Relaxed);
+        self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn check(&self) {
         if let Some(b) = &self.budget
             && self.total() > b.high
@@ -354,7 +347,7 @@ impl Usage {
     /// The `Usage` lock is held only to copy the unread entries out and, at the end, to take
     /// the victims out; sorting and the pinned set happen outside it, so hits and commits are
     /// not stalled by a pass.
-    fn take_victims(&self) -> Vec<(Digest, u64)> {
+    pub(super) fn take_victims(&self) -> Vec<(Digest, u64)> {
         let wanted = self
             .room_wanted
             .swap(0, std::sync::atomic::Ordering::Relaxed);
@@ -431,123 +424,10 @@ impl Usage {
     }
 }
 
-/// A blob eviction may consider.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub digest: Arc<Digest>,
-    pub size: u64,
-    pub last_access: SystemTime,
-    /// Pinned or being read: never chosen.
-    pub keep: bool,
-}
-
-/// The least recently used blobs whose removal brings `total` to `target` or below (or as
-/// close as the blobs that may go allow). Pure.
-pub fn choose_victims(
-    candidates: impl Iterator<Item = Candidate>,
-    total: u64,
-    target: u64,
-) -> Vec<Candidate> {
-    let mut c: Vec<Candidate> = candidates.filter(|c| !c.keep).collect();
-    c.sort_by(|a, b| {
-        a.last_access
-            .cmp(&b.last_access)
-            .then(a.digest.cmp(&b.digest))
-    });
-    let mut remaining = total;
-    let mut out = Vec::new();
-    for cand in c {
-        if remaining <= target {
-            break;
-        }
-        remaining = remaining.saturating_sub(cand.size);
-        out.push(cand);
-    }
-    out
-}
-
-/// Runs until `stop`: whenever the blobs pass the high watermark, removes the least recently
-/// used down to the low watermark.
-pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = usage.over.notified() => {}
-        }
-        let victims = usage.take_victims();
-        if victims.is_empty() {
-            continue;
-        }
-        let freed: u64 = victims.iter().map(|(_, s)| s).sum();
-        let count = victims.len();
-        let store = store.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            for (digest, _) in &victims {
-                if let Err(e) = store.remove_blob(digest) {
-                    tracing::warn!(%digest, error = %e, "could not evict blob");
-                }
-            }
-        })
-        .await;
-        if removed.is_err() {
-            tracing::error!("eviction task failed");
-        }
-        // Counted as evicted even where a removal failed (logged above): the index let go of
-        // them; a file left behind is found and indexed again at the next start.
-        usage
-            .evicted_blobs
-            .fetch_add(count as u64, Ordering::Relaxed);
-        usage.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
-        tracing::info!(
-            blobs = count,
-            freed,
-            total = usage.total(),
-            "evicted least recently used blobs"
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    fn cand(n: u8, size: u64, age_secs: u64, keep: bool) -> Candidate {
-        Candidate {
-            digest: Arc::new(Digest::of(&[n])),
-            size,
-            last_access: SystemTime::UNIX_EPOCH + Duration::from_secs(1000 - age_secs),
-            keep,
-        }
-    }
-
-    fn digests(v: &[Candidate]) -> Vec<Digest> {
-        v.iter().map(|c| (*c.digest).clone()).collect()
-    }
-
-    #[test]
-    fn oldest_go_first_until_under_target() {
-        let c = vec![
-            cand(1, 10, 5, false),
-            cand(2, 10, 50, false),
-            cand(3, 10, 500, false),
-        ];
-        let v = choose_victims(c.into_iter(), 30, 15);
-        assert_eq!(digests(&v), vec![Digest::of(&[3]), Digest::of(&[2])]);
-    }
-
-    #[test]
-    fn kept_blobs_are_never_chosen() {
-        let c = vec![cand(1, 10, 5, false), cand(2, 10, 500, true)];
-        let v = choose_victims(c.into_iter(), 20, 0);
-        assert_eq!(digests(&v), vec![Digest::of(&[1])]);
-    }
-
-    #[test]
-    fn nothing_under_target() {
-        let c = vec![cand(1, 10, 5, false)];
-        assert!(choose_victims(c.into_iter(), 10, 10).is_empty());
-    }
 
     #[test]
     fn index_tracks_totals_readers_and_pins() {

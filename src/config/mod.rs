@@ -1,0 +1,55 @@
+//! Configuration: TOML text → a validated [`Config`] with defaults.
+//!
+//! Pure: parsing and validation do no IO beyond reading the file the caller names. Every key has
+//! a default, so an empty file (or no file at all) is a working configuration: a mirror of Docker
+//! Hub listening on `127.0.0.1:5000` with its cache under `./cistern-data`.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`): a typo must not silently fall back to a
+//! default. Errors name the offending key, e.g. `cache.tag_ttl`.
+//!
+//! - `schema`: every key, its type, what it means and its default.
+//! - `load`: TOML text or a file → a validated `Config`, and [`ConfigError`].
+//! - `validate`: the rules that types alone cannot express.
+//! - `routes`: `[[routes]]` (or the `[upstream]` shorthand) with upstream names looked up.
+//! - `policies`: the cache keys as `crate::policy` values (pins, tag freshness).
+
+mod load;
+mod policies;
+mod routes;
+mod schema;
+mod validate;
+
+pub use load::ConfigError;
+pub use routes::ResolvedRoute;
+pub use schema::{
+    AdminConfig, CacheConfig, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
+    LogConfig, LogFormat, RouteConfig, TagRule, TlsConfig, UpstreamConfig,
+};
+
+/// Configs and helpers the tests of several of these files share.
+#[cfg(test)]
+mod testing {
+    use super::Config;
+
+    pub const TWO_ROUTES: &str = r#"
+        [upstreams.hub-mirror]
+        url = "https://mirror.example.cn"
+        [upstreams.docker-hub]
+        url = "https://registry-1.docker.io"
+        [upstreams.ghcr]
+        url = "https://ghcr.io"
+        [[routes]]
+        registry = "docker.io"
+        upstreams = ["hub-mirror", "docker-hub"]
+        tags_from = ["docker-hub"]
+        default = true
+        [[routes]]
+        registry = "ghcr.io"
+        upstreams = ["ghcr"]
+    "#;
+
+    /// The message `text` is rejected with.
+    pub fn error_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+}

@@ -1,0 +1,364 @@
+//! The rules a config must keep that its types alone cannot express. Each failure names its
+//! key (`routes[1].upstreams`, `cache.pins[0]`, `upstream.url`).
+
+use std::collections::BTreeSet;
+
+use super::{Config, ConfigError, UpstreamConfig};
+use crate::policy::pins::Pin;
+
+impl Config {
+    /// Checks the rules that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty".into());
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => {
+                return invalid(
+                    "tls.key_file",
+                    "tls.cert_file is set: give its key too".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "tls.cert_file",
+                    "tls.key_file is set: give its certificate too".into(),
+                );
+            }
+            _ => {}
+        }
+        self.validate_routes()?;
+        self.validate_cache()?;
+        if let Some(addr) = self.admin.listen
+            && !addr.ip().is_loopback()
+            && self.admin.token_file.is_none()
+        {
+            return invalid(
+                "admin.token_file",
+                format!("required when admin.listen ({addr}) is not a loopback address"),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// `[upstream]`, or `[upstreams.NAME]` with the `[[routes]]` that use them.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() {
+            if !self.upstreams.is_empty() {
+                return invalid(
+                    "routes",
+                    "[upstreams] are defined but no [[routes]] use them".into(),
+                );
+            }
+            validate_upstream("upstream", &self.upstream)?;
+        } else {
+            if self.upstream != UpstreamConfig::default() {
+                return invalid(
+                    "upstream",
+                    "give either [upstream] (one registry) or [upstreams.NAME] with [[routes]], not both".into(),
+                );
+            }
+            for (name, u) in &self.upstreams {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return invalid(
+                        &format!("upstreams.{name}"),
+                        "names use letters, digits, '-', '_' and '.'".into(),
+                    );
+                }
+                validate_upstream(&format!("upstreams.{name}"), u)?;
+            }
+            let mut registries = BTreeSet::new();
+            let mut defaults = 0;
+            for (i, r) in self.routes.iter().enumerate() {
+                let field = |k: &str| format!("routes[{i}].{k}");
+                let registry = crate::api::registry::canonical_registry(&r.registry);
+                if registry.is_empty()
+                    || registry.contains('/')
+                    || registry.contains(char::is_whitespace)
+                {
+                    return invalid(
+                        &field("registry"),
+                        format!("{:?} is not a registry host name", r.registry),
+                    );
+                }
+                if !registries.insert(registry.clone()) {
+                    return invalid(
+                        &field("registry"),
+                        format!("{registry:?} has more than one route"),
+                    );
+                }
+                if r.upstreams.is_empty() {
+                    return invalid(&field("upstreams"), "lists no upstream".into());
+                }
+                let mut seen = BTreeSet::new();
+                for u in &r.upstreams {
+                    if !self.upstreams.contains_key(u) {
+                        return invalid(
+                            &field("upstreams"),
+                            format!("{u:?} is not defined in [upstreams]"),
+                        );
+                    }
+                    if !seen.insert(u) {
+                        return invalid(&field("upstreams"), format!("{u:?} is listed twice"));
+                    }
+                }
+                if let Some(tags) = &r.tags_from {
+                    if tags.is_empty() {
+                        return invalid(
+                            &field("tags_from"),
+                            "must name at least one upstream (or be left out for all)".into(),
+                        );
+                    }
+                    for t in tags {
+                        if !r.upstreams.contains(t) {
+                            return invalid(
+                                &field("tags_from"),
+                                format!("{t:?} is not one of this route's upstreams"),
+                            );
+                        }
+                    }
+                }
+                if r.tag_rules
+                    .iter()
+                    .flatten()
+                    .any(|rule| rule.pattern.is_empty())
+                {
+                    return invalid(&field("tag_rules"), "a pattern must not be empty".into());
+                }
+                defaults += usize::from(r.default);
+            }
+            if defaults > 1 {
+                return invalid("routes", "more than one route has default = true".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// `[cache]`: sizes, watermarks, pins and tag rules.
+    fn validate_cache(&self) -> Result<(), ConfigError> {
+        if self.cache.max_manifest_size.as_u64() < 1024 {
+            return invalid(
+                "cache.max_manifest_size",
+                format!(
+                    "{} is too small for real manifests (at least 1KiB)",
+                    self.cache.max_manifest_size
+                ),
+            );
+        }
+        let (high, low) = (self.cache.high_watermark, self.cache.low_watermark);
+        if !(0.0 < high && high <= 1.0) {
+            return invalid("cache.high_watermark", format!("{high} is not in (0, 1]"));
+        }
+        if !(0.0 < low && low < high) {
+            return invalid(
+                "cache.low_watermark",
+                format!("{low} must be above 0 and below high_watermark ({high})"),
+            );
+        }
+        if self.cache.max_size.is_some_and(|m| m.as_u64() == 0) {
+            return invalid(
+                "cache.max_size",
+                "must be more than 0 (leave it out for no limit)".into(),
+            );
+        }
+        for (i, p) in self.cache.pins.iter().enumerate() {
+            if let Err(e) = Pin::parse(p) {
+                return invalid(&format!("cache.pins[{i}]"), e);
+            }
+        }
+        for (i, p) in self.cache.pinned_digests.iter().enumerate() {
+            match Pin::parse(p) {
+                Ok(Pin::Digest(_)) => {}
+                Ok(_) => {
+                    return invalid(
+                        &format!("cache.pinned_digests[{i}]"),
+                        format!("{p:?} is not a digest pattern; put it in cache.pins"),
+                    );
+                }
+                Err(e) => return invalid(&format!("cache.pinned_digests[{i}]"), e),
+            }
+        }
+        for (i, rule) in self.cache.tag_rules.iter().enumerate() {
+            if rule.pattern.is_empty() {
+                return invalid(
+                    &format!("cache.tag_rules[{i}].pattern"),
+                    "must not be empty".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A failed check of `field`.
+fn invalid(field: &str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        field: field.to_string(),
+        message,
+    })
+}
+
+fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+    let invalid = |key: &str, message: String| {
+        Err(ConfigError::Invalid {
+            field: format!("{field}.{key}"),
+            message,
+        })
+    };
+    if let Err(m) = validate_upstream_url(&u.url) {
+        return invalid("url", m);
+    }
+    for (key, d) in [
+        ("connect_timeout", u.connect_timeout),
+        ("header_timeout", u.header_timeout),
+        ("idle_timeout", u.idle_timeout),
+    ] {
+        if d.is_zero() {
+            return invalid(key, "must be greater than zero".into());
+        }
+    }
+    if u.max_concurrent_requests == 0 {
+        return invalid("max_concurrent_requests", "must be at least 1".into());
+    }
+    if u.breaker_failures == 0 {
+        return invalid("breaker_failures", "must be at least 1".into());
+    }
+    if u.password.is_some() && u.password_file.is_some() {
+        return invalid(
+            "password_file",
+            "give either password or password_file, not both".into(),
+        );
+    }
+    if (u.password.is_some() || u.password_file.is_some()) && u.username.is_none() {
+        return invalid("username", "a password needs a username".into());
+    }
+    if u.username.is_some() && u.password.is_none() && u.password_file.is_none() {
+        return invalid(
+            "password",
+            "a username needs a password or password_file".into(),
+        );
+    }
+    if u.token_file.is_some() && u.username.is_some() {
+        return invalid(
+            "token_file",
+            "give either a token_file or username/password, not both".into(),
+        );
+    }
+    Ok(())
+}
+
+fn validate_upstream_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(format!(
+                "scheme {other:?} is not supported (use http or https)"
+            ));
+        }
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("credentials do not belong in the URL".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("{url:?} must not have a query or fragment"));
+    }
+    let path = parsed.path().trim_end_matches('/');
+    if path.ends_with("/v2") {
+        return Err(format!("{url:?}: give the registry's base URL without /v2"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::testing::{TWO_ROUTES, error_of};
+
+    #[test]
+    fn bad_url_is_named() {
+        for url in [
+            "ftp://x",
+            "not a url",
+            "http://user:pw@host",
+            "http://host/v2/",
+        ] {
+            let e = error_of(&format!("[upstream]\nurl = {url:?}\n"));
+            assert!(e.starts_with("upstream.url:"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn zero_timeout_is_named() {
+        let e = error_of("[upstream]\nidle_timeout = \"0s\"\n");
+        assert!(e.starts_with("upstream.idle_timeout:"), "{e}");
+    }
+
+    #[test]
+    fn route_errors_name_the_field() {
+        let cases = [
+            (
+                TWO_ROUTES.replace(r#"["ghcr"]"#, r#"["nope"]"#),
+                "routes[1].upstreams:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"tags_from = ["docker-hub"]"#, r#"tags_from = ["ghcr"]"#),
+                "routes[0].tags_from:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"registry = "ghcr.io""#, r#"registry = "index.docker.io""#),
+                "routes[1].registry:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"upstreams = ["ghcr"]"#, "upstreams = []"),
+                "routes[1].upstreams:",
+            ),
+            (
+                TWO_ROUTES.replace(
+                    r#"upstreams = ["ghcr"]"#,
+                    "upstreams = [\"ghcr\"]\ndefault = true",
+                ),
+                "routes:",
+            ),
+            (
+                TWO_ROUTES.replace(r#"url = "https://ghcr.io""#, r#"url = "ghcr.io""#),
+                "upstreams.ghcr.url:",
+            ),
+            (
+                format!("{TWO_ROUTES}\n[upstream]\nurl = \"http://x\"\n"),
+                "upstream:",
+            ),
+            ("[upstreams.a]\nurl = \"http://x\"\n".to_string(), "routes:"),
+            (
+                TWO_ROUTES.replace(
+                    r#"url = "https://ghcr.io""#,
+                    "url = \"https://ghcr.io\"\npassword = \"x\"",
+                ),
+                "upstreams.ghcr.username:",
+            ),
+            (
+                TWO_ROUTES.replace(
+                    r#"url = "https://ghcr.io""#,
+                    "url = \"https://ghcr.io\"\nmax_concurrent_requests = 0",
+                ),
+                "upstreams.ghcr.max_concurrent_requests:",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = error_of(&text);
+            assert!(e.starts_with(want), "want {want}, got {e}");
+        }
+    }
+}

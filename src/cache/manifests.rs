@@ -27,7 +27,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::fill::blocking;
+use super::blocking;
 use super::freshness::{Clock, Freshness};
 use super::pins::Pin;
 use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
@@ -38,8 +38,7 @@ use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
 use crate::storage::TagRecord;
 use crate::storage::tags::millis_since_epoch;
 use crate::storage::{DiskStore, StoredManifest};
-use crate::upstream::fallback::first_success;
-use crate::upstream::{Route, Upstream};
+use crate::upstream::{Route, Upstream, Walk, Want};
 
 /// A verified manifest.
 #[derive(Debug)]
@@ -336,7 +335,8 @@ impl Inner {
         }
         let reference = Reference::Digest(digest.clone());
         let what = format!("manifest {name}@{digest}");
-        let (fetched, media_type) = first_success(&route.upstreams, &what, |upstream| {
+        let walk = Walk::new(route, Want::ByDigest);
+        let (fetched, media_type) = walk.first_success(&what, |upstream| {
             let reference = &reference;
             async move {
                 let fetched = upstream
@@ -529,10 +529,11 @@ impl Inner {
         self.refreshing
             .run(key, async {
                 let what = format!("manifest {name}:{tag}");
-                let result = first_success(&route.tag_upstreams, &what, |upstream| {
-                    self.resolve_tag_on(route, upstream, name, tag, accept)
-                })
-                .await;
+                let result = Walk::new(route, Want::Tags)
+                    .first_success(&what, |upstream| {
+                        self.resolve_tag_on(route, upstream, name, tag, accept)
+                    })
+                    .await;
                 let now = self.clock.now();
                 match &result {
                     Ok(info) => {

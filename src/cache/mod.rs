@@ -1,6 +1,7 @@
 //! The cache: blob fills that no request owns, readers that follow them, and manifests.
 
 pub mod blobs;
+mod blocking;
 pub mod evict;
 pub mod fill;
 pub mod freshness;
@@ -12,6 +13,7 @@ pub mod singleflight;
 pub mod spill;
 
 pub use blobs::{BlobCache, BlobSource};
+pub use blocking::blocking;
 pub use freshness::Clock;
 pub use manifests::{Manifest, ManifestCache};
 pub use reader::BlobReader;

@@ -183,7 +183,7 @@ impl Admin {
         if changed {
             let store = self.store.clone();
             let pins: Vec<String> = self.usage.pins().iter().map(Pin::to_string).collect();
-            crate::cache::fill::blocking(move || store.write_pins(&pins), "saving pins").await?;
+            crate::cache::blocking(move || store.write_pins(&pins), "saving pins").await?;
             tracing::info!(%pin, pinned = *method == Method::PUT, "pins changed");
         }
         let mut answer = serde_json::json!({ "pattern": pin.to_string(), "changed": changed });

@@ -1,0 +1,739 @@
+//! Which upstream to try next, and what the outcome of each try means: the one place where
+//! upstream policy lives.
+//!
+//! Every fetch from upstream walks a route through a [`Walk`]: manifests by digest and by
+//! tag, tag lists, blob sizes and blob fills. A walk yields the upstreams to try, in order
+//! ([`Walk::next`]), takes the [`Outcome`] of each try ([`Walk::record`]), and sums up the
+//! failures when none answered ([`Walk::into_error`]). It does no IO: its callers make the
+//! requests, so its rules are tested here without a network.
+//!
+//! What is decided here, and only here:
+//! - **Which upstreams, in which order** ([`Want`]): anything verified by its digest may come
+//!   from every upstream of the route, in the configured order; tags only from the route's
+//!   `tags_from` upstreams (mirrors lag on tags); a blob's bytes from every upstream, those
+//!   that recently sent wrong bytes for that digest last ([`BadSources`]).
+//! - **The circuit breaker.** An upstream whose circuit is open is skipped (and the skip
+//!   counted) when the walk reaches it, not earlier, so a half-open breaker's single probe
+//!   goes to a request that really tries it. What an exchange tells the breaker is decided
+//!   here too: at response headers ([`after_headers`], called by the transport for every
+//!   request it sends) and for what only a walk sees, a body that breaks off or bytes that
+//!   fail their digest ([`Walk::record`], [`Walk::wrong_bytes`]).
+//! - **Resuming a blob mid-body.** After a body breaks off at byte K the next upstream is
+//!   asked from K ([`Walk::resume_at`]); every upstream must agree on the blob's size
+//!   ([`Walk::take_body`]); each is tried at most once per walk; bytes that fail the digest
+//!   are blamed on every upstream that contributed some.
+//! - **The error the client gets** when no upstream answered ([`Walk::into_error`]).
+//!
+//! A new upstream policy (a rollout cohort, an OCI-layout upstream, a bucket) belongs here:
+//! a new [`Want`] or a new rule in [`order`], a new [`Outcome`] and what [`Walk::record`]
+//! does with it. Upstream names and error messages never hold secrets.
+
+use std::future::Future;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use super::bad_sources::BadSources;
+use super::client::Upstream;
+use super::routes::Route;
+use crate::error::{Error, ErrorKind, Result};
+use crate::oci::Digest;
+
+/// What a walk fetches, which decides the upstreams it may ask and their order.
+#[derive(Clone, Copy, Debug)]
+pub enum Want<'r> {
+    /// Something its digest verifies (a manifest by digest, a blob's size): any upstream of
+    /// the route will do, in the configured order.
+    ByDigest,
+    /// A tag's answer or a tag list: only the route's `tags_from` upstreams.
+    Tags,
+    /// A blob's bytes (from byte K after a cut): any upstream, but those that recently sent
+    /// wrong bytes for this digest last.
+    Blob(&'r Digest),
+}
+
+/// How one try of one upstream went.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It gave what was asked. The walk is over.
+    Answered,
+    /// It does not have the thing (404): a mirror that lacks an image is normal.
+    NotFound(Error),
+    /// It rate-limited us (429).
+    RateLimited(Error),
+    /// It could not or would not answer usefully: a connection error, a timeout, a 5xx, a
+    /// 401/403, or a reply we cannot use.
+    Unavailable(Error),
+    /// A blob body broke off, stalled or ran long after byte `at` of the blob: the next
+    /// upstream resumes there.
+    Cut { at: u64, error: Error },
+    /// Our own failure (disk, internal) while trying it: another upstream cannot fix that.
+    Ours(Error),
+}
+
+impl From<Error> for Outcome {
+    /// Classifies the error a try ended with.
+    fn from(e: Error) -> Outcome {
+        match e.kind {
+            ErrorKind::NameUnknown | ErrorKind::ManifestUnknown | ErrorKind::BlobUnknown => {
+                Outcome::NotFound(e)
+            }
+            ErrorKind::TooManyRequests { .. } => Outcome::RateLimited(e),
+            _ if moves_on(&e) => Outcome::Unavailable(e),
+            _ => Outcome::Ours(e),
+        }
+    }
+}
+
+/// Should a failure of this kind send us to the next upstream?
+fn moves_on(e: &Error) -> bool {
+    e.is_upstream_failure() || is_not_found(e)
+}
+
+fn is_not_found(e: &Error) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::NameUnknown | ErrorKind::ManifestUnknown | ErrorKind::BlobUnknown
+    )
+}
+
+/// The upstreams `want` may ask on `route`, in the order to try them.
+fn order<'a>(route: &'a Route, want: Want<'_>) -> Vec<&'a Upstream> {
+    match want {
+        Want::ByDigest => route.upstreams.iter().map(|u| &**u).collect(),
+        Want::Tags => route.tag_upstreams.iter().map(|u| &**u).collect(),
+        Want::Blob(digest) => {
+            // Demoted, not dropped: a lone upstream whose corruption was passing is still
+            // retried.
+            let (trusted, suspect): (Vec<&Upstream>, Vec<&Upstream>) = route
+                .upstreams
+                .iter()
+                .map(|u| &**u)
+                .partition(|u| !route.bad_sources.is_bad(digest, u.name()));
+            trusted.into_iter().chain(suspect).collect()
+        }
+    }
+}
+
+/// One walk over a route's upstreams for one request. Yields the upstreams to try (as an
+/// [`Iterator`]); each try's outcome goes to [`Walk::record`].
+pub struct Walk<'a> {
+    /// Upstreams not reached yet, in the order they are tried: each at most once.
+    ahead: std::vec::IntoIter<&'a Upstream>,
+    /// Every try that did not answer, and every upstream skipped, for the summary error.
+    failures: Vec<Error>,
+    bad_sources: &'a BadSources,
+    /// A blob walk's digest (None for other walks).
+    digest: Option<&'a Digest>,
+    /// Where the next try of a blob starts: the bytes taken from earlier upstreams.
+    resume_at: u64,
+    /// The blob's size, as the first upstream whose body was taken said (None: it did not).
+    size: Option<u64>,
+    /// Upstreams whose bytes went into the blob, in order.
+    sources: Vec<&'a Upstream>,
+}
+
+impl<'a> Walk<'a> {
+    pub fn new(route: &'a Route, want: Want<'a>) -> Walk<'a> {
+        Walk {
+            ahead: order(route, want).into_iter(),
+            failures: Vec::new(),
+            bad_sources: &route.bad_sources,
+            digest: match want {
+                Want::Blob(digest) => Some(digest),
+                Want::ByDigest | Want::Tags => None,
+            },
+            resume_at: 0,
+            size: None,
+            sources: Vec::new(),
+        }
+    }
+
+    /// Takes the outcome of trying `upstream`. `Err` ends the walk with that error (our own
+    /// failure); `Ok` after anything but [`Outcome::Answered`] means: try the next upstream.
+    ///
+    /// The breaker hears of connection errors, timeouts and 5xx from [`after_headers`] as
+    /// they happen; here it hears only of bodies cut off, which only a walk sees.
+    pub fn record(&mut self, upstream: &'a Upstream, outcome: Outcome) -> Result<()> {
+        match outcome {
+            Outcome::Answered => Ok(()),
+            Outcome::NotFound(e) | Outcome::RateLimited(e) | Outcome::Unavailable(e) => {
+                self.push(upstream, e);
+                Ok(())
+            }
+            Outcome::Cut { error, .. } if !moves_on(&error) => Err(error),
+            Outcome::Cut { at, error } => {
+                upstream.record_failure(&error);
+                self.resume_at = at;
+                self.push(upstream, error);
+                Ok(())
+            }
+            Outcome::Ours(e) => Err(e),
+        }
+    }
+
+    /// Where the next try of a blob starts (`Range: bytes=K-`): 0, or where the last body
+    /// broke off.
+    pub fn resume_at(&self) -> u64 {
+        self.resume_at
+    }
+
+    /// The blob's size, as the first upstream whose body was taken said it.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// A blob response from `upstream` (asked from [`Walk::resume_at`]) says the blob is
+    /// `total` bytes. The first body taken sets the size; a later upstream that disagrees is
+    /// passed over (its try recorded, false returned). Otherwise it becomes one of the
+    /// blob's sources, to blame if the digest does not match, and true is returned.
+    pub fn take_body(&mut self, upstream: &'a Upstream, total: Option<u64>) -> bool {
+        if self.sources.is_empty() {
+            self.size = total;
+        } else if let (Some(known), Some(total)) = (self.size, total)
+            && known != total
+        {
+            let e = Error::new(
+                ErrorKind::UpstreamInvalid,
+                format!(
+                    "{}: upstream {} says it is {total} bytes, an earlier one said {known}",
+                    self.blob(),
+                    upstream.name()
+                ),
+            );
+            self.push(upstream, e);
+            return false;
+        }
+        self.sources.push(upstream);
+        true
+    }
+
+    /// The blob's bytes hashed to `actual`, not its digest. The clients attached to this
+    /// fill already have the bad bytes and must fail, so the walk ends with the returned
+    /// error. Every upstream that contributed bytes is blamed: its breaker counts a failure,
+    /// and the next walk for this digest tries it last ([`BadSources`]), so the next pull
+    /// gets good bytes from another upstream instead of failing the same way forever.
+    pub fn wrong_bytes(&mut self, actual: &Digest) -> Error {
+        let names: Vec<&str> = self.sources.iter().map(|u| u.name()).collect();
+        let e = Error::new(
+            ErrorKind::UpstreamInvalid,
+            format!(
+                "{}: upstream {} sent content with digest {actual}; discarded",
+                self.blob(),
+                names.join(" + ")
+            ),
+        );
+        for u in &self.sources {
+            u.record_failure(&e);
+            if let Some(digest) = self.digest {
+                self.bad_sources.mark(digest, u.name());
+            }
+        }
+        e
+    }
+
+    /// Tries `attempt` on each upstream in order and returns the first answer, or the error
+    /// that sums up every failure (`what` names the request in it).
+    pub async fn first_success<T, F, Fut>(mut self, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(&'a Upstream) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        while let Some(upstream) = self.next() {
+            match attempt(upstream).await {
+                Ok(v) => {
+                    self.record(upstream, Outcome::Answered)?;
+                    return Ok(v);
+                }
+                Err(e) => self.record(upstream, e.into())?,
+            }
+        }
+        Err(self.into_error(what))
+    }
+
+    /// One error that stands for every try: 404 if no upstream had it, 429 (with the
+    /// shortest `Retry-After`) if the only obstacles were rate limits, otherwise 502 (504 if
+    /// every try timed out) with every try listed by upstream name.
+    pub fn into_error(self, what: &str) -> Error {
+        summarize(self.failures, what)
+    }
+
+    fn push(&mut self, upstream: &Upstream, e: Error) {
+        tracing::debug!(upstream = upstream.name(), error = %e, "upstream failed; trying the next");
+        self.failures.push(e);
+    }
+
+    fn blob(&self) -> String {
+        match self.digest {
+            Some(d) => format!("blob {d}"),
+            None => "body".to_string(),
+        }
+    }
+}
+
+impl<'a> Iterator for Walk<'a> {
+    type Item = &'a Upstream;
+
+    /// The next upstream to try. One whose circuit is open is skipped, and the skip counted
+    /// and listed; the breaker is asked only now, so a half-open breaker lets its one probe
+    /// through to a request that really tries it.
+    fn next(&mut self) -> Option<&'a Upstream> {
+        for upstream in self.ahead.by_ref() {
+            if upstream.admit() {
+                return Some(upstream);
+            }
+            self.failures.push(Error::new(
+                ErrorKind::UpstreamUnavailable,
+                format!(
+                    "upstream {} skipped: its circuit is open after repeated failures",
+                    upstream.name()
+                ),
+            ));
+        }
+        None
+    }
+}
+
+/// What one exchange's response headers (or the failure to get them) tell `upstream`'s
+/// breaker. The transport calls this for every request it sends, so a retry after a token
+/// and the second request of a blob HEAD count too.
+///
+/// Connection errors, timeouts and 5xx are failures; anything else (404 and 429 included)
+/// is an answer from a live upstream, and counts as one at its headers.
+pub fn after_headers(
+    upstream: &Upstream,
+    status: std::result::Result<StatusCode, &Error>,
+    what: &str,
+) {
+    match status {
+        Err(e)
+            if matches!(
+                e.kind,
+                ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
+            ) =>
+        {
+            upstream.record_failure(e);
+        }
+        Ok(status) if status.is_server_error() => {
+            upstream.record_failure(&format!("{what}: answered {status}"));
+        }
+        _ => upstream.record_success(),
+    }
+}
+
+fn summarize(failures: Vec<Error>, what: &str) -> Error {
+    if failures.is_empty() {
+        return Error::internal(format!("{what}: the route has no upstreams"));
+    }
+    if failures.iter().all(is_not_found) {
+        let mut e = failures[0].clone();
+        if failures.len() > 1 {
+            e.message = format!("{what}: not found on any upstream ({})", join(&failures));
+        }
+        return e;
+    }
+    let limited: Vec<Option<Duration>> = failures
+        .iter()
+        .filter_map(|e| match e.kind {
+            ErrorKind::TooManyRequests { retry_after } => Some(retry_after),
+            _ => None,
+        })
+        .collect();
+    if !limited.is_empty()
+        && failures
+            .iter()
+            .all(|e| is_not_found(e) || matches!(e.kind, ErrorKind::TooManyRequests { .. }))
+    {
+        let retry_after = limited.iter().flatten().min().copied();
+        return Error::new(
+            ErrorKind::TooManyRequests { retry_after },
+            format!(
+                "{what}: rate-limited by every upstream that might have it ({})",
+                join(&failures)
+            ),
+        );
+    }
+    let kind = if failures
+        .iter()
+        .all(|e| e.kind == ErrorKind::UpstreamTimeout)
+    {
+        ErrorKind::UpstreamTimeout
+    } else {
+        ErrorKind::UpstreamUnavailable
+    };
+    Error::new(
+        kind,
+        format!("{what}: every upstream failed ({})", join(&failures)),
+    )
+}
+
+fn join(failures: &[Error]) -> String {
+    failures
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::oci::RepoName;
+    use crate::upstream::Routes;
+
+    fn e(kind: ErrorKind) -> Error {
+        Error::new(kind, "x")
+    }
+
+    fn combined(kinds: Vec<ErrorKind>) -> Error {
+        summarize(kinds.into_iter().map(e).collect(), "GET thing")
+    }
+
+    #[test]
+    fn all_missing_is_404() {
+        let r = combined(vec![ErrorKind::ManifestUnknown, ErrorKind::ManifestUnknown]);
+        assert_eq!(r.kind, ErrorKind::ManifestUnknown);
+        assert!(r.message.contains("not found on any upstream"));
+    }
+
+    #[test]
+    fn rate_limits_are_429_with_shortest_retry() {
+        let r = combined(vec![
+            ErrorKind::TooManyRequests {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+            ErrorKind::BlobUnknown,
+            ErrorKind::TooManyRequests {
+                retry_after: Some(Duration::from_secs(5)),
+            },
+        ]);
+        assert_eq!(
+            r.kind,
+            ErrorKind::TooManyRequests {
+                retry_after: Some(Duration::from_secs(5))
+            }
+        );
+    }
+
+    #[test]
+    fn anything_else_is_502_listing_attempts() {
+        let r = summarize(
+            vec![
+                Error::new(ErrorKind::BlobUnknown, "mirror: 404"),
+                Error::new(ErrorKind::UpstreamUnavailable, "origin: 503"),
+            ],
+            "GET blob",
+        );
+        assert_eq!(r.kind, ErrorKind::UpstreamUnavailable);
+        assert!(
+            r.message.contains("mirror: 404") && r.message.contains("origin: 503"),
+            "{}",
+            r.message
+        );
+        let r = combined(vec![ErrorKind::UpstreamTimeout, ErrorKind::UpstreamTimeout]);
+        assert_eq!(r.kind, ErrorKind::UpstreamTimeout);
+    }
+
+    #[test]
+    fn our_own_failures_do_not_move_on() {
+        assert!(!moves_on(&e(ErrorKind::Storage)));
+        assert!(!moves_on(&e(ErrorKind::Internal)));
+        assert!(moves_on(&e(ErrorKind::UpstreamDenied)));
+        assert!(moves_on(&e(ErrorKind::BlobUnknown)));
+    }
+
+    #[test]
+    fn errors_classify_into_outcomes() {
+        assert!(matches!(
+            Outcome::from(e(ErrorKind::NameUnknown)),
+            Outcome::NotFound(_)
+        ));
+        assert!(matches!(
+            Outcome::from(e(ErrorKind::TooManyRequests { retry_after: None })),
+            Outcome::RateLimited(_)
+        ));
+        for kind in [
+            ErrorKind::UpstreamUnavailable,
+            ErrorKind::UpstreamTimeout,
+            ErrorKind::UpstreamDenied,
+            ErrorKind::UpstreamInvalid,
+        ] {
+            assert!(matches!(Outcome::from(e(kind)), Outcome::Unavailable(_)));
+        }
+        assert!(matches!(
+            Outcome::from(e(ErrorKind::Storage)),
+            Outcome::Ours(_)
+        ));
+    }
+
+    /// A route "docker.io" over `mirror` then `origin`, tags from `origin` only. The URLs
+    /// are never contacted: a walk does no IO. One failure opens a breaker, for an hour.
+    fn route() -> Arc<Route> {
+        let config = Config::from_toml(
+            r#"
+            [upstreams.mirror]
+            url = "http://127.0.0.1:9"
+            breaker_failures = 1
+            breaker_cooldown = "1h"
+            [upstreams.origin]
+            url = "http://127.0.0.1:9"
+            breaker_failures = 1
+            breaker_cooldown = "1h"
+            [[routes]]
+            registry = "docker.io"
+            upstreams = ["mirror", "origin"]
+            tags_from = ["origin"]
+            default = true
+            "#,
+        )
+        .unwrap();
+        let routes = Routes::from_config(&config).unwrap();
+        routes
+            .resolve(None, &RepoName::parse("library/app").unwrap())
+            .unwrap()
+            .route
+    }
+
+    fn names(walk: Walk<'_>) -> Vec<&str> {
+        walk.map(|u| u.name()).collect()
+    }
+
+    fn digest() -> Digest {
+        Digest::of(b"blob")
+    }
+
+    fn err(kind: ErrorKind, message: &str) -> Error {
+        Error::new(kind, message)
+    }
+
+    #[test]
+    fn tags_come_only_from_tags_from() {
+        let route = route();
+        assert_eq!(
+            names(Walk::new(&route, Want::ByDigest)),
+            ["mirror", "origin"]
+        );
+        assert_eq!(names(Walk::new(&route, Want::Tags)), ["origin"]);
+        let d = digest();
+        assert_eq!(
+            names(Walk::new(&route, Want::Blob(&d))),
+            ["mirror", "origin"]
+        );
+    }
+
+    #[test]
+    fn the_first_answer_ends_the_walk() {
+        let route = route();
+        let mut walk = Walk::new(&route, Want::ByDigest);
+        let mirror = walk.next().unwrap();
+        walk.record(
+            mirror,
+            Outcome::from(err(ErrorKind::ManifestUnknown, "mirror: 404")),
+        )
+        .unwrap();
+        let origin = walk.next().unwrap();
+        assert_eq!(origin.name(), "origin");
+        walk.record(origin, Outcome::Answered).unwrap();
+        assert!(walk.next().is_none());
+    }
+
+    #[tokio::test]
+    async fn first_success_stops_at_an_answer_or_our_own_failure() {
+        let route = route();
+        let mut tried = Vec::new();
+        let got = Walk::new(&route, Want::ByDigest)
+            .first_success("GET thing", |u| {
+                tried.push(u.name().to_string());
+                let name = u.name().to_string();
+                async move {
+                    match name.as_str() {
+                        "mirror" => Err(err(ErrorKind::UpstreamUnavailable, "mirror: 503")),
+                        _ => Ok(name),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, "origin");
+        assert_eq!(tried, ["mirror", "origin"]);
+
+        let mut tried = 0;
+        let e = Walk::new(&route, Want::ByDigest)
+            .first_success("GET thing", |_| {
+                tried += 1;
+                async { Err::<(), _>(err(ErrorKind::Storage, "disk")) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((e.kind, tried), (ErrorKind::Storage, 1));
+
+        let e = Walk::new(&route, Want::ByDigest)
+            .first_success("GET thing", |u| {
+                let m = format!("{}: 404", u.name());
+                async move { Err::<(), _>(err(ErrorKind::BlobUnknown, &m)) }
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BlobUnknown);
+        assert!(e.message.contains("mirror: 404") && e.message.contains("origin: 404"));
+    }
+
+    #[test]
+    fn an_open_circuit_is_skipped_counted_and_listed() {
+        let route = route();
+        let mirror = &*route.upstreams[0];
+        after_headers(mirror, Ok(StatusCode::BAD_GATEWAY), "GET thing");
+        assert!(mirror.stats().circuit_open);
+        let mut walk = Walk::new(&route, Want::ByDigest);
+        assert_eq!(walk.next().unwrap().name(), "origin");
+        assert_eq!(mirror.stats().skipped, 1);
+        let e = walk.into_error("GET thing");
+        assert!(
+            e.message.contains("upstream mirror skipped"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn the_breaker_is_asked_only_when_the_walk_reaches_an_upstream() {
+        let route = route();
+        let origin = &*route.upstreams[1];
+        after_headers(origin, Ok(StatusCode::SERVICE_UNAVAILABLE), "GET thing");
+        let mut walk = Walk::new(&route, Want::ByDigest);
+        let mirror = walk.next().unwrap();
+        walk.record(mirror, Outcome::Answered).unwrap();
+        drop(walk);
+        assert_eq!(origin.stats().skipped, 0, "never reached, never skipped");
+    }
+
+    #[test]
+    fn headers_count_failures_only_for_connection_errors_timeouts_and_5xx() {
+        let route = route();
+        let u = &*route.upstreams[0];
+        for answered in [
+            Ok(StatusCode::OK),
+            Ok(StatusCode::NOT_FOUND),
+            Ok(StatusCode::TOO_MANY_REQUESTS),
+            Ok(StatusCode::UNAUTHORIZED),
+            Err(&err(ErrorKind::UpstreamDenied, "token refused")),
+        ] {
+            after_headers(u, answered, "GET thing");
+        }
+        assert_eq!(u.stats().failures, 0);
+        assert!(!u.stats().circuit_open);
+        after_headers(u, Err(&err(ErrorKind::UpstreamTimeout, "slow")), "GET");
+        assert_eq!(u.stats().failures, 1);
+        assert!(u.stats().circuit_open);
+        let origin = &*route.upstreams[1];
+        after_headers(
+            origin,
+            Err(&err(ErrorKind::UpstreamUnavailable, "refused")),
+            "GET",
+        );
+        assert_eq!(origin.stats().failures, 1);
+    }
+
+    #[test]
+    fn a_cut_body_resumes_on_the_next_upstream_at_its_byte() {
+        let route = route();
+        let d = digest();
+        let mut walk = Walk::new(&route, Want::Blob(&d));
+        let mirror = walk.next().unwrap();
+        assert_eq!(walk.resume_at(), 0);
+        assert!(walk.take_body(mirror, Some(100)));
+        let cut = err(ErrorKind::UpstreamUnavailable, "mirror: body failed");
+        walk.record(mirror, Outcome::Cut { at: 40, error: cut })
+            .unwrap();
+        assert_eq!(mirror.stats().failures, 1, "a cut body counts against it");
+        let origin = walk.next().unwrap();
+        assert_eq!((origin.name(), walk.resume_at()), ("origin", 40));
+        assert!(walk.take_body(origin, Some(100)));
+        assert_eq!(walk.size(), Some(100));
+        walk.record(origin, Outcome::Answered).unwrap();
+        assert!(walk.next().is_none(), "each upstream at most once");
+    }
+
+    #[test]
+    fn upstreams_must_agree_on_a_blobs_size() {
+        let route = route();
+        let d = digest();
+        let mut walk = Walk::new(&route, Want::Blob(&d));
+        let mirror = walk.next().unwrap();
+        assert!(walk.take_body(mirror, Some(100)));
+        let cut = err(ErrorKind::UpstreamTimeout, "mirror: stalled");
+        walk.record(mirror, Outcome::Cut { at: 10, error: cut })
+            .unwrap();
+        let origin = walk.next().unwrap();
+        assert!(!walk.take_body(origin, Some(99)));
+        assert_eq!(
+            origin.stats().failures,
+            0,
+            "a reply we cannot use is not a failure"
+        );
+        assert!(walk.next().is_none());
+        let e = walk.into_error("blob");
+        assert_eq!(e.kind, ErrorKind::UpstreamUnavailable);
+        assert!(
+            e.message
+                .contains("says it is 99 bytes, an earlier one said 100"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn wrong_bytes_blame_every_source_and_demote_them_for_that_blob() {
+        let route = route();
+        let d = digest();
+        let mut walk = Walk::new(&route, Want::Blob(&d));
+        let mirror = walk.next().unwrap();
+        assert!(walk.take_body(mirror, None));
+        let cut = err(ErrorKind::UpstreamUnavailable, "mirror: cut");
+        walk.record(mirror, Outcome::Cut { at: 3, error: cut })
+            .unwrap();
+        let origin = walk.next().unwrap();
+        assert!(walk.take_body(origin, None));
+        walk.record(origin, Outcome::Answered).unwrap();
+        let e = walk.wrong_bytes(&Digest::of(b"other"));
+        assert_eq!(e.kind, ErrorKind::UpstreamInvalid);
+        assert!(e.message.contains("mirror + origin"), "{}", e.message);
+        assert_eq!(origin.stats().failures, 1);
+        assert_eq!(
+            mirror.stats().failures,
+            2,
+            "its cut, then its share of the bytes"
+        );
+        // Both are suspect for this blob now (the next walk tries them last); other blobs
+        // are not affected.
+        assert!(route.bad_sources.is_bad(&d, "mirror") && route.bad_sources.is_bad(&d, "origin"));
+        let other = Digest::of(b"another blob");
+        assert!(!route.bad_sources.is_bad(&other, "mirror"));
+    }
+
+    #[test]
+    fn sources_that_sent_wrong_bytes_go_last_for_that_blob() {
+        let route = route();
+        let d = digest();
+        route.bad_sources.mark(&d, "mirror");
+        let tried = |want| -> Vec<&str> { order(&route, want).iter().map(|u| u.name()).collect() };
+        assert_eq!(tried(Want::Blob(&d)), ["origin", "mirror"]);
+        let other = Digest::of(b"another blob");
+        assert_eq!(tried(Want::Blob(&other)), ["mirror", "origin"]);
+        assert_eq!(tried(Want::ByDigest), ["mirror", "origin"]);
+    }
+
+    #[test]
+    fn our_own_failure_ends_the_walk() {
+        let route = route();
+        let mut walk = Walk::new(&route, Want::ByDigest);
+        let mirror = walk.next().unwrap();
+        let e = walk
+            .record(mirror, Outcome::from(err(ErrorKind::Storage, "disk full")))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Storage);
+    }
+}

@@ -3,11 +3,11 @@
 //! matches, and commit. Progress is published on a `watch` channel, which every attached
 //! reader follows.
 //!
-//! - [`state`]: where a fill is ([`FillState`], [`Progress`]), the [`FillGuard`] that
+//! - `state`: where a fill is ([`FillState`], [`Progress`]), the [`FillGuard`] that
 //!   publishes it and guarantees a final state, [`Detach`] (out of the fill map, once) and the
 //!   [`CommitGate`] a purge closes.
-//! - [`pipeline`]: the writer and hashing threads and the bounded channels between them.
-//! - [`driver`]: [`run`], which walks the route's upstreams (through `upstream::select`,
+//! - `pipeline`: the writer and hashing threads and the bounded channels between them.
+//! - `driver`: [`run`], which walks the route's upstreams (through `upstream::select`,
 //!   which decides the order, resumes mid-body and blames bad bytes), streams each response
 //!   into the pipeline, verifies and commits.
 //!
@@ -15,10 +15,10 @@
 //! - The fill runs in its own task on the cache's `TaskTracker`, under a cancellation token
 //!   derived from the server's, never from a request. No client can cancel it.
 //! - **Receiving, hashing and storing overlap.** The task receives from the upstream and hands
-//!   batches to the fill's writer thread over a bounded channel (`pipeline::PIPELINE_BATCHES`
-//!   batches of at most `pipeline::MAX_WRITE_BATCH` bytes); the writer passes each batch on to a hashing
-//!   thread (another bounded channel) and writes it. The upstream is paced by the slower of
-//!   the two, and memory per fill is bounded by the channels.
+//!   batches to the fill's writer thread over a bounded channel (`PIPELINE_BATCHES` batches
+//!   of at most `MAX_WRITE_BATCH` bytes, in `pipeline`); the writer passes each batch on to a
+//!   hashing thread (another bounded channel) and writes it. The upstream is paced by the
+//!   slower of the two, and memory per fill is bounded by the channels.
 //! - **Readers finish on `Verified`, the cache on `Complete`.** Readers may send their last
 //!   byte once every byte has matched the digest; the fill stays in the fill map (new
 //!   requests join it) until the fsync, rename and directory fsync are done, and only then is
@@ -40,10 +40,9 @@
 //!   bytes, but the blob is not committed. If the commit is already under way, the purge waits
 //!   for the fill to end and removes the file after it.
 
-pub mod driver;
-pub mod pipeline;
-pub mod state;
+mod driver;
+mod pipeline;
+mod state;
 
 pub use driver::{FillContext, run};
-pub use pipeline::is_disk_full;
 pub use state::{CommitGate, Detach, FillGuard, FillState, Progress};

@@ -134,6 +134,7 @@ pub struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// A walk over `route` for `want`. Nothing is asked yet, not even a breaker.
     pub fn new(route: &'a Route, want: Want<'a>) -> Walk<'a> {
         Walk {
             ahead: order(route, want).into_iter(),
@@ -149,11 +150,14 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// Takes the outcome of trying `upstream`. `Err` ends the walk with that error (our own
-    /// failure); `Ok` after anything but [`Outcome::Answered`] means: try the next upstream.
-    ///
-    /// The breaker hears of connection errors, timeouts and 5xx from [`after_headers`] as
-    /// they happen; here it hears only of bodies cut off, which only a walk sees.
+    /// Takes the outcome of trying `upstream`; `Err` ends the walk with that error.
+    /// - `Answered`: the walk is over. (The breaker counted the success at the response's
+    ///   headers, in [`after_headers`].)
+    /// - `NotFound`, `RateLimited`, `Unavailable`: listed for [`Walk::into_error`]; try the
+    ///   next upstream. The breaker heard of connection errors, timeouts and 5xx at headers;
+    ///   a 404, a 429, a 401/403 or a reply we cannot use is not a failure of the upstream.
+    /// - `Cut { at }`: a failure for the breaker; listed; the next upstream resumes at `at`.
+    /// - `Ours`: `Err`, at once: another upstream cannot fix our own failure.
     pub fn record(&mut self, upstream: &'a Upstream, outcome: Outcome) -> Result<()> {
         match outcome {
             Outcome::Answered => Ok(()),
@@ -300,7 +304,7 @@ impl<'a> Iterator for Walk<'a> {
 ///
 /// Connection errors, timeouts and 5xx are failures; anything else (404 and 429 included)
 /// is an answer from a live upstream, and counts as one at its headers.
-pub fn after_headers(
+pub(super) fn after_headers(
     upstream: &Upstream,
     status: std::result::Result<StatusCode, &Error>,
     what: &str,

@@ -43,7 +43,7 @@ pub async fn run(
     // Owned here, not by the writer thread: if this task is cancelled, dropping it removes
     // the temporary file at once.
     let mut partial: Option<PartialBlob> = None;
-    // Bytes handed to the writer: where the next upstream resumes.
+    // Bytes handed to the writer. After a cut the walk resumes the next upstream here.
     let mut handed: u64 = 0;
     let mut complete = false;
 

@@ -15,7 +15,7 @@ pub use op::{Op, parse_digest, parse_pin, repository_target, tag_target};
 
 use crate::api::metrics::Family;
 use crate::cache::Cache;
-use crate::cache::fill::blocking;
+use crate::cache::blocking;
 use crate::cache::refs::{PurgeReport, Target};
 use crate::error::Result;
 use crate::oci::Digest;

@@ -19,16 +19,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::blocking;
 use super::evict::{ReadGuard, Usage};
-use super::fill::{
-    self, BadSources, CommitGate, Detach, FillContext, FillGuard, FillState, blocking,
-};
+use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
 use super::spill::{Cursor, Followers};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
-use crate::upstream::Route;
-use crate::upstream::fallback::first_success;
+use crate::upstream::{Route, Walk, Want};
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
@@ -39,8 +37,6 @@ pub struct BlobCache {
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
     cancel: CancellationToken,
-    /// Upstreams that recently sent bad bytes for a digest; fills try them last.
-    bad_sources: Arc<BadSources>,
     /// Committed blobs, their sizes and use: the disk budget's index.
     usage: Arc<Usage>,
     /// Blob GETs served from the cache, and those that needed a fill (for stats).
@@ -152,7 +148,6 @@ impl BlobCache {
             fills: Arc::default(),
             tracker,
             cancel,
-            bad_sources: Arc::default(),
             hits: Default::default(),
             misses: Default::default(),
         }
@@ -236,10 +231,11 @@ impl BlobCache {
                 _ => {}
             }
         }
-        first_success(&route.upstreams, &format!("HEAD blob {digest}"), |u| {
-            u.blob_size(name, digest)
-        })
-        .await
+        Walk::new(route, Want::ByDigest)
+            .first_success(&format!("HEAD blob {digest}"), |u| {
+                u.blob_size(name, digest)
+            })
+            .await
     }
 
     /// Subscribes to the running fill for `digest`, starting one if there is none.
@@ -284,7 +280,6 @@ impl BlobCache {
         let cx = FillContext {
             store: self.store.clone(),
             gate,
-            bad_sources: self.bad_sources.clone(),
             disk_full: Box::new(move |needed| usage.disk_full(needed)),
         };
         let route = route.clone();

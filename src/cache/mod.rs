@@ -1,6 +1,7 @@
 //! The cache: blob fills that no request owns, readers that follow them, and manifests.
 
 pub mod blobs;
+mod blocking;
 pub mod clock;
 pub mod evict;
 pub mod fill;
@@ -12,6 +13,7 @@ pub mod singleflight;
 pub mod spill;
 
 pub use blobs::{BlobCache, BlobSource};
+pub use blocking::blocking;
 pub use clock::Clock;
 pub use manifests::{Manifest, ManifestCache};
 pub use open::{Cache, FillTasks};

@@ -22,8 +22,7 @@ use crate::api::route::{self, Route as ApiRoute};
 use crate::cache::{BlobReader, Cache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
-use crate::upstream::fallback::first_success;
-use crate::upstream::{Route, Routes};
+use crate::upstream::{Route, Routes, Walk, Want};
 
 pub type Body = UnsyncBoxBody<Bytes, Error>;
 
@@ -106,12 +105,11 @@ impl App {
                     ));
                 }
                 let q = query.tags.to_query_string();
-                let (body, upstream_headers) = first_success(
-                    &routed.route.tag_upstreams,
-                    &format!("tags of {}", routed.name),
-                    |u| u.get_tags(&routed.name, &q),
-                )
-                .await?;
+                let (body, upstream_headers) = Walk::new(&routed.route, Want::Tags)
+                    .first_success(&format!("tags of {}", routed.name), |u| {
+                        u.get_tags(&routed.name, &q)
+                    })
+                    .await?;
                 let mut b = with_api_version(Response::builder())
                     .header(CONTENT_TYPE, media_types::JSON)
                     .header(CONTENT_LENGTH, body.len());

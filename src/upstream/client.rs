@@ -295,20 +295,7 @@ impl Upstream {
         };
         self.counters.requests.fetch_add(1, Relaxed);
         let result = self.send_authenticated(repo, make, what).await;
-        match &result {
-            Err(e)
-                if matches!(
-                    e.kind,
-                    ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
-                ) =>
-            {
-                self.record_failure(e);
-            }
-            Ok(resp) if resp.status().is_server_error() => {
-                self.record_failure(&format!("{what}: answered {}", resp.status()));
-            }
-            _ => self.record_success(),
-        }
+        super::select::after_headers(self, result.as_ref().map(|r| r.status()), what);
         let resp = result?;
         if let Some(left) = resp
             .headers()

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::bad_sources::BadSources;
 use super::client::Upstream;
 use crate::api::registry::{self, Target};
 use crate::config::{Config, UpstreamConfig};
@@ -27,6 +28,9 @@ pub struct Route {
     pub tag_upstreams: Vec<Arc<Upstream>>,
     /// How long this registry's tag answers are trusted.
     pub freshness: Policy,
+    /// Upstreams that recently sent wrong bytes for a blob (shared by every route, as the
+    /// upstreams are); `select` tries them last for that blob.
+    pub bad_sources: Arc<BadSources>,
 }
 
 pub struct Routes {
@@ -36,6 +40,7 @@ pub struct Routes {
     default: Option<Arc<Route>>,
     any_registry: bool,
     dynamic: Mutex<HashMap<String, Arc<Route>>>,
+    bad_sources: Arc<BadSources>,
 }
 
 /// A request's route, and the repository name as that registry knows it.
@@ -49,6 +54,7 @@ impl Routes {
         // One `Upstream` per name, shared by every route that lists it: one breaker, one
         // token cache and one concurrency limit per real upstream.
         let mut built: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let bad_sources = Arc::new(BadSources::new());
         let mut by_registry = HashMap::new();
         let mut default = None;
         for r in config.resolved_routes() {
@@ -74,6 +80,7 @@ impl Routes {
                 upstreams,
                 tag_upstreams,
                 freshness: r.cache.freshness(),
+                bad_sources: bad_sources.clone(),
             });
             if r.default {
                 default = Some(route.clone());
@@ -86,6 +93,7 @@ impl Routes {
             default,
             any_registry: config.proxy_any_registry,
             dynamic: Mutex::default(),
+            bad_sources,
         })
     }
 
@@ -171,6 +179,7 @@ impl Routes {
             upstreams: vec![upstream.clone()],
             tag_upstreams: vec![upstream],
             freshness: self.default_freshness.clone(),
+            bad_sources: self.bad_sources.clone(),
         });
         tracing::info!(
             registry,

@@ -43,10 +43,9 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::spill::{self, Followers, PassError, Spill};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, error_chain};
 use crate::oci::{Digest, DigestVerifier, RepoName};
 use crate::storage::{DiskStore, PartialBlob};
-use crate::upstream::client::error_chain;
 use crate::upstream::fallback::{Attempts, moves_on};
 use crate::upstream::{BlobResponse, Route, Upstream};
 

@@ -99,3 +99,16 @@ impl fmt::Debug for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// An error and its causes, joined with `: `. reqwest's `Display` omits the cause ("error
+/// sending request"); the chain says what happened ("… connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

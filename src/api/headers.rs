@@ -1,4 +1,4 @@
-//! Header rules: merging `Accept`, parsing `Range`, building `Content-Range`.
+//! Header rules: merging `Accept`, parsing `Range`, building and parsing `Content-Range`.
 
 use http::HeaderMap;
 use http::header::ACCEPT;
@@ -111,11 +111,58 @@ pub fn unsatisfied_range(size: u64) -> String {
     format!("bytes */{size}")
 }
 
-/// The total size from a `Content-Range: bytes a-b/size` header (some upstreams answer a blob
-/// HEAD without a length; a 1-byte range GET tells the size this way).
-pub fn content_range_total(value: &str) -> Option<u64> {
-    let (_, total) = value.trim().strip_prefix("bytes ")?.rsplit_once('/')?;
-    total.trim().parse().ok()
+/// A `Content-Range` header an upstream sent (RFC 9110 §14.4), parsed once here so every
+/// reader of upstream replies agrees on what a valid one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRange {
+    /// `bytes first-last/total` of a 206: bytes `first..=last`, of a body of `total` bytes
+    /// (`None` when the sender wrote `*`: it does not know the size).
+    Bytes {
+        first: u64,
+        last: u64,
+        total: Option<u64>,
+    },
+    /// `bytes */total` of a 416: no bytes, but the size.
+    Unsatisfied { total: u64 },
+}
+
+impl ContentRange {
+    /// Parses a `Content-Range` value. `None` for anything but a single well-formed `bytes`
+    /// range: another unit, a missing part, a number that overflows `u64`, `last < first`, or
+    /// a total that does not lie past `last` (RFC 9110 calls those invalid).
+    pub fn parse(value: &str) -> Option<ContentRange> {
+        let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+        // Only digits: `u64::from_str` would also take a leading `+`.
+        let num = |s: &str| -> Option<u64> {
+            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+                None
+            } else {
+                s.parse().ok()
+            }
+        };
+        let total = match total {
+            "*" => None,
+            n => Some(num(n)?),
+        };
+        if range == "*" {
+            return Some(ContentRange::Unsatisfied { total: total? });
+        }
+        let (first, last) = range.split_once('-')?;
+        let (first, last) = (num(first)?, num(last)?);
+        if last < first || total.is_some_and(|t| t <= last) {
+            return None;
+        }
+        Some(ContentRange::Bytes { first, last, total })
+    }
+
+    /// The full body size, if the header names it. Some upstreams answer a blob HEAD without
+    /// a length; a one-byte range GET tells the size this way.
+    pub fn total(self) -> Option<u64> {
+        match self {
+            ContentRange::Bytes { total, .. } => total,
+            ContentRange::Unsatisfied { total } => Some(total),
+        }
+    }
 }
 
 /// `Retry-After` in seconds (HTTP dates are rare from registries and fall back to `None`).
@@ -207,8 +254,82 @@ mod tests {
 
     #[test]
     fn content_range_totals() {
-        assert_eq!(content_range_total("bytes 0-0/12345"), Some(12345));
-        assert_eq!(content_range_total("bytes 0-0/*"), None);
-        assert_eq!(content_range_total("garbage"), None);
+        let total = |s: &str| ContentRange::parse(s).and_then(ContentRange::total);
+        assert_eq!(total("bytes 0-0/12345"), Some(12345));
+        assert_eq!(total("bytes 0-0/*"), None);
+        assert_eq!(total("garbage"), None);
+    }
+
+    #[test]
+    fn content_ranges() {
+        let p = ContentRange::parse;
+        assert_eq!(
+            p("bytes 100-199/200"),
+            Some(ContentRange::Bytes {
+                first: 100,
+                last: 199,
+                total: Some(200)
+            })
+        );
+        assert_eq!(
+            p(" bytes 0-0/1 "),
+            Some(ContentRange::Bytes {
+                first: 0,
+                last: 0,
+                total: Some(1)
+            })
+        );
+        // The sender does not know the size.
+        assert_eq!(
+            p("bytes 5-9/*"),
+            Some(ContentRange::Bytes {
+                first: 5,
+                last: 9,
+                total: None
+            })
+        );
+        assert_eq!(
+            p("bytes */42"),
+            Some(ContentRange::Unsatisfied { total: 42 })
+        );
+        assert_eq!(p("bytes */42").and_then(ContentRange::total), Some(42));
+        // Round trip with what the server sends.
+        assert_eq!(
+            p(&content_range(90, 100, 100)).and_then(ContentRange::total),
+            Some(100)
+        );
+        assert_eq!(
+            p(&unsatisfied_range(100)),
+            Some(ContentRange::Unsatisfied { total: 100 })
+        );
+        let overflow = "bytes 0-18446744073709551616/18446744073709551617";
+        for malformed in [
+            "",
+            "garbage",
+            "bytes",
+            "bytes 0-9",
+            "bytes 0-9/",
+            "bytes */*",
+            "bytes *",
+            "items 0-9/10",
+            "bytes=0-9/10",
+            "bytes -9/10",
+            "bytes 0-/10",
+            "bytes +0-9/10",
+            "bytes 0-9/+10",
+            "bytes a-b/10",
+            "bytes 0-9/x",
+            "bytes 0-9/10/11",
+            "bytes 0-1,3-4/10",
+            overflow,
+            "bytes 18446744073709551616-18446744073709551617/*",
+            // last before first
+            "bytes 9-0/10",
+            // a total that does not lie past the last byte
+            "bytes 0-9/9",
+            "bytes 0-9/5",
+        ] {
+            assert_eq!(p(malformed), None, "{malformed:?}");
+        }
     }
 }

@@ -9,10 +9,10 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::pipeline::{MAX_WRITE_BATCH, Pipe, is_disk_full};
 use super::state::{CommitGate, FillGuard, FillState, Progress};
+use crate::error::error_chain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::{DiskStore, PartialBlob};
-use crate::upstream::client::error_chain;
 use crate::upstream::{BlobResponse, Outcome, Route, Upstream, Walk, Want};
 
 /// What the fill needs from the cache around it.

@@ -1,17 +1,13 @@
-//! Registry token auth: `WWW-Authenticate` parsing (pure) and a cache of bearer tokens.
-//!
-//! The flow (Docker's token spec, used by Docker Hub, ghcr.io, quay.io, …): a request answered
-//! 401 with `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` is retried once with a
-//! token fetched from `realm?service=…&scope=…`. Tokens are cached per (realm, service, scope)
-//! until shortly before they expire. The last challenge seen is remembered, so requests for
-//! other repositories fetch their token up front instead of paying a 401 round trip.
-//!
-//! Today tokens are fetched anonymously; upstream credentials come with the multi-upstream
-//! work. No client credential is ever involved: cistern never forwards `Authorization`.
+//! `WWW-Authenticate` challenges (pure): parsing one, and deciding how to answer a 401.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+
+use http::HeaderMap;
+use http::header::WWW_AUTHENTICATE;
+use reqwest::Url;
+
+use super::credentials::Credentials;
+use super::tokens::TokenEndpoint;
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,86 +107,65 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
-/// The token endpoint's answer. Docker Hub sends `token`; OAuth2-style servers send
-/// `access_token`; either may come alone.
-#[derive(Debug, serde::Deserialize)]
-pub struct TokenResponse {
-    pub token: Option<String>,
-    pub access_token: Option<String>,
-    pub expires_in: Option<u64>,
+/// Every challenge a reply carries that parses; the rest are ignored.
+pub fn challenges(headers: &HeaderMap) -> Vec<Challenge> {
+    headers
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(parse_challenge)
+        .collect()
 }
 
-impl TokenResponse {
-    /// The token and how long to use it. Absent `expires_in` means 60 s (the spec's default);
-    /// a margin keeps us from sending a token that expires in flight.
-    pub fn into_token(self) -> Option<(String, Duration)> {
-        let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
-        let lifetime = Duration::from_secs(self.expires_in.unwrap_or(60).max(1));
-        let margin = (lifetime / 10).min(Duration::from_secs(30));
-        Some((token, lifetime - margin))
-    }
+/// How to answer a 401.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// Fetch a token for `scope` from `endpoint` and send the request again with it.
+    Token {
+        endpoint: TokenEndpoint,
+        scope: String,
+    },
+    /// Send the request again with the upstream's username and password.
+    Basic {
+        username: &'a str,
+        password: &'a str,
+    },
+    /// A bearer challenge without a usable realm: the upstream is broken.
+    NoRealm,
+    /// Nothing to answer with: the 401 stands.
+    PassOn,
 }
 
-/// Where tokens come from, learned from a challenge.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TokenEndpoint {
-    pub realm: String,
-    pub service: Option<String>,
+/// Decides how to answer a 401 with `challenges`. A bearer challenge wins (its own `scope`
+/// if it names one, else `scope`); a basic one is answered only when the upstream has a
+/// username and password.
+pub fn answer<'a>(
+    challenges: &[Challenge],
+    scope: String,
+    credentials: &'a Credentials,
+) -> Answer<'a> {
+    if let Some(challenge) = challenges.iter().find(|c| c.scheme == "bearer") {
+        let Some(realm) = challenge.param("realm").filter(|r| is_http_url(r)) else {
+            return Answer::NoRealm;
+        };
+        return Answer::Token {
+            endpoint: TokenEndpoint {
+                realm: realm.to_string(),
+                service: challenge.param("service").map(str::to_string),
+            },
+            scope: challenge.param("scope").map_or(scope, str::to_string),
+        };
+    }
+    if challenges.iter().any(|c| c.scheme == "basic")
+        && let Credentials::Basic { username, password } = credentials
+    {
+        return Answer::Basic { username, password };
+    }
+    Answer::PassOn
 }
 
-/// Cached tokens per (endpoint, scope), and the endpoint last seen.
-#[derive(Default)]
-pub struct TokenCache {
-    tokens: Mutex<HashMap<(TokenEndpoint, String), (String, Instant)>>,
-    endpoint: Mutex<Option<TokenEndpoint>>,
-}
-
-impl TokenCache {
-    pub fn get(&self, endpoint: &TokenEndpoint, scope: &str, now: Instant) -> Option<String> {
-        let mut tokens = self.tokens.lock().expect("token cache poisoned");
-        let key = (endpoint.clone(), scope.to_string());
-        match tokens.get(&key) {
-            Some((token, expires)) if *expires > now => Some(token.clone()),
-            Some(_) => {
-                tokens.remove(&key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    pub fn put(&self, endpoint: &TokenEndpoint, scope: &str, token: String, expires: Instant) {
-        let mut tokens = self.tokens.lock().expect("token cache poisoned");
-        // Bounded: expired entries go first; a registry with more live scopes than this is
-        // far past anything a mirror sees.
-        if tokens.len() >= 10_000 {
-            tokens.retain(|_, (_, e)| *e > Instant::now());
-            if tokens.len() >= 10_000 {
-                tokens.clear();
-            }
-        }
-        tokens.insert((endpoint.clone(), scope.to_string()), (token, expires));
-    }
-
-    pub fn forget(&self, endpoint: &TokenEndpoint, scope: &str) {
-        self.tokens
-            .lock()
-            .expect("token cache poisoned")
-            .remove(&(endpoint.clone(), scope.to_string()));
-    }
-
-    pub fn endpoint(&self) -> Option<TokenEndpoint> {
-        self.endpoint.lock().expect("token cache poisoned").clone()
-    }
-
-    pub fn set_endpoint(&self, endpoint: TokenEndpoint) {
-        *self.endpoint.lock().expect("token cache poisoned") = Some(endpoint);
-    }
-}
-
-/// The pull scope for a repository.
-pub fn pull_scope(repository: &str) -> String {
-    format!("repository:{repository}:pull")
+fn is_http_url(s: &str) -> bool {
+    Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
 }
 
 #[cfg(test)]
@@ -234,33 +209,87 @@ mod tests {
         assert_eq!(c.param("realm"), Some("ünïcode"));
     }
 
-    #[test]
-    fn token_response_lifetimes() {
-        let t: TokenResponse = serde_json::from_str(r#"{"token":"abc","expires_in":300}"#).unwrap();
-        assert_eq!(
-            t.into_token(),
-            Some(("abc".into(), Duration::from_secs(270)))
-        );
-        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"xyz"}"#).unwrap();
-        assert_eq!(
-            t.into_token(),
-            Some(("xyz".into(), Duration::from_secs(54)))
-        );
-        let t: TokenResponse = serde_json::from_str(r#"{"token":""}"#).unwrap();
-        assert_eq!(t.into_token(), None);
+    fn answer_to<'a>(headers: &[&'static str], credentials: &'a Credentials) -> Answer<'a> {
+        let mut h = HeaderMap::new();
+        for v in headers {
+            h.append(WWW_AUTHENTICATE, http::HeaderValue::from_static(v));
+        }
+        answer(&challenges(&h), "repository:a:pull".into(), credentials)
+    }
+
+    fn basic() -> Credentials {
+        Credentials::Basic {
+            username: "me".into(),
+            password: "pw".into(),
+        }
     }
 
     #[test]
-    fn cache_expires() {
-        let cache = TokenCache::default();
-        let ep = TokenEndpoint {
-            realm: "https://r".into(),
-            service: None,
-        };
-        let now = Instant::now();
-        cache.put(&ep, "s", "t".into(), now + Duration::from_secs(10));
-        assert_eq!(cache.get(&ep, "s", now), Some("t".into()));
-        assert_eq!(cache.get(&ep, "other", now), None);
-        assert_eq!(cache.get(&ep, "s", now + Duration::from_secs(11)), None);
+    fn a_bearer_challenge_asks_for_a_token() {
+        assert_eq!(
+            answer_to(
+                &[
+                    r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:b:pull""#
+                ],
+                &Credentials::None
+            ),
+            Answer::Token {
+                endpoint: TokenEndpoint {
+                    realm: "https://auth.example/token".into(),
+                    service: Some("reg".into()),
+                },
+                scope: "repository:b:pull".into(),
+            }
+        );
+        // Without its own scope the request's is used; bearer wins over basic.
+        assert_eq!(
+            answer_to(
+                &[
+                    r#"Basic realm="r""#,
+                    r#"Bearer realm="http://auth.example/t""#
+                ],
+                &basic()
+            ),
+            Answer::Token {
+                endpoint: TokenEndpoint {
+                    realm: "http://auth.example/t".into(),
+                    service: None,
+                },
+                scope: "repository:a:pull".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_bearer_challenge_needs_an_http_realm() {
+        for realm in [
+            r#"Bearer service="reg""#,
+            r#"Bearer realm="not a url""#,
+            r#"Bearer realm="ftp://auth.example/t""#,
+            r#"Bearer realm="file:///etc/passwd""#,
+        ] {
+            assert_eq!(answer_to(&[realm], &basic()), Answer::NoRealm, "{realm}");
+        }
+    }
+
+    #[test]
+    fn a_basic_challenge_needs_a_password() {
+        assert_eq!(
+            answer_to(&[r#"Basic realm="r""#], &basic()),
+            Answer::Basic {
+                username: "me",
+                password: "pw"
+            }
+        );
+        assert_eq!(
+            answer_to(&[r#"Basic realm="r""#], &Credentials::None),
+            Answer::PassOn
+        );
+        assert_eq!(
+            answer_to(&[r#"Basic realm="r""#], &Credentials::Token("t".into())),
+            Answer::PassOn
+        );
+        assert_eq!(answer_to(&[], &basic()), Answer::PassOn);
+        assert_eq!(answer_to(&["Bear{er x"], &basic()), Answer::PassOn);
     }
 }

@@ -1,0 +1,306 @@
+//! The registry calls one upstream answers: blobs, manifests and tag lists.
+//!
+//! Each call sends its request through [`Upstream::send`] and reads the reply with the pure
+//! helpers of [`super::reply`]; a reply that is not the answer asked for becomes the error
+//! [`reply::classify`] picks. A blob HEAD that carries no length is retried as a one-byte range
+//! GET, whose `Content-Range` gives the size.
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::{HeaderMap, StatusCode};
+use reqwest::Method;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::client::Upstream;
+use super::reply::{self, Object};
+use crate::error::{Error, ErrorKind, Result};
+use crate::oci::{Digest, Reference, RepoName, media_types};
+
+/// Tag lists of busy repositories can be large, but 16 MiB is far past any real one.
+const MAX_TAG_LIST: u64 = 16 << 20;
+
+/// A blob response, ready to stream.
+pub struct BlobResponse {
+    pub body: reqwest::Response,
+    /// The blob's full size, if the upstream said.
+    pub total: Option<u64>,
+    /// Bytes at the start of `body` to drop: an upstream that ignored our `Range` sends the
+    /// blob from byte 0.
+    pub skip: u64,
+    /// Holds this upstream's request slot until the body is done.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A manifest fetched with GET: exact bytes plus the headers that describe them.
+pub struct UpstreamManifest {
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+    /// The upstream's `Docker-Content-Digest`, if it sent a valid one.
+    pub digest_header: Option<Digest>,
+}
+
+/// What a manifest HEAD told us.
+#[derive(Clone, Debug)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub content_type: Option<String>,
+    pub size: Option<u64>,
+}
+
+impl Upstream {
+    /// Starts a blob download at byte `from`. With `from > 0` it asks for `Range: bytes=from-`
+    /// and checks the 206's `Content-Range`; an upstream that ignores the range sends the
+    /// whole blob, and `skip` says how much of it to drop.
+    pub async fn get_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<BlobResponse> {
+        let what = format!("GET blob {digest} of {name}");
+        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"));
+        let (resp, permit) = self
+            .send(
+                name,
+                &|| {
+                    let r = self.transport.http().get(url.clone());
+                    if from > 0 {
+                        r.header("Range", format!("bytes={from}-"))
+                    } else {
+                        r
+                    }
+                },
+                &what,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::OK => {
+                let total = resp.content_length();
+                Ok(BlobResponse {
+                    body: resp,
+                    total,
+                    skip: from,
+                    permit,
+                })
+            }
+            StatusCode::PARTIAL_CONTENT if from > 0 => {
+                let Some(total) = reply::resumed_at(resp.headers(), from) else {
+                    return Err(Error::new(
+                        ErrorKind::UpstreamInvalid,
+                        format!(
+                            "{what}: asked upstream {} for bytes {from}- and got Content-Range {:?}",
+                            self.name(),
+                            reply::content_range_text(resp.headers())
+                        ),
+                    ));
+                };
+                Ok(BlobResponse {
+                    body: resp,
+                    total,
+                    skip: 0,
+                    permit,
+                })
+            }
+            _ => Err(self.status_error(resp, Object::Blob, &what).await),
+        }
+    }
+
+    /// The size of a blob, without downloading it: HEAD, and if the HEAD carries no length, a
+    /// one-byte range GET whose `Content-Range` names the total.
+    pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
+        let what = format!("HEAD blob {digest} of {name}");
+        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"));
+        let (resp, permit) = self
+            .send(name, &|| self.transport.http().head(url.clone()), &what)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(resp, Object::Blob, &what).await);
+        }
+        if let Some(len) = reply::content_length(resp.headers()) {
+            return Ok(len);
+        }
+        // Give the slot back before asking again.
+        drop(permit);
+        let what = format!("GET (range 0-0) blob {digest} of {name}");
+        let (resp, _permit) = self
+            .send(
+                name,
+                &|| {
+                    self.transport
+                        .http()
+                        .get(url.clone())
+                        .header("Range", "bytes=0-0")
+                },
+                &what,
+            )
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => reply::range_total(resp.headers()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!("{what}: 206 without a usable Content-Range"),
+                )
+            }),
+            StatusCode::OK => reply::content_length(resp.headers()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!("{what}: upstream gives no blob size"),
+                )
+            }),
+            _ => Err(self.status_error(resp, Object::Blob, &what).await),
+        }
+    }
+
+    /// HEAD of a manifest: learns the digest of a tag without counting as a pull on Docker
+    /// Hub.
+    pub async fn head_manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<ManifestHead> {
+        let what = format!("HEAD manifest {name}:{reference}");
+        let url = self
+            .transport
+            .url(&format!("v2/{name}/manifests/{reference}"));
+        let (resp, _permit) = self
+            .send(
+                name,
+                &|| {
+                    with_accept(
+                        self.transport.http().request(Method::HEAD, url.clone()),
+                        accept,
+                    )
+                },
+                &what,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(resp, Object::Manifest, &what).await);
+        }
+        let h = resp.headers();
+        Ok(ManifestHead {
+            digest: reply::digest_header(h),
+            content_type: reply::content_type(h),
+            size: reply::content_length(h),
+        })
+    }
+
+    /// GET of a manifest, read whole but never more than `max_size` bytes.
+    pub async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+        max_size: u64,
+    ) -> Result<UpstreamManifest> {
+        let what = format!("GET manifest {name}:{reference}");
+        let url = self
+            .transport
+            .url(&format!("v2/{name}/manifests/{reference}"));
+        let (resp, _permit) = self
+            .send(
+                name,
+                &|| with_accept(self.transport.http().get(url.clone()), accept),
+                &what,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(resp, Object::Manifest, &what).await);
+        }
+        let too_large = |n: u64| {
+            Error::new(
+                ErrorKind::UpstreamInvalid,
+                format!(
+                    "{what}: manifest is {n} bytes or more, over the limit of {max_size} bytes (cache.max_manifest_size)"
+                ),
+            )
+        };
+        if let Some(len) = resp.content_length()
+            && len > max_size
+        {
+            return Err(too_large(len));
+        }
+        let content_type = reply::content_type(resp.headers());
+        let digest_header = reply::digest_header(resp.headers());
+        let bytes = self
+            .transport
+            .read_body(resp, max_size, &what)
+            .await?
+            .ok_or_else(|| too_large(max_size + 1))?;
+        Ok(UpstreamManifest {
+            bytes,
+            content_type,
+            digest_header,
+        })
+    }
+
+    /// `tags/list`, passed through: body and headers (for `Link`).
+    pub async fn get_tags(&self, name: &RepoName, query: &str) -> Result<(Bytes, HeaderMap)> {
+        let what = format!("GET tags of {name}");
+        let mut url = self.transport.url(&format!("v2/{name}/tags/list"));
+        if !query.is_empty() {
+            url.set_query(Some(query));
+        }
+        let (resp, _permit) = self
+            .send(name, &|| self.transport.http().get(url.clone()), &what)
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(resp, Object::Tags, &what).await);
+        }
+        let headers = resp.headers().clone();
+        let body = self
+            .transport
+            .read_body(resp, MAX_TAG_LIST, &what)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::UpstreamInvalid,
+                    format!("{what}: tag list over 16 MiB"),
+                )
+            })?;
+        Ok((body, headers))
+    }
+
+    /// Turns a reply that is not the answer asked for into an error a client can act on
+    /// ([`reply::classify`]). Only a 404's body is read, for its OCI error code.
+    async fn status_error(&self, resp: reqwest::Response, object: Object, what: &str) -> Error {
+        let status = resp.status();
+        let retry_after = reply::retry_after(resp.headers());
+        let code = if status == StatusCode::NOT_FOUND {
+            // A body that cannot be read, or is too large, just has no code.
+            let body = self
+                .transport
+                .read_body(resp, reply::MAX_ERROR_BODY, what)
+                .await;
+            body.ok()
+                .flatten()
+                .and_then(|body| reply::oci_error_code(&body))
+        } else {
+            None
+        };
+        Error::new(
+            reply::classify(status, code.as_deref(), retry_after, object),
+            format!("{what}: upstream {} answered {status}", self.name()),
+        )
+    }
+}
+
+fn with_accept(req: reqwest::RequestBuilder, accept: &[String]) -> reqwest::RequestBuilder {
+    if accept.is_empty() {
+        // Clients that send no Accept still expect modern manifests; this is the set Docker,
+        // containerd and podman send.
+        req.header(
+            ACCEPT,
+            [
+                media_types::OCI_INDEX,
+                media_types::OCI_MANIFEST,
+                media_types::DOCKER_MANIFEST_LIST,
+                media_types::DOCKER_MANIFEST_V2,
+            ]
+            .join(", "),
+        )
+    } else {
+        req.header(ACCEPT, accept.join(", "))
+    }
+}

@@ -176,7 +176,7 @@ async fn tag_is_asked_again_after_its_ttl() {
     let new = image_manifest(6);
     let ttl = Duration::from_secs(1);
     let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    let cistern = TestCistern::start_with(&upstream, move |c| c.cache.tag_ttl = ttl).await;
     let client = cistern.client();
 
     assert_eq!(client.get_manifest(REPO, "latest").await.bytes(), &old);
@@ -371,7 +371,7 @@ async fn oversized_manifest_is_refused() {
         .manifest(REPO, Some("small"), OCI_MANIFEST, small.clone())
         .start()
         .await;
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.max_manifest_size = limit).await;
+    let cistern = TestCistern::start_with(&upstream, move |c| c.cache.max_manifest_size = limit).await;
     let client = cistern.client();
 
     for reference in [big_digest.as_str(), "big"] {

@@ -1,4 +1,4 @@
-//! The tee path end to end: cistern (`cistern::run_with_admin`) on `127.0.0.1:0` in front of an
+//! The tee path end to end: cistern (`cistern::Server` with an admin listener) on `127.0.0.1:0` in front of an
 //! in-process upstream that serves one 64 MiB blob from memory.
 //!
 //! ```sh
@@ -229,12 +229,17 @@ fn setup() -> Setup {
         config.listen = addr;
         config.admin.listen = Some(admin_addr);
         (
-            tokio::spawn(cistern::run_with_admin(
-                listener,
-                Some(admin),
-                config,
-                stop_cistern.clone(),
-            )),
+            tokio::spawn({
+                let stop = stop_cistern.clone();
+                async move {
+                    cistern::Server::builder(config)
+                        .admin_listener(admin)
+                        .build()
+                        .await?
+                        .run(listener, stop)
+                        .await
+                }
+            }),
             addr,
             admin_addr,
         )

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use cistern::Config;
+use cistern::admin;
+use cistern::cache::{Cache, Clock, FillTasks};
 use cistern::config::LogFormat;
 
 #[derive(Parser)]
@@ -173,6 +176,11 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
         Some(path) => Some(Config::load(path)?),
         None => None,
     };
+    let op = args.action.op()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let url = args.url.clone().or_else(|| {
         if args.data_dir.is_some() {
             return None;
@@ -187,231 +195,48 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
             .token_file
             .clone()
             .or_else(|| config.as_ref().and_then(|c| c.admin.token_file.clone()));
-        return admin_remote(&url, token_file.as_deref(), &args.action);
+        let answer = runtime.block_on(admin::remote::call(&url, token_file.as_deref(), &op))?;
+        println!("{answer}");
+        return Ok(());
     }
-    let dir = args
-        .data_dir
-        .clone()
-        .or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
-        .ok_or_else(|| anyhow::anyhow!("give --url, --data-dir or --config"))?;
-    let config_pins = config
-        .as_ref()
-        .map(|c| c.cache.pin_patterns())
-        .unwrap_or_default();
-    admin_local(&dir, &args.action, &config_pins)
-}
-
-fn admin_request(action: &AdminAction) -> anyhow::Result<(reqwest::Method, String)> {
-    let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
-    let pin = |p: &str| {
-        let pin = cistern::cache::pins::Pin::parse(p).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .append_pair("pattern", &pin.to_string())
-            .finish();
-        anyhow::Ok(format!("admin/pins?{query}"))
-    };
-    Ok(match action {
-        AdminAction::Stats => (reqwest::Method::GET, "admin/stats".into()),
-        AdminAction::Pins => (reqwest::Method::GET, "admin/pins".into()),
-        AdminAction::PurgeBlob { digest } => (
-            reqwest::Method::DELETE,
-            format!("admin/blobs/{}", parse(digest)?),
-        ),
-        AdminAction::PurgeManifest { digest } => (
-            reqwest::Method::DELETE,
-            format!("admin/manifests/{}", parse(digest)?),
-        ),
-        AdminAction::PurgeRepo { .. } | AdminAction::PurgeTag { .. } => {
-            let target = purge_target(action)?;
-            let path = match &target {
-                cistern::cache::refs::Target::Repository(k) => format!("admin/repositories/{k}"),
-                cistern::cache::refs::Target::Tag(k, t) => format!("admin/tags/{k}:{t}"),
-            };
-            (reqwest::Method::DELETE, path)
-        }
-        AdminAction::Pin { pattern } => (reqwest::Method::PUT, pin(pattern)?),
-        AdminAction::Unpin { pattern } => (reqwest::Method::DELETE, pin(pattern)?),
-    })
-}
-
-/// The repository or tag a purge names, checked as the admin API checks it.
-fn purge_target(action: &AdminAction) -> anyhow::Result<cistern::cache::refs::Target> {
-    use cistern::cache::refs::Target;
-    use cistern::server::admin::repo_key;
-    let key = |s: &str| repo_key(s).map_err(|e| anyhow::anyhow!("{s:?}: {}", e.message));
-    match action {
-        AdminAction::PurgeRepo { repository } => Ok(Target::Repository(key(repository)?)),
-        AdminAction::PurgeTag { tag } => {
-            let (repo, t) = tag
-                .rsplit_once(':')
-                .ok_or_else(|| anyhow::anyhow!("{tag:?}: give <registry>/<repository>:<tag>"))?;
-            let t = cistern::oci::Tag::parse(t).map_err(|e| anyhow::anyhow!("{e}"))?;
-            Ok(Target::Tag(key(repo)?, t.to_string()))
-        }
-        _ => anyhow::bail!("not a purge by repository or tag"),
+    // A stopped cache, opened as a server opens it: taking its lock, so a cache a server is
+    // using is refused (use --url for that one), and with the config's pins if given.
+    let mut config = config.unwrap_or_default();
+    match args.data_dir {
+        Some(dir) => config.data_dir = dir,
+        None if args.config.is_none() => anyhow::bail!("give --url, --data-dir or --config"),
+        None => {}
     }
-}
-
-fn admin_remote(
-    url: &str,
-    token_file: Option<&std::path::Path>,
-    action: &AdminAction,
-) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (method, path) = admin_request(action)?;
-    let base = reqwest::Url::parse(&format!("{}/", url.trim_end_matches('/')))
-        .with_context(|| format!("--url {url:?}"))?;
-    let target = base.join(&path)?;
-    let token = match token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("token file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut request = reqwest::Client::new().request(method, target.clone());
-        if let Some(t) = &token {
-            request = request.bearer_auth(t);
-        }
-        let resp = request.send().await.with_context(|| format!("{target}"))?;
-        let status = resp.status();
-        let body = resp.text().await?;
-        if !status.is_success() {
-            anyhow::bail!("{target}: {status}: {body}");
-        }
-        println!("{body}");
-        Ok(())
-    })
-}
-
-/// The admin actions on a stopped cache. `config_pins`: the config's `cache.pins` (known only
-/// with --config), which purges respect as the server does.
-fn admin_local(
-    dir: &std::path::Path,
-    action: &AdminAction,
-    config_pins: &[cistern::cache::pins::Pin],
-) -> anyhow::Result<()> {
-    use cistern::cache::pins::Pin;
-    if !dir.is_dir() {
-        anyhow::bail!("data_dir {} does not exist", dir.display());
+    if !config.data_dir.is_dir() {
+        anyhow::bail!("data_dir {} does not exist", config.data_dir.display());
     }
-    // Taking the lock refuses a cache a server is using: use --url for that one.
-    let store = cistern::storage::DiskStore::open(dir)
-        .with_context(|| format!("opening the cache at {}", dir.display()))?;
-    let parse = |d: &str| cistern::oci::Digest::parse(d).map_err(|e| anyhow::anyhow!("{e}"));
-    let strings = |pins: &[Pin]| -> Vec<String> { pins.iter().map(Pin::to_string).collect() };
-    match action {
-        AdminAction::Stats => {
-            let blobs = store.list_blobs()?;
-            let bytes: u64 = blobs.iter().map(|(_, size, _)| size).sum();
-            let value = serde_json::json!({
-                "blobs": blobs.len(),
-                "blob_bytes": bytes,
-                "pins": store.read_pins()?.len(),
-            });
-            println!("{value}");
-        }
-        AdminAction::Pins => {
-            let pins = cistern::read_pins(&store)?;
-            println!(
-                "{}",
-                serde_json::json!({ "pins": strings(&pins), "config": strings(config_pins) })
-            );
-        }
-        AdminAction::PurgeBlob { digest } => {
-            store.remove_blob(&parse(digest)?)?;
-            println!("{}", serde_json::json!({ "purged": digest }));
-        }
-        AdminAction::PurgeManifest { digest } => {
-            store.remove_manifest(&parse(digest)?)?;
-            println!("{}", serde_json::json!({ "purged": digest }));
-        }
-        AdminAction::PurgeRepo { .. } | AdminAction::PurgeTag { .. } => {
-            let target = purge_target(action)?;
-            let index = cistern::cache::refs::RefIndex::load(&store)?;
-            let mut pins = config_pins.to_vec();
-            pins.extend(cistern::read_pins(&store)?);
-            let plan = index.plan_purge(&target, &pins);
-            if !plan.found() {
-                anyhow::bail!("{target}: nothing of it is cached in {}", dir.display());
-            }
-            let report = cistern::cache::refs::execute(&store, &plan)?;
-            println!("{}", cistern::server::admin::purge_answer(&target, &report));
-        }
-        AdminAction::Pin { pattern } | AdminAction::Unpin { pattern } => {
-            let p = Pin::parse(pattern).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut pins = cistern::read_pins(&store)?;
-            let pin = matches!(action, AdminAction::Pin { .. });
-            let had = pins.contains(&p);
-            pins.retain(|x| *x != p);
-            if pin {
-                pins.push(p.clone());
-            }
-            pins.sort();
-            store.write_pins(&strings(&pins))?;
-            println!(
-                "{}",
-                serde_json::json!({ "pattern": p.to_string(), "changed": had != pin })
-            );
-        }
-    }
+    let answer = runtime.block_on(async {
+        let cache = Cache::open(&config, Clock::system(), FillTasks::default()).await?;
+        let answer = admin::Admin::new(Arc::new(cache)).apply(&op).await?;
+        anyhow::Ok(answer)
+    })?;
+    println!("{answer}");
     Ok(())
 }
 
-/// glibc malloc, tuned for a proxy that moves buffers between threads:
-/// - each thread that allocates gets its own arena (up to 8 per core), and each keeps what it
-///   freed: buffers allocated on one thread and freed on another only raise the peak RSS, and
-///   two arenas are enough for two allocating pools;
-/// - by default, freed memory above 128 KiB at the top of a heap goes back to the kernel, and
-///   buffers of 128 KiB or more get their own mmap: the upstream client's receive buffers
-///   then cost a fresh mmap and a page fault per page, every time. A fixed 4 MiB mmap
-///   threshold keeps them in the heap (cold 200 MiB GETs 0.34 -> 0.26 s). The trim
-///   threshold decides how much freed heap stays mapped: 128 KiB made cold GETs 20 % slower
-///   again, 8 MiB cost 3-5 MiB of peak RSS with 50 clients on one cold blob, 1 MiB cost
-///   neither (measured in docs/BENCHMARKS.md).
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets tunables; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
-    }
-}
-
-/// Gives freed heap back to the kernel once a burst of requests is over.
-///
-/// glibc returns memory only from the top of a heap (and `M_TRIM_THRESHOLD` only on `free`),
-/// so after a burst of a hundred clients the arenas keep ~15 MiB of which under 1 MiB is in
-/// use: the next burst's peak starts from there. `malloc_trim(0)` also releases the free
-/// pages inside the heaps. It is run when a burst is over (the first quiet second after
-/// requests started or ended), never mid-burst, and takes well under a few milliseconds.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-async fn trim_heap_when_settled() {
-    use cistern::server::activity::{Settle, events};
-    let mut settle = Settle::new(30);
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if settle.tick(events()) {
-            let trimmed = tokio::task::spawn_blocking(|| {
-                let started = std::time::Instant::now();
-                // SAFETY: malloc_trim only releases free memory; any thread may call it.
-                unsafe { libc::malloc_trim(0) };
-                started.elapsed()
-            })
-            .await;
-            if let Ok(elapsed) = trimmed {
-                tracing::debug!(?elapsed, "gave freed heap back to the kernel");
+impl AdminAction {
+    /// The operation, checked as the admin API checks it.
+    fn op(&self) -> anyhow::Result<admin::Op> {
+        use admin::Op;
+        Ok(match self {
+            AdminAction::Stats => Op::Stats,
+            AdminAction::Pins => Op::Pins,
+            AdminAction::PurgeBlob { digest } => Op::PurgeBlob(admin::parse_digest(digest)?),
+            AdminAction::PurgeManifest { digest } => {
+                Op::PurgeManifest(admin::parse_digest(digest)?)
             }
-        }
+            AdminAction::PurgeRepo { repository } => {
+                Op::Purge(admin::repository_target(repository)?)
+            }
+            AdminAction::PurgeTag { tag } => Op::Purge(admin::tag_target(tag)?),
+            AdminAction::Pin { pattern } => Op::Pin(admin::parse_pin(pattern)?),
+            AdminAction::Unpin { pattern } => Op::Unpin(admin::parse_pin(pattern)?),
+        })
     }
 }
 
@@ -431,7 +256,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.config.is_none() {
         tracing::info!("no --config given: using the embedded defaults");
     }
-    tune_malloc();
+    cistern::server::heap::tune_malloc();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Blocking work is short (a pread of one chunk, an open, a commit); fill writers have
@@ -441,13 +266,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        tokio::spawn(trim_heap_when_settled());
+        tokio::spawn(cistern::server::heap::trim_when_settled());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
-        cistern::run(listener, config, shutdown).await
+        let server = cistern::Server::builder(config).build().await?;
+        server.run(listener, shutdown).await
     })
 }
 

@@ -1,7 +1,6 @@
 //! The admin API (token, stats, purge, pins) and the `cistern admin` CLI, against a running
 //! server and on a stopped cache directory.
 
-mod fallback_support;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -9,78 +8,46 @@ use std::process::{Command, Stdio};
 use bytesize::ByteSize;
 use http::{Method, StatusCode};
 use support::*;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const REPO: &str = "library/app";
-const TOKEN: &str = "s3cret-admin-token";
 
-struct Running {
-    api: Client,
-    admin: Client,
-    admin_url: String,
-    token_file: std::path::PathBuf,
-    data: DataDir,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// A cistern with its admin API, in front of `upstream`, on `data`, with `max_size` as its
+/// budget. Started again on the same `data`, it is a restart.
+async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -> TestCistern {
+    TestCistern::builder()
+        .front(upstream)
+        .data(data.clone())
+        .admin()
+        .config(move |c| c.cache.max_size = max_size.map(ByteSize::b))
+        .start()
+        .await
 }
 
-async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -> Running {
-    let mut config = ::cistern::Config {
-        data_dir: data.path().to_path_buf(),
-        upstream: ::cistern::config::UpstreamConfig::new(upstream.url()),
-        ..::cistern::Config::default()
-    };
-    config.cache.max_size = max_size.map(ByteSize::b);
-    start_config(data, config).await
+/// What these tests do to a cistern beyond what `TestCistern` does.
+trait AdminTest {
+    async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes;
+    async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]);
+    async fn pull_blob(&self, blob: &bytes::Bytes);
+    async fn metrics(&self) -> std::collections::HashMap<String, f64>;
+    async fn metrics_when(
+        &self,
+        what: &str,
+        ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
+    ) -> std::collections::HashMap<String, f64>;
 }
 
-/// Starts `config` with the admin listener and its token file.
-async fn start_config(data: &DataDir, mut config: ::cistern::Config) -> Running {
-    init();
-    let token_file = data.root().join("admin-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    config.admin.token_file = Some(token_file.clone());
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_url = format!("http://{}", api.local_addr().unwrap());
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(::cistern::run_with_admin(
-        api,
-        Some(admin),
-        config,
-        stop.clone(),
-    ));
-    Running {
-        api: Client::new(api_url),
-        admin: Client::new(admin_url.clone()),
-        admin_url,
-        token_file,
-        data: data.clone(),
-        stop,
-        task,
-    }
-}
-
-impl Running {
-    async fn admin(&self, method: Method, path: &str) -> Response {
-        self.admin
-            .send(self.admin.request(method, path).bearer_auth(TOKEN))
-            .await
-    }
-
+impl AdminTest for TestCistern {
     /// GETs a blob and waits for its commit: clients get their last byte before the fsync and
     /// rename, and a test that looks at the disk must not race them.
     async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes {
-        let got = self.api.get_blob(repo, digest).await.unwrap();
-        self.data.wait_for_blob(digest, "the blob's commit").await;
+        let got = self.client().get_blob(repo, digest).await.unwrap();
+        self.data().wait_for_blob(digest, "the blob's commit").await;
         got
     }
 
     /// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
     async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
-        let m = self.api.get_manifest(repo, reference).await;
+        let m = self.client().get_manifest(repo, reference).await;
         assert_eq!(
             m.status,
             StatusCode::OK,
@@ -95,73 +62,14 @@ impl Running {
 
     /// GETs a blob without waiting for its commit (for blobs that are there to be evicted).
     async fn pull_blob(&self, blob: &bytes::Bytes) {
-        let got = self.api.get_blob(REPO, &sha256_digest(blob)).await.unwrap();
+        let got = self
+            .client()
+            .get_blob(REPO, &sha256_digest(blob))
+            .await
+            .unwrap();
         assert_same_bytes(&got, blob, "a blob");
     }
 
-    async fn stop(self) {
-        self.stop.cancel();
-        bounded("shutdown", self.task).await.unwrap().unwrap();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_api_needs_its_token_and_reports_stats() {
-    let (blob, digest) = blob_and_digest(200 * KIB, 1);
-    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
-    let data = DataDir::new();
-    let s = start(&upstream, &data, None).await;
-    s.api.get_blob(REPO, &digest).await.unwrap();
-    // The second GET is a hit only once the first fill's commit is done.
-    data.committed_blob(&digest).await;
-    s.api.get_blob(REPO, &digest).await.unwrap();
-
-    let anonymous = s.admin.get("/admin/stats").await;
-    anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-    let wrong = s
-        .admin
-        .send(
-            s.admin
-                .request(Method::GET, "/admin/stats")
-                .bearer_auth("nope"),
-        )
-        .await;
-    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-
-    let stats = s.admin(Method::GET, "/admin/stats").await;
-    assert_eq!(stats.status, StatusCode::OK, "{}", stats.body_text());
-    let v = stats.json();
-    assert_eq!(v["blobs"], 1);
-    assert_eq!(v["blob_bytes"], blob.len() as u64);
-    assert_eq!(v["blob_hits"], 1);
-    assert_eq!(v["blob_misses"], 1);
-    assert_eq!(v["hit_ratio"], 0.5);
-    s.stop().await;
-}
-
-/// `GET /metrics`, parsed: every line is a comment or `name[{labels}] value`, and each sample
-/// appears once.
-fn scrape_lines(text: &str) -> std::collections::HashMap<String, f64> {
-    let mut samples = std::collections::HashMap::new();
-    for line in text.lines() {
-        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
-        assert!(
-            samples.insert(series.to_string(), value).is_none(),
-            "{series} twice"
-        );
-    }
-    samples
-}
-
-impl Running {
     async fn metrics(&self) -> std::collections::HashMap<String, f64> {
         let r = self.admin(Method::GET, "/metrics").await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
@@ -193,30 +101,83 @@ impl Running {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_needs_its_token_and_reports_stats() {
+    let (blob, digest) = blob_and_digest(200 * KIB, 1);
+    let upstream = FakeRegistry::with_blob(REPO, &blob).await;
+    let data = DataDir::new();
+    let s = start(&upstream, &data, None).await;
+    s.client().get_blob(REPO, &digest).await.unwrap();
+    // The second GET is a hit only once the first fill's commit is done.
+    data.committed_blob(&digest).await;
+    s.client().get_blob(REPO, &digest).await.unwrap();
+
+    let anonymous = s.admin_client().get("/admin/stats").await;
+    anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    let wrong = s
+        .admin_client()
+        .send(
+            s.admin_client()
+                .request(Method::GET, "/admin/stats")
+                .bearer_auth("nope"),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+
+    let stats = s.admin(Method::GET, "/admin/stats").await;
+    assert_eq!(stats.status, StatusCode::OK, "{}", stats.body_text());
+    let v = stats.json();
+    assert_eq!(v["blobs"], 1);
+    assert_eq!(v["blob_bytes"], blob.len() as u64);
+    assert_eq!(v["blob_hits"], 1);
+    assert_eq!(v["blob_misses"], 1);
+    assert_eq!(v["hit_ratio"], 0.5);
+    s.shutdown().await;
+}
+
+/// `GET /metrics`, parsed: every line is a comment or `name[{labels}] value`, and each sample
+/// appears once.
+fn scrape_lines(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "{series} twice"
+        );
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_hits_upstream_failures_and_skips() {
     use ::cistern::config::UpstreamConfig;
-    use fallback_support::{closed_port_url, default_route};
 
     let (blobs, digests) = blobs_and_digests(2, 300 * KIB, 40);
     let origin = FakeRegistry::with_blobs(REPO, &blobs).await;
-    let data = DataDir::new();
-    let mut config = TestCistern::config_for(&data);
-    config.upstreams.insert(
-        "mirror".into(),
-        UpstreamConfig {
-            breaker_failures: 1,
-            breaker_cooldown: std::time::Duration::from_secs(3600),
-            ..UpstreamConfig::new(closed_port_url().await)
-        },
-    );
-    config
-        .upstreams
-        .insert("origin".into(), UpstreamConfig::new(origin.url()));
-    config.routes = vec![default_route("docker.io", &["mirror", "origin"])];
-    config.validate().expect("valid test config");
-    let s = start_config(&data, config).await;
+    let s = TestCistern::builder()
+        .upstream(
+            "mirror",
+            UpstreamConfig {
+                breaker_failures: 1,
+                breaker_cooldown: std::time::Duration::from_secs(3600),
+                ..at(&closed_port_url().await)
+            },
+        )
+        .upstream("origin", at(&origin.url()))
+        .route(default_route("docker.io", &["mirror", "origin"]))
+        .admin()
+        .start()
+        .await;
 
-    let anonymous = s.admin.get("/metrics").await;
+    let anonymous = s.admin_client().get("/metrics").await;
     anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     let m = s.metrics().await;
     assert_eq!(m["cistern_cache_blobs"], 0.0);
@@ -285,7 +246,7 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
     for (series, value) in want {
         assert_eq!(m.get(&series), Some(&value), "{series}");
     }
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +268,7 @@ async fn metrics_count_evictions_and_show_the_budget() {
         evicted["cistern_evicted_blobs_total"] * (100 * KIB) as f64
     );
     assert!(evicted["cistern_cache_blob_bytes"] <= max as f64);
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +284,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
     s.get_blob(REPO, &digest).await;
-    s.api.get_manifest(REPO, &manifest_digest).await;
+    s.client().get_manifest(REPO, &manifest_digest).await;
     assert!(data.blob_path(&digest).exists());
 
     let r = s
@@ -341,12 +302,12 @@ async fn purge_removes_and_the_next_pull_refetches() {
     assert!(!data.manifest_path(&manifest_digest).exists());
 
     assert_same_bytes(
-        &s.api.get_blob(REPO, &digest).await.unwrap(),
+        &s.client().get_blob(REPO, &digest).await.unwrap(),
         &blob,
         "refetched",
     );
     assert_eq!(upstream.blob_gets(&digest), 2);
-    let again = s.api.get_manifest(REPO, &manifest_digest).await;
+    let again = s.client().get_manifest(REPO, &manifest_digest).await;
     assert_eq!(again.bytes(), &manifest);
     assert_eq!(
         upstream.count(Method::GET, Kind::Manifest, &manifest_digest),
@@ -357,7 +318,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
         .admin(Method::DELETE, "/admin/blobs/sha256:../../etc")
         .await;
     bad.assert_oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID");
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +331,7 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
             .await;
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    let client = s.api.clone();
+    let client = s.client().clone();
     let d = digest.clone();
     let pulling = tokio::spawn(async move { client.get_blob(REPO, &d).await });
     gate.wait_reached(1).await;
@@ -403,7 +364,7 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
     // The next pull fetches it again, and this time it is cached.
     s.get_blob(REPO, &digest).await;
     assert_eq!(upstream.blob_gets(&digest), 2);
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +381,7 @@ async fn pins_survive_eviction_and_restarts() {
     }
     eventually("eviction", patience(), || !data.blob_path(&d[1]).exists()).await;
     assert!(data.blob_path(&d[0]).exists(), "a pinned blob was evicted");
-    s.stop().await;
+    s.shutdown().await;
 
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
     let pins = s.admin(Method::GET, "/admin/pins").await.json();
@@ -432,8 +393,8 @@ async fn pins_survive_eviction_and_restarts() {
 
     // The CLI talks to the same API.
     let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url, "--token-file"])
-        .arg(&s.token_file)
+        .args(["admin", "--url", &s.admin_url(), "--token-file"])
+        .arg(s.admin_token_file())
         .arg("stats")
         .stdin(Stdio::null())
         .output()
@@ -445,7 +406,7 @@ async fn pins_survive_eviction_and_restarts() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pins"], 0);
-    s.stop().await;
+    s.shutdown().await;
 
     // On a stopped cache, the CLI works on the directory itself.
     let cli = |args: &[&str]| {
@@ -643,7 +604,7 @@ async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
         .await;
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(exists(&base) && exists(&cfg_a) && exists(&a1));
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,8 +643,8 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
 
     // The CLI pins through the API (the pattern is percent-encoded in the query).
     let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url, "--token-file"])
-        .arg(&s.token_file)
+        .args(["admin", "--url", &s.admin_url(), "--token-file"])
+        .arg(s.admin_token_file())
         .args(["pin", &pattern])
         .stdin(Stdio::null())
         .output()
@@ -711,7 +672,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         exists(&k1) && exists(&k2) && exists(&cfg),
         "a blob of a pinned repository was evicted"
     );
-    s.stop().await;
+    s.shutdown().await;
 
     // After a restart the pin (pins.json) and the references (rebuilt from disk) still hold.
     let s = start(&upstream, &data, budget).await;
@@ -737,7 +698,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         !exists(&k1) || !exists(&k2)
     })
     .await;
-    s.stop().await;
+    s.shutdown().await;
 }
 
 fn form_urlencoded_pattern(pattern: &str) -> String {
@@ -768,7 +729,7 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
     s.pull(REPO, "1", &[&cfg_a, &base, &a1]).await;
     s.pull(PINNED, &sha256_digest(&deploy), &[&cfg_d, &base, &d1])
         .await;
-    s.stop().await;
+    s.shutdown().await;
 
     let cli = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_cistern"))

@@ -371,7 +371,8 @@ async fn oversized_manifest_is_refused() {
         .manifest(REPO, Some("small"), OCI_MANIFEST, small.clone())
         .start()
         .await;
-    let cistern = TestCistern::start_with(&upstream, move |c| c.cache.max_manifest_size = limit).await;
+    let cistern =
+        TestCistern::start_with(&upstream, move |c| c.cache.max_manifest_size = limit).await;
     let client = cistern.client();
 
     for reference in [big_digest.as_str(), "big"] {

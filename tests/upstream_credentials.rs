@@ -156,7 +156,12 @@ async fn redirecting_to(store: &FakeRegistry, auth: Auth) -> FakeRegistry {
     let store_url = store.url();
     FakeRegistry::builder()
         .auth(auth)
-        .script(move |req| Some(redirect(&format!("{store_url}/store/{}", req.last_segment()))))
+        .script(move |req| {
+            Some(redirect(&format!(
+                "{store_url}/store/{}",
+                req.last_segment()
+            )))
+        })
         .start()
         .await
 }

@@ -19,7 +19,7 @@ use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
 };
 use crate::api::route::{self, Route as ApiRoute};
-use crate::cache::{BlobCache, BlobReader, ManifestCache};
+use crate::cache::{BlobReader, Cache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 use crate::upstream::fallback::first_success;
@@ -31,8 +31,7 @@ const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/
 
 /// Everything a request handler needs.
 pub struct App {
-    pub blobs: BlobCache,
-    pub manifests: ManifestCache,
+    pub cache: Arc<Cache>,
     pub routes: Routes,
     /// `offline = true`: nothing is fetched upstream.
     pub offline: bool,
@@ -135,11 +134,18 @@ impl App {
     ) -> Result<Response<Body>> {
         let (info, body) = if head {
             (
-                self.manifests.head(route, name, reference, accept).await?,
+                self.cache
+                    .manifests
+                    .head(route, name, reference, accept)
+                    .await?,
                 None,
             )
         } else {
-            let (m, stale) = self.manifests.get(route, name, reference, accept).await?;
+            let (m, stale) = self
+                .cache
+                .manifests
+                .get(route, name, reference, accept)
+                .await?;
             let mut info = m.info();
             info.stale = stale;
             (info, Some(m.bytes.clone()))
@@ -167,13 +173,13 @@ impl App {
         digest: &Digest,
     ) -> Result<Response<Body>> {
         let size = if self.offline {
-            let cached = self.blobs.open_cached(digest).await?;
+            let cached = self.cache.blobs.open_cached(digest).await?;
             cached
                 .ok_or_else(|| offline_blob_miss(digest))?
                 .size()
                 .expect("cached blobs have a size")
         } else {
-            self.blobs.size(route, name, digest).await?
+            self.cache.blobs.size(route, name, digest).await?
         };
         Ok(blob_headers(Response::builder(), digest)
             .header(CONTENT_LENGTH, size)
@@ -189,10 +195,10 @@ impl App {
         range: Option<ByteRange>,
     ) -> Result<Response<Body>> {
         let mut source = if self.offline {
-            let cached = self.blobs.open_cached(digest).await?;
+            let cached = self.cache.blobs.open_cached(digest).await?;
             cached.ok_or_else(|| offline_blob_miss(digest))?
         } else {
-            self.blobs.open(route, name, digest).await?
+            self.cache.blobs.open(route, name, digest).await?
         };
         if range.is_some() && source.size().is_none() {
             // A range needs the size, and this upstream sent none: wait for the fill to end.

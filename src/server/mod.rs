@@ -4,6 +4,7 @@
 pub mod activity;
 pub mod admin;
 pub mod handlers;
+pub mod heap;
 pub mod tls;
 
 use std::convert::Infallible;

@@ -145,7 +145,7 @@ impl CisternBuilder {
         let (config, clock, admin) = self.resolve(&data);
         match TestCistern::launch(data, config, clock, admin).await {
             Ok(_) => panic!("cistern started where it must refuse to"),
-            Err(e) => format!("{e:#}"),
+            Err(e) => e.to_string(),
         }
     }
 }
@@ -348,7 +348,8 @@ impl TestCistern {
 }
 
 /// Starts the library on `listener` until `stop`. Errors that stop the start (a config the
-/// library refuses, a data directory it cannot open) are returned here, not at shutdown.
+/// library refuses, a certificate it cannot load, a data directory it cannot open) are
+/// returned here, not at shutdown.
 async fn spawn_server(
     config: &Config,
     clock: Option<Clock>,
@@ -356,23 +357,13 @@ async fn spawn_server(
     listener: TcpListener,
     stop: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    // The old entry points until `cistern::Server` lands: one of them takes a clock, the
-    // other an admin listener.
-    config.validate()?;
-    let (config, stop) = (config.clone(), stop.clone());
-    Ok(match (admin, clock) {
-        (Some(_), Some(_)) => panic!("an admin listener and a clock need cistern::Server"),
-        (Some(admin), None) => tokio::spawn(cistern::run_with_admin(
-            listener,
-            Some(admin),
-            config,
-            stop,
-        )),
-        (None, clock) => tokio::spawn(cistern::run_with_clock(
-            listener,
-            config,
-            stop,
-            clock.unwrap_or_else(Clock::system),
-        )),
-    })
+    let mut server = cistern::Server::builder(config.clone());
+    if let Some(clock) = clock {
+        server = server.clock(clock);
+    }
+    if let Some(admin) = admin {
+        server = server.admin_listener(admin);
+    }
+    let server = server.build().await?;
+    Ok(tokio::spawn(server.run(listener, stop.clone())))
 }

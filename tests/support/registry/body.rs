@@ -293,4 +293,3 @@ pub(super) fn full(bytes: Bytes) -> Body {
 pub(super) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
-

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use http::Method;
 use tokio::sync::watch;
 
-
 /// One way for the upstream to misbehave on a request.
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -181,4 +180,3 @@ impl Gate {
         let _ = rx.wait_for(|&open| open).await;
     }
 }
-

@@ -324,7 +324,10 @@ impl FakeRegistryBuilder {
 
     /// Answers a request with what `script` returns, if it returns anything; else the
     /// registry goes on as without it.
-    pub fn script(mut self, script: impl Fn(&Seen) -> Option<Reply> + Send + Sync + 'static) -> Self {
+    pub fn script(
+        mut self,
+        script: impl Fn(&Seen) -> Option<Reply> + Send + Sync + 'static,
+    ) -> Self {
         self.state.script = Some(Arc::new(script));
         self
     }
@@ -551,4 +554,3 @@ impl FakeRegistry {
             .count()
     }
 }
-

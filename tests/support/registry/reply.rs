@@ -79,7 +79,9 @@ pub fn manifest_reply(bytes: &Bytes) -> Reply {
     let mut reply = blob_reply(bytes);
     reply.headers_mut().insert(
         header::CONTENT_TYPE,
-        crate::support::OCI_MANIFEST.parse().expect("a header value"),
+        crate::support::OCI_MANIFEST
+            .parse()
+            .expect("a header value"),
     );
     reply
 }

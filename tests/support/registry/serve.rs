@@ -20,7 +20,6 @@ use super::fault::{Fault, Rule};
 use super::reply::{Reply, basic_authorization, expiring_token_reply};
 use super::{Auth, Bearer, Kind, Seen, Shared, Target};
 
-
 pub(super) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let stream = tokio::select! {
@@ -241,7 +240,11 @@ fn challenge_unless_allowed(shared: &Shared, auth: &Auth, seen: &Seen) -> Option
             challenge
         }
     };
-    let mut reply = error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
+    let mut reply = error(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authentication required",
+    );
     reply.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         challenge.parse().expect("a header value"),
@@ -475,4 +478,3 @@ fn rate_limited(seconds: u64) -> Response<Body> {
     );
     response
 }
-

@@ -1,0 +1,141 @@
+//! The cache as one value: the store, the disk budget's index, the reference index, the blob
+//! cache and the manifest cache, opened together from a data directory.
+//!
+//! A running server and `cistern admin --data-dir` on a stopped cache open it the same way, so
+//! an admin operation behaves the same whether or not a server is running.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::evict::{Budget, Usage};
+use super::pins::Pin;
+use super::refs::RefIndex;
+use super::{BlobCache, Clock, ManifestCache};
+use crate::config::Config;
+use crate::storage::DiskStore;
+
+/// Everything the cache holds, ready to serve.
+pub struct Cache {
+    pub store: Arc<DiskStore>,
+    /// The disk budget: committed blobs, their readers, the pins.
+    pub usage: Arc<Usage>,
+    pub blobs: BlobCache,
+    pub manifests: ManifestCache,
+    /// `cache.max_size`, for stats.
+    pub max_size: Option<u64>,
+}
+
+/// How fills run: on `fills`, cancelled only by `cancel_fills` (the end of a shutdown's grace
+/// period), never by a request.
+#[derive(Default)]
+pub struct FillTasks {
+    pub fills: TaskTracker,
+    pub cancel_fills: CancellationToken,
+}
+
+impl Cache {
+    /// Opens the cache at `config.data_dir` (taking its lock: one process per cache), indexes
+    /// the committed blobs and the stored manifests, tag records and links, and reads the pins
+    /// (`cache.pins` and `pins.json`). Blocking work runs on the blocking pool.
+    pub async fn open(config: &Config, clock: Clock, tasks: FillTasks) -> anyhow::Result<Cache> {
+        let data_dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || DiskStore::open(&data_dir))
+            .await?
+            .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
+        let store = Arc::new(store);
+
+        let budget = config.cache.max_size.map(|max| {
+            let max = max.as_u64() as f64;
+            Budget {
+                high: (max * config.cache.high_watermark) as u64,
+                low: (max * config.cache.low_watermark) as u64,
+            }
+        });
+        let usage = Usage::new(budget);
+        usage.set_config_pins(config.cache.pin_patterns());
+        {
+            let (usage, store) = (usage.clone(), store.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                usage.set_pins(read_pins(&store)?);
+                usage.load(&store)
+            })
+            .await?
+            .context("indexing the cached blobs")?;
+        }
+        // Which manifests each repository and tag names, and what each manifest references:
+        // rebuilt from the files at every start (see cache::refs).
+        let started = std::time::Instant::now();
+        let index = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || RefIndex::load(&store))
+                .await?
+                .context("indexing the cached manifests")?
+        };
+        let index = Arc::new(index);
+        let (manifests, tags, links) = index.counts();
+        tracing::info!(manifests, tags, links, elapsed = ?started.elapsed(), "reference index built");
+        usage.attach_index(index.clone());
+
+        Ok(Cache {
+            blobs: BlobCache::new(
+                store.clone(),
+                usage.clone(),
+                tasks.fills,
+                tasks.cancel_fills,
+            ),
+            manifests: ManifestCache::with_index(
+                store.clone(),
+                &config.cache,
+                config.offline,
+                index,
+                clock,
+            ),
+            store,
+            usage,
+            max_size: config.cache.max_size.map(|m| m.as_u64()),
+        })
+    }
+}
+
+/// The run-time pins in `pins.json`. Digests, as written by earlier versions, are pins too;
+/// an entry that is not a pin pattern is an error, naming it.
+pub fn read_pins(store: &DiskStore) -> std::io::Result<Vec<Pin>> {
+    store
+        .read_pins()?
+        .iter()
+        .map(|p| {
+            Pin::parse(p).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("pins.json: {e}"))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pins_json_of_earlier_versions_reads_as_digest_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::storage::DiskStore::open(dir.path()).unwrap();
+        let d = crate::oci::Digest::of(b"layer");
+        // What earlier versions wrote: a list of digests.
+        std::fs::write(dir.path().join("pins.json"), format!("[\n  \"{d}\"\n]")).unwrap();
+        let pins = super::read_pins(&store).unwrap();
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins[0].exact_digest(), Some(d));
+        // A pattern round-trips; an entry that is no pattern is an error naming the file.
+        store
+            .write_pins(&["docker.io/library/*:1.*".to_string()])
+            .unwrap();
+        assert_eq!(
+            super::read_pins(&store).unwrap()[0].to_string(),
+            "docker.io/library/*:1.*"
+        );
+        store.write_pins(&["alpine".to_string()]).unwrap();
+        let e = super::read_pins(&store).unwrap_err();
+        assert!(e.to_string().contains("pins.json"), "{e}");
+    }
+}

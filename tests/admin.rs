@@ -87,14 +87,9 @@ impl AdminTest for TestCistern {
         what: &str,
         ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
     ) -> std::collections::HashMap<String, f64> {
-        bounded(what, async {
-            loop {
-                let m = self.metrics().await;
-                if ready(&m) {
-                    return m;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+        retry_until(what, || async {
+            let m = self.metrics().await;
+            ready(&m).then_some(m)
         })
         .await
     }
@@ -344,14 +339,9 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
     // The client that started the fill still gets the whole, verified blob.
     let got = bounded("the held GET", pulling).await.unwrap().unwrap();
     assert_same_bytes(&got, &blob, "the blob served during the purge");
-    let stats = bounded("the fill to end", async {
-        loop {
-            let stats = s.admin(Method::GET, "/admin/stats").await.json();
-            if stats["fills_running"] == 0 {
-                return stats;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let stats = retry_until("the fill to end", || async {
+        let stats = s.admin(Method::GET, "/admin/stats").await.json();
+        (stats["fills_running"] == 0).then_some(stats)
     })
     .await;
     assert_eq!(data.tmp_files(), Vec::<std::path::PathBuf>::new());

@@ -196,6 +196,24 @@ pub fn image_manifest(seed: u32) -> Bytes {
     ))
 }
 
+/// Repeats `attempt` until it returns `Some`, failing the test after [`patience`]: a bounded
+/// poll for an effect that only a request can observe (a background refresh, a counter).
+pub async fn retry_until<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    bounded(what, async {
+        loop {
+            if let Some(done) = attempt().await {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
 /// An OCI image manifest referencing `config` and `layers` (by digest and size).
 pub fn oci_image_manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
     let descriptor = |media_type: &str, data: &[u8]| {

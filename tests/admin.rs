@@ -23,6 +23,18 @@ async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -
         .await
 }
 
+/// `cistern admin --data-dir <data> <args>`: the CLI on a stopped cache's directory.
+fn offline_admin(data: &DataDir, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// What these tests do to a cistern beyond what `TestCistern` does.
 trait AdminTest {
     async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes;
@@ -399,16 +411,7 @@ async fn pins_survive_eviction_and_restarts() {
     s.shutdown().await;
 
     // On a stopped cache, the CLI works on the directory itself.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| offline_admin(&data, args);
     let out = cli(&["pin", &d[4]]);
     assert!(
         out.status.success(),
@@ -721,16 +724,7 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
         .await;
     s.shutdown().await;
 
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| offline_admin(&data, args);
     let json = |out: &std::process::Output| -> serde_json::Value {
         assert!(
             out.status.success(),

@@ -1,7 +1,6 @@
 //! The admin API (token, stats, purge, pins) and the `cistern admin` CLI, against a running
 //! server and on a stopped cache directory.
 
-mod fallback_support;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -9,80 +8,58 @@ use std::process::{Command, Stdio};
 use bytesize::ByteSize;
 use http::{Method, StatusCode};
 use support::*;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 const REPO: &str = "library/app";
-const TOKEN: &str = "s3cret-admin-token";
 
-struct Running {
-    api: Client,
-    admin: Client,
-    admin_url: String,
-    token_file: std::path::PathBuf,
-    data: DataDir,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+/// A cistern with its admin API, in front of `upstream`, on `data`, with `max_size` as its
+/// budget. Started again on the same `data`, it is a restart.
+async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -> TestCistern {
+    TestCistern::builder()
+        .front(upstream)
+        .data(data.clone())
+        .admin()
+        .config(move |c| c.cache.max_size = max_size.map(ByteSize::b))
+        .start()
+        .await
 }
 
-async fn start(upstream: &FakeRegistry, data: &DataDir, max_size: Option<u64>) -> Running {
-    let mut config = ::cistern::Config {
-        data_dir: data.path().to_path_buf(),
-        upstream: ::cistern::config::UpstreamConfig::new(upstream.url()),
-        ..::cistern::Config::default()
-    };
-    config.cache.max_size = max_size.map(ByteSize::b);
-    start_config(data, config).await
+/// `cistern admin --data-dir <data> <args>`: the CLI on a stopped cache's directory.
+fn offline_admin(data: &DataDir, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
-/// Starts `config` with the admin listener and its token file.
-async fn start_config(data: &DataDir, mut config: ::cistern::Config) -> Running {
-    init();
-    let token_file = data.root().join("admin-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    config.admin.token_file = Some(token_file.clone());
-    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_url = format!("http://{}", api.local_addr().unwrap());
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let run_stop = stop.clone();
-    let task = tokio::spawn(async move {
-        let server = ::cistern::Server::builder(config)
-            .admin_listener(admin)
-            .build()
-            .await?;
-        server.run(api, run_stop).await
-    });
-    Running {
-        api: Client::new(api_url),
-        admin: Client::new(admin_url.clone()),
-        admin_url,
-        token_file,
-        data: data.clone(),
-        stop,
-        task,
-    }
+/// What these tests do to a cistern beyond what `TestCistern` does.
+trait AdminTest {
+    async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes;
+    async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]);
+    async fn pull_blob(&self, blob: &bytes::Bytes);
+    async fn metrics(&self) -> std::collections::HashMap<String, f64>;
+    async fn metrics_when(
+        &self,
+        what: &str,
+        ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
+    ) -> std::collections::HashMap<String, f64>;
 }
 
-impl Running {
-    async fn admin(&self, method: Method, path: &str) -> Response {
-        self.admin
-            .send(self.admin.request(method, path).bearer_auth(TOKEN))
-            .await
-    }
-
+impl AdminTest for TestCistern {
     /// GETs a blob and waits for its commit: clients get their last byte before the fsync and
     /// rename, and a test that looks at the disk must not race them.
     async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes {
-        let got = self.api.get_blob(repo, digest).await.unwrap();
-        self.data.wait_for_blob(digest, "the blob's commit").await;
+        let got = self.client().get_blob(repo, digest).await.unwrap();
+        self.data().wait_for_blob(digest, "the blob's commit").await;
         got
     }
 
     /// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
     async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
-        let m = self.api.get_manifest(repo, reference).await;
+        let m = self.client().get_manifest(repo, reference).await;
         assert_eq!(
             m.status,
             StatusCode::OK,
@@ -97,13 +74,36 @@ impl Running {
 
     /// GETs a blob without waiting for its commit (for blobs that are there to be evicted).
     async fn pull_blob(&self, blob: &bytes::Bytes) {
-        let got = self.api.get_blob(REPO, &sha256_digest(blob)).await.unwrap();
+        let got = self
+            .client()
+            .get_blob(REPO, &sha256_digest(blob))
+            .await
+            .unwrap();
         assert_same_bytes(&got, blob, "a blob");
     }
 
-    async fn stop(self) {
-        self.stop.cancel();
-        bounded("shutdown", self.task).await.unwrap().unwrap();
+    async fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let r = self.admin(Method::GET, "/metrics").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
+        scrape_lines(&r.body_text())
+    }
+
+    /// Scrapes until `ready` holds (bounded): counters and the index move a moment after
+    /// what the test waited for.
+    async fn metrics_when(
+        &self,
+        what: &str,
+        ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
+    ) -> std::collections::HashMap<String, f64> {
+        retry_until(what, || async {
+            let m = self.metrics().await;
+            ready(&m).then_some(m)
+        })
+        .await
     }
 }
 
@@ -113,17 +113,17 @@ async fn admin_api_needs_its_token_and_reports_stats() {
     let upstream = FakeRegistry::with_blob(REPO, &blob).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    s.api.get_blob(REPO, &digest).await.unwrap();
+    s.client().get_blob(REPO, &digest).await.unwrap();
     // The second GET is a hit only once the first fill's commit is done.
     data.committed_blob(&digest).await;
-    s.api.get_blob(REPO, &digest).await.unwrap();
+    s.client().get_blob(REPO, &digest).await.unwrap();
 
-    let anonymous = s.admin.get("/admin/stats").await;
+    let anonymous = s.admin_client().get("/admin/stats").await;
     anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     let wrong = s
-        .admin
+        .admin_client()
         .send(
-            s.admin
+            s.admin_client()
                 .request(Method::GET, "/admin/stats")
                 .bearer_auth("nope"),
         )
@@ -138,7 +138,7 @@ async fn admin_api_needs_its_token_and_reports_stats() {
     assert_eq!(v["blob_hits"], 1);
     assert_eq!(v["blob_misses"], 1);
     assert_eq!(v["hit_ratio"], 0.5);
-    s.stop().await;
+    s.shutdown().await;
 }
 
 /// `GET /metrics`, parsed: every line is a comment or `name[{labels}] value`, and each sample
@@ -163,62 +163,28 @@ fn scrape_lines(text: &str) -> std::collections::HashMap<String, f64> {
     samples
 }
 
-impl Running {
-    async fn metrics(&self) -> std::collections::HashMap<String, f64> {
-        let r = self.admin(Method::GET, "/metrics").await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
-        assert_eq!(
-            r.header("content-type"),
-            Some("text/plain; version=0.0.4; charset=utf-8")
-        );
-        scrape_lines(&r.body_text())
-    }
-
-    /// Scrapes until `ready` holds (bounded): counters and the index move a moment after
-    /// what the test waited for.
-    async fn metrics_when(
-        &self,
-        what: &str,
-        ready: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
-    ) -> std::collections::HashMap<String, f64> {
-        bounded(what, async {
-            loop {
-                let m = self.metrics().await;
-                if ready(&m) {
-                    return m;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_hits_upstream_failures_and_skips() {
     use ::cistern::config::UpstreamConfig;
-    use fallback_support::{closed_port_url, default_route};
 
     let (blobs, digests) = blobs_and_digests(2, 300 * KIB, 40);
     let origin = FakeRegistry::with_blobs(REPO, &blobs).await;
-    let data = DataDir::new();
-    let mut config = TestCistern::config_for(&data);
-    config.upstreams.insert(
-        "mirror".into(),
-        UpstreamConfig {
-            breaker_failures: 1,
-            breaker_cooldown: std::time::Duration::from_secs(3600),
-            ..UpstreamConfig::new(closed_port_url().await)
-        },
-    );
-    config
-        .upstreams
-        .insert("origin".into(), UpstreamConfig::new(origin.url()));
-    config.routes = vec![default_route("docker.io", &["mirror", "origin"])];
-    config.validate().expect("valid test config");
-    let s = start_config(&data, config).await;
+    let s = TestCistern::builder()
+        .upstream(
+            "mirror",
+            UpstreamConfig {
+                breaker_failures: 1,
+                breaker_cooldown: std::time::Duration::from_secs(3600),
+                ..at(&closed_port_url().await)
+            },
+        )
+        .upstream("origin", at(&origin.url()))
+        .route(default_route("docker.io", &["mirror", "origin"]))
+        .admin()
+        .start()
+        .await;
 
-    let anonymous = s.admin.get("/metrics").await;
+    let anonymous = s.admin_client().get("/metrics").await;
     anonymous.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     let m = s.metrics().await;
     assert_eq!(m["cistern_cache_blobs"], 0.0);
@@ -287,7 +253,7 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
     for (series, value) in want {
         assert_eq!(m.get(&series), Some(&value), "{series}");
     }
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +275,7 @@ async fn metrics_count_evictions_and_show_the_budget() {
         evicted["cistern_evicted_blobs_total"] * (100 * KIB) as f64
     );
     assert!(evicted["cistern_cache_blob_bytes"] <= max as f64);
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,7 +291,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
     s.get_blob(REPO, &digest).await;
-    s.api.get_manifest(REPO, &manifest_digest).await;
+    s.client().get_manifest(REPO, &manifest_digest).await;
     assert!(data.blob_path(&digest).exists());
 
     let r = s
@@ -343,12 +309,12 @@ async fn purge_removes_and_the_next_pull_refetches() {
     assert!(!data.manifest_path(&manifest_digest).exists());
 
     assert_same_bytes(
-        &s.api.get_blob(REPO, &digest).await.unwrap(),
+        &s.client().get_blob(REPO, &digest).await.unwrap(),
         &blob,
         "refetched",
     );
     assert_eq!(upstream.blob_gets(&digest), 2);
-    let again = s.api.get_manifest(REPO, &manifest_digest).await;
+    let again = s.client().get_manifest(REPO, &manifest_digest).await;
     assert_eq!(again.bytes(), &manifest);
     assert_eq!(
         upstream.count(Method::GET, Kind::Manifest, &manifest_digest),
@@ -359,7 +325,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
         .admin(Method::DELETE, "/admin/blobs/sha256:../../etc")
         .await;
     bad.assert_oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID");
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +338,7 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
             .await;
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    let client = s.api.clone();
+    let client = s.client().clone();
     let d = digest.clone();
     let pulling = tokio::spawn(async move { client.get_blob(REPO, &d).await });
     gate.wait_reached(1).await;
@@ -385,14 +351,9 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
     // The client that started the fill still gets the whole, verified blob.
     let got = bounded("the held GET", pulling).await.unwrap().unwrap();
     assert_same_bytes(&got, &blob, "the blob served during the purge");
-    let stats = bounded("the fill to end", async {
-        loop {
-            let stats = s.admin(Method::GET, "/admin/stats").await.json();
-            if stats["fills_running"] == 0 {
-                return stats;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let stats = retry_until("the fill to end", || async {
+        let stats = s.admin(Method::GET, "/admin/stats").await.json();
+        (stats["fills_running"] == 0).then_some(stats)
     })
     .await;
     assert_eq!(data.tmp_files(), Vec::<std::path::PathBuf>::new());
@@ -405,7 +366,7 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
     // The next pull fetches it again, and this time it is cached.
     s.get_blob(REPO, &digest).await;
     assert_eq!(upstream.blob_gets(&digest), 2);
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +383,7 @@ async fn pins_survive_eviction_and_restarts() {
     }
     eventually("eviction", patience(), || !data.blob_path(&d[1]).exists()).await;
     assert!(data.blob_path(&d[0]).exists(), "a pinned blob was evicted");
-    s.stop().await;
+    s.shutdown().await;
 
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
     let pins = s.admin(Method::GET, "/admin/pins").await.json();
@@ -434,8 +395,8 @@ async fn pins_survive_eviction_and_restarts() {
 
     // The CLI talks to the same API.
     let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url, "--token-file"])
-        .arg(&s.token_file)
+        .args(["admin", "--url", &s.admin_url(), "--token-file"])
+        .arg(s.admin_token_file())
         .arg("stats")
         .stdin(Stdio::null())
         .output()
@@ -447,19 +408,10 @@ async fn pins_survive_eviction_and_restarts() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pins"], 0);
-    s.stop().await;
+    s.shutdown().await;
 
     // On a stopped cache, the CLI works on the directory itself.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| offline_admin(&data, args);
     let out = cli(&["pin", &d[4]]);
     assert!(
         out.status.success(),
@@ -645,7 +597,7 @@ async fn purging_a_tag_or_a_repository_keeps_what_others_use() {
         .await;
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(exists(&base) && exists(&cfg_a) && exists(&a1));
-    s.stop().await;
+    s.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,8 +636,8 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
 
     // The CLI pins through the API (the pattern is percent-encoded in the query).
     let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url, "--token-file"])
-        .arg(&s.token_file)
+        .args(["admin", "--url", &s.admin_url(), "--token-file"])
+        .arg(s.admin_token_file())
         .args(["pin", &pattern])
         .stdin(Stdio::null())
         .output()
@@ -713,7 +665,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         exists(&k1) && exists(&k2) && exists(&cfg),
         "a blob of a pinned repository was evicted"
     );
-    s.stop().await;
+    s.shutdown().await;
 
     // After a restart the pin (pins.json) and the references (rebuilt from disk) still hold.
     let s = start(&upstream, &data, budget).await;
@@ -739,7 +691,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
         !exists(&k1) || !exists(&k2)
     })
     .await;
-    s.stop().await;
+    s.shutdown().await;
 }
 
 fn form_urlencoded_pattern(pattern: &str) -> String {
@@ -770,18 +722,9 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
     s.pull(REPO, "1", &[&cfg_a, &base, &a1]).await;
     s.pull(PINNED, &sha256_digest(&deploy), &[&cfg_d, &base, &d1])
         .await;
-    s.stop().await;
+    s.shutdown().await;
 
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cistern"))
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| offline_admin(&data, args);
     let json = |out: &std::process::Output| -> serde_json::Value {
         assert!(
             out.status.success(),

@@ -5,26 +5,14 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-use support::process::{ChildCistern, free_port, write_config};
+use support::process::ChildCistern;
 use support::{Client, DataDir, FakeRegistry, Fault, Gate, MIB, blob_bytes, sha256_digest};
 
 const REPO: &str = "crash/test";
 
 /// The cistern binary on the data directory `data`, in front of `upstream`.
 async fn start(upstream: &str, data: &Path) -> ChildCistern {
-    let port = free_port();
-    let config = data.parent().unwrap().join(format!("cistern-{port}.toml"));
-    write_config(&config, port, data, upstream);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cistern"));
-    command
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    ChildCistern::start(command, port, None).await
+    ChildCistern::start(upstream, data, None, ChildCistern::serve).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

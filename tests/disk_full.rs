@@ -12,7 +12,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::process::{ChildCistern, free_port, write_config};
+use support::data_dir::{blob_path_in, files_in};
+use support::process::ChildCistern;
 use support::{Client, DataDir, FakeRegistry, MIB, assert_same_bytes, blob_bytes, sha256_digest};
 
 const REPO: &str = "disk/full";
@@ -29,27 +30,24 @@ struct Confined {
 
 impl Confined {
     async fn start(upstream: &str, root: &Path) -> Confined {
-        let port = free_port();
         let data = root.join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let config = root.join("cistern.toml");
-        write_config(&config, port, &data, upstream);
         let log = root.join("cistern.log");
-        let mut command = Command::new("unshare");
-        command
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(
-                r#"mount -t tmpfs -o "size=$1" cistern-test "$2" && exec "$3" serve --config "$4""#,
-            )
-            .arg("sh")
-            .arg(format!("{TMPFS_MIB}m"))
-            .arg(&data)
-            .arg(env!("CARGO_BIN_EXE_cistern"))
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let process = ChildCistern::start(command, port, Some(log.clone())).await;
+        let process = ChildCistern::start(upstream, &data, Some(log.clone()), |config| {
+            let mut command = Command::new("unshare");
+            command
+                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(
+                    r#"mount -t tmpfs -o "size=$1" cistern-test "$2" && exec "$3" serve --config "$4""#,
+                )
+                .arg("sh")
+                .arg(format!("{TMPFS_MIB}m"))
+                .arg(&data)
+                .arg(env!("CARGO_BIN_EXE_cistern"))
+                .arg(config);
+            command
+        })
+        .await;
         let seen = PathBuf::from(format!("/proc/{}/root", process.pid())).join(
             data.strip_prefix("/")
                 .expect("temporary directories are absolute"),
@@ -62,24 +60,11 @@ impl Confined {
     }
 
     fn files(&self, sub: &str) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else {
-                    out.push(p);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.data.join(sub), &mut out);
-        out
+        files_in(&self.data, sub)
     }
 
     fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.data.join("blobs/sha256").join(&hex[..2]).join(hex)
+        blob_path_in(&self.data, digest)
     }
 
     fn log(&self) -> String {

@@ -84,15 +84,12 @@
 // This file uses only part of the shared harness.
 #[allow(dead_code)]
 mod e2e;
+mod support;
 
 use std::collections::BTreeSet;
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use flate2::Compression;
@@ -286,83 +283,34 @@ fn output_text(out: &Output) -> String {
 // ---------------------------------------------------------------------------------------
 // A mirror that accepts connections and never answers
 
-/// A listener on 127.0.0.1 that accepts every connection, reads whatever is sent, and never
-/// writes a byte. Dropping it stops its thread and closes the connections.
+/// The support `FakeRegistry` that accepts every connection, reads every request and never
+/// answers one, on a runtime of its own (this test is synchronous).
 struct Silent {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(usize, Vec<String>)>>,
+    registry: support::FakeRegistry,
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl Silent {
     fn start() -> Silent {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            // Held open (never written to) until the end.
-            let mut conns: Vec<(TcpStream, Vec<u8>)> = Vec::new();
-            let mut accepted = 0;
-            while !flag.load(Ordering::SeqCst) {
-                loop {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            s.set_nonblocking(true).unwrap();
-                            accepted += 1;
-                            conns.push((s, Vec::new()));
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(_) => break,
-                    }
-                }
-                for (s, buf) in &mut conns {
-                    let mut chunk = [0u8; 4096];
-                    // Reading is not answering; it only records what was asked. Bounded per
-                    // connection so a chatty peer cannot grow it without end.
-                    while buf.len() < 64 * 1024 {
-                        match s.read(&mut chunk) {
-                            Ok(0) => break,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let request_lines = conns
-                .iter()
-                .flat_map(|(_, buf)| {
-                    String::from_utf8_lossy(buf)
-                        .split("\r\n")
-                        .filter(|l| l.contains(" HTTP/1."))
-                        .map(str::to_string)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            (accepted, request_lines)
-        });
+        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        let registry = runtime.block_on(support::FakeRegistry::silent());
         Silent {
-            addr,
-            stop,
-            thread: Some(thread),
+            addr: registry.addr(),
+            registry,
+            _runtime: runtime,
         }
     }
 
-    /// Stops the listener: (connections accepted, request lines received).
+    /// (connections accepted, request lines received) so far.
     fn finish(&mut self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        match self.thread.take() {
-            Some(t) => t.join().expect("silent listener thread"),
-            None => (0, Vec::new()),
-        }
-    }
-}
-
-impl Drop for Silent {
-    fn drop(&mut self) {
-        let _ = self.finish();
+        let lines = self
+            .registry
+            .requests()
+            .iter()
+            .map(|r| format!("{} {} HTTP/1.1", r.method, r.path))
+            .collect();
+        (self.registry.connections(), lines)
     }
 }
 

@@ -28,7 +28,7 @@ async fn the_least_recently_used_go_and_come_back_on_demand() {
     let (blobs, digests) = blobs_and_digests(6, MIB, 100);
     let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let max = 4 * MIB as u64;
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let cistern = TestCistern::start_with(&upstream, move |c| {
         c.cache.max_size = Some(ByteSize::b(max));
     })
     .await;

@@ -333,3 +333,125 @@ async fn faults_compose_and_count_down() {
     assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
     assert_eq!(upstream.blob_gets(&digest), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_for_every_request_rate_limit_redirect_and_ignore_range() {
+    let (blob, digest) = blob_and_digest(100 * KIB, 20);
+    let path = blob_route(REPO, &digest);
+
+    let limited = FakeRegistry::builder()
+        .on_every_request(Fault::RateLimited(7))
+        .start()
+        .await;
+    let r = Client::new(limited.url()).get("/v2/").await;
+    r.assert_oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS");
+    assert_eq!(r.header("retry-after"), Some("7"));
+
+    let store = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::IgnoreRange).await;
+    let ranged = Client::new(store.url());
+    let r = ranged
+        .send(
+            ranged
+                .request(Method::GET, &path)
+                .header("range", "bytes=10-"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "Range ignored");
+    assert_same_bytes(r.bytes(), &blob, "the whole blob");
+
+    let redirecting = FakeRegistry::builder()
+        .on_every_request(Fault::RedirectTo(store.url()))
+        .start()
+        .await;
+    let got = Client::new(redirecting.url()).get_blob(REPO, &digest).await;
+    assert_same_bytes(&got.unwrap(), &blob, "followed to the store");
+    assert_eq!(redirecting.requests_to(&path).len(), 1);
+    assert_eq!(store.blob_gets(&digest), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_flow_challenges_issues_and_rotates_tokens() {
+    let (blob, digest) = blob_and_digest(KIB, 21);
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .auth(Auth::Bearer(Bearer::default()))
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+    let path = blob_route(REPO, &digest);
+
+    let challenged = client.get(&path).await;
+    challenged.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    assert_eq!(
+        challenged.header("www-authenticate"),
+        Some(
+            format!(
+                r#"Bearer realm="{}/token",service="fake.registry",scope="repository:{REPO}:pull""#,
+                upstream.url()
+            )
+            .as_str()
+        )
+    );
+    let with = |token: &str| client.request(Method::GET, &path).bearer_auth(token);
+    for n in 1..=2 {
+        let token = client.get("/token?scope=x").await.json();
+        assert_eq!(token["token"], format!("tok-{n}"));
+        assert_eq!(token["expires_in"], 300);
+    }
+    // Only the newest token is good.
+    assert_eq!(
+        client.send(with("tok-1")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let got = client.send(with("tok-2")).await;
+    assert_same_bytes(got.bytes(), &blob, "with the newest token");
+    assert_eq!(upstream.token_requests(), ["scope=x", "scope=x"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_scripts_and_a_silent_registry() {
+    let upstream = FakeRegistry::builder()
+        .auth(Auth::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        })
+        .script(|req| (req.path == "/hello").then(|| reply::oci_error(418, "TEAPOT")))
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+    let r = client.get("/hello").await;
+    r.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    assert!(r.header("www-authenticate").unwrap().starts_with("Basic "));
+    let r = client
+        .send(
+            client
+                .request(Method::GET, "/hello")
+                .basic_auth("u", Some("p")),
+        )
+        .await;
+    r.assert_oci_error(StatusCode::IM_A_TEAPOT, "TEAPOT");
+    // Past the script, the content: an empty registry.
+    let r = client
+        .send(
+            client
+                .request(Method::GET, "/v2/a/b/tags/list")
+                .basic_auth("u", Some("p")),
+        )
+        .await;
+    r.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+
+    // A silent registry logs the request and never sends a head.
+    let silent = FakeRegistry::silent().await;
+    let pending = tokio::spawn({
+        let client = Client::new(silent.url());
+        async move { client.get("/v2/").await }
+    });
+    eventually("the request to be logged", patience(), || {
+        silent.requests().len() == 1
+    })
+    .await;
+    assert_eq!(silent.connections(), 1);
+    assert!(!pending.is_finished(), "no answer");
+    drop(silent);
+    let _ = bounded("the client after the registry went away", pending).await;
+}

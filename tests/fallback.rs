@@ -6,25 +6,21 @@
 //! upstream was asked, because "the client got the bytes" alone cannot tell a fallback from a
 //! lucky first try.
 
-mod fallback_support;
 mod support;
 
 use std::time::Duration;
 
 use ::cistern::config::{RouteConfig, UpstreamConfig};
 use bytes::Bytes;
-use fallback_support::{
-    Cistern, CutMirror, HOME, SECOND, Scripted, Setup, Silent, at, blob_reply, closed_port_url,
-    default_route, image_manifest, manifest_reply, names, oci_error,
-};
 use http::StatusCode;
+use support::reply::{blob_reply, manifest_reply};
 use support::*;
 
 const REPO: &str = "library/app";
 
 /// The docker.io route (the default) over `mirror`, then `origin`.
-async fn mirror_then_origin(mirror: UpstreamConfig, origin: UpstreamConfig) -> Cistern {
-    Setup::new()
+async fn mirror_then_origin(mirror: UpstreamConfig, origin: UpstreamConfig) -> TestCistern {
+    TestCistern::builder()
         .upstream("mirror", mirror)
         .upstream("origin", origin)
         .route(default_route("docker.io", &["mirror", "origin"]))
@@ -95,7 +91,7 @@ async fn mirror_503_falls_back_to_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_that_never_answers_falls_back_after_header_timeout() {
     let (blob, digest) = blob_and_digest(256 * KIB, 4);
-    let mirror = Silent::start().await;
+    let mirror = FakeRegistry::silent().await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(
         UpstreamConfig {
@@ -108,7 +104,7 @@ async fn mirror_that_never_answers_falls_back_after_header_timeout() {
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
     assert_same_bytes(&got, &blob, "blob after the silent mirror");
-    assert_eq!(mirror.accepted(), 1, "the mirror was tried");
+    assert_eq!(mirror.connections(), 1, "the mirror was tried");
     assert_eq!(origin.blob_gets(&digest), 1);
 }
 
@@ -196,17 +192,12 @@ async fn missing_everywhere_is_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_everywhere_is_429_with_the_shortest_retry_after() {
-    let limited = |seconds: &'static str| {
-        move |_: &fallback_support::Seen| {
-            let mut reply = oci_error(429, "TOOMANYREQUESTS");
-            reply
-                .headers_mut()
-                .insert("retry-after", seconds.parse().unwrap());
-            reply
-        }
+    let limited = |seconds| {
+        FakeRegistry::builder()
+            .on_every_request(Fault::RateLimited(seconds))
+            .start()
     };
-    let mirror = Scripted::start(HOME, limited("30")).await;
-    let origin = Scripted::start(HOME, limited("7")).await;
+    let (mirror, origin) = (limited(30).await, limited(7).await);
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
     let digest = sha256_digest(b"rate limited");
 
@@ -221,21 +212,20 @@ async fn rate_limited_everywhere_is_429_with_the_shortest_retry_after() {
 async fn mixed_failures_are_502_naming_each_upstream_and_no_secret() {
     const PASSWORD: &str = "mirror-pw-Zq8v";
     const TOKEN: &str = "origin-token-Kx3p";
-    let basic = fallback_support::basic_authorization("puller", PASSWORD);
+    let basic = reply::basic_authorization("puller", PASSWORD);
     // The mirror demands Basic auth, and with it answers 503: the credentials are in play.
-    let expected = basic.clone();
-    let mirror = Scripted::start(HOME, move |req| {
-        if req.authorization().as_deref() == Some(expected.as_str()) {
-            oci_error(503, "UNAVAILABLE")
-        } else {
-            fallback_support::challenge(r#"Basic realm="mirror""#)
-        }
-    })
-    .await;
+    let mirror = FakeRegistry::builder()
+        .auth(Auth::Basic {
+            username: "puller".into(),
+            password: PASSWORD.into(),
+        })
+        .on_every_request(Fault::Status(503))
+        .start()
+        .await;
     let origin = FakeRegistry::builder().start().await; // 404 for everything
     let token_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token_file.path(), format!("{TOKEN}\n")).unwrap();
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream(
             "hub-mirror",
             UpstreamConfig {
@@ -336,7 +326,7 @@ async fn stale_mirror_and_origin() -> (FakeRegistry, FakeRegistry, Bytes, Bytes)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_come_only_from_tags_from() {
     let (mirror, origin, _stale, current) = stale_mirror_and_origin().await;
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream("mirror", at(&mirror.url()))
         .upstream("origin", at(&origin.url()))
         .route(RouteConfig {
@@ -371,7 +361,7 @@ async fn without_tags_from_the_first_upstream_answers_tags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_breaker_sends_requests_straight_to_origin() {
-    let mirror = Silent::start().await;
+    let mirror = FakeRegistry::silent().await;
     let origin = FakeRegistry::builder().start().await;
     let cistern = mirror_then_origin(
         UpstreamConfig {
@@ -393,7 +383,7 @@ async fn open_breaker_sends_requests_straight_to_origin() {
         assert_eq!(origin.blob_gets(&digest), 1);
         let tried = if seed < 2 { seed as usize + 1 } else { 2 };
         assert_eq!(
-            mirror.accepted(),
+            mirror.connections(),
             tried,
             "connections to the mirror after request {}",
             seed + 1
@@ -509,48 +499,35 @@ async fn rate_limits_and_404s_do_not_open_the_breaker() {
 
 // === Mid-blob failover ===
 //
-// The mirror breaks off after exactly 1 MiB, either with a clean close (`CutMirror`: full
-// Content-Length, 1 MiB, FIN) or with hyper aborting the connection (`Fault::CutAfter`, which
-// flushes the bytes before the cut first). Either way the offset the next upstream is asked
-// for is exact.
+// The mirror breaks off after exactly 1 MiB (`Fault::CutAfter`: full Content-Length, 1 MiB,
+// then the connection closes), so the offset the next upstream is asked for is exact.
+
+/// A mirror with `blob` whose every GET of it breaks off after exactly 1 MiB.
+async fn cut_mirror(blob: &Bytes) -> FakeRegistry {
+    FakeRegistry::with_faulty_blob(REPO, blob, Fault::CutAfter(MIB as u64)).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_cut_by_the_mirror_resumes_from_origin_at_the_cut() {
     let (blob, digest) = four_mib(30);
-    let mirror = CutMirror::start(blob.clone(), MIB, None).await;
+    let mirror = cut_mirror(&blob).await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
     assert_same_bytes(&got, &blob, "one GET across two upstreams");
     assert_eq!(mirror.requests().len(), 1);
-    assert_eq!(
-        blob_get_ranges(&origin, &digest),
-        [Some(RESUME_AT_1_MIB.to_string())]
-    );
-    assert_same_bytes(
-        &cistern.data().committed_blob(&digest).await,
-        &blob,
-        "committed blob",
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blob_aborted_by_the_mirror_resumes_from_origin() {
-    let (blob, digest) = four_mib(36);
-    let mirror = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::CutAfter(MIB as u64)).await;
-    let origin = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
-
-    let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
-    assert_same_bytes(&got, &blob, "one GET across an aborted body");
     assert_eq!(mirror.blob_gets(&digest), 1);
     assert_eq!(
         blob_get_ranges(&origin, &digest),
         [Some(RESUME_AT_1_MIB.to_string())],
         "one resume from exactly what the mirror delivered"
     );
-    cistern.data().committed_blob(&digest).await;
+    assert_same_bytes(
+        &cistern.data().committed_blob(&digest).await,
+        &blob,
+        "committed blob",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,9 +557,8 @@ async fn blob_stalled_by_the_mirror_resumes_from_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_that_ignores_range_still_gives_the_right_bytes() {
     let (blob, digest) = four_mib(32);
-    let mirror = CutMirror::start(blob.clone(), MIB, None).await;
-    let whole = blob.clone();
-    let origin = Scripted::start(HOME, move |_| blob_reply(&whole)).await;
+    let mirror = cut_mirror(&blob).await;
+    let origin = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::IgnoreRange).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -590,14 +566,15 @@ async fn origin_that_ignores_range_still_gives_the_right_bytes() {
     let asked = origin.requests();
     assert_eq!(asked.len(), 1, "{asked:?}");
     assert_eq!(asked[0].header("range").as_deref(), Some(RESUME_AT_1_MIB));
+    assert_eq!(origin.blob_gets(&digest), 1);
     cistern.data().committed_blob(&digest).await;
 }
 
 /// An upstream that answers a resume with a 206 for the *wrong* range: bytes from 0, exactly
 /// as many as the client still needs, with a Content-Range that says so. Only the
 /// Content-Range check can catch it before the digest does.
-fn wrong_range_206(blob: Bytes) -> impl Fn(&fallback_support::Seen) -> fallback_support::Reply {
-    move |req| {
+async fn wrong_range_206(blob: Bytes) -> FakeRegistry {
+    FakeRegistry::scripted(HOME, move |req| {
         let from: usize = req
             .header("range")
             .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
@@ -612,16 +589,17 @@ fn wrong_range_206(blob: Bytes) -> impl Fn(&fallback_support::Seen) -> fallback_
                 .unwrap(),
         );
         reply
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_for_the_wrong_range_moves_on_to_the_next_upstream() {
     let (blob, digest) = four_mib(33);
-    let mirror = CutMirror::start(blob.clone(), MIB, None).await;
-    let liar = Scripted::start(HOME, wrong_range_206(blob.clone())).await;
+    let mirror = cut_mirror(&blob).await;
+    let liar = wrong_range_206(blob.clone()).await;
     let backup = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream("mirror", at(&mirror.url()))
         .upstream("liar", at(&liar.url()))
         .upstream("backup", at(&backup.url()))
@@ -642,8 +620,8 @@ async fn a_206_for_the_wrong_range_moves_on_to_the_next_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_for_the_wrong_range_from_the_last_upstream_fails_the_client() {
     let (blob, digest) = four_mib(34);
-    let mirror = CutMirror::start(blob.clone(), MIB, None).await;
-    let liar = Scripted::start(HOME, wrong_range_206(blob.clone())).await;
+    let mirror = cut_mirror(&blob).await;
+    let liar = wrong_range_206(blob.clone()).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&liar.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await;
@@ -664,7 +642,13 @@ async fn a_206_for_the_wrong_range_from_the_last_upstream_fails_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_clients_ride_one_failover() {
     let (blob, digest) = four_mib(35);
-    let mirror = CutMirror::start(blob.clone(), MIB, Some(512 * KIB)).await;
+    let gate = Gate::new();
+    let mirror = FakeRegistry::with_faulty_blob(
+        REPO,
+        &blob,
+        Fault::CutAfter(MIB as u64).and(Fault::GateAt(512 * KIB as u64, gate.clone())),
+    )
+    .await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
 
@@ -673,7 +657,7 @@ async fn twenty_clients_ride_one_failover() {
         .spawn_readers(&blob_route(REPO, &digest), 20);
     // Every client has bytes from the mirror before it breaks off.
     readers.started().await;
-    mirror.release();
+    gate.open();
 
     readers.all_receive(&blob).await;
     assert_eq!(mirror.requests().len(), 1);
@@ -691,7 +675,7 @@ async fn rate_limit_remaining_on_a_success_changes_nothing() {
     let (blob, digest) = blob_and_digest(256 * KIB, 40);
     let manifest = image_manifest(41);
     let (b, m) = (blob.clone(), manifest.clone());
-    let hub = Scripted::start(HOME, move |req| {
+    let hub = FakeRegistry::scripted(HOME, move |req| {
         let mut reply = if req.path.contains("/manifests/") {
             manifest_reply(&m)
         } else {
@@ -705,7 +689,7 @@ async fn rate_limit_remaining_on_a_success_changes_nothing() {
         reply
     })
     .await;
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream("docker-hub", at(&hub.url()))
         .route(default_route("docker.io", &["docker-hub"]))
         .start()

@@ -34,18 +34,21 @@ async fn start_on(
     upstream: &FakeRegistry,
     data: DataDir,
     clock: &Clock,
-    tweak: impl FnOnce(&mut Config),
+    tweak: impl FnOnce(&mut Config) + Send + 'static,
 ) -> TestCistern {
-    let mut config = TestCistern::config_for(&data);
-    config.upstream.url = upstream.url();
-    tweak(&mut config);
-    TestCistern::start_config_clock(data, config, clock.clone()).await
+    TestCistern::builder()
+        .front(upstream)
+        .data(data)
+        .clock(clock)
+        .config(tweak)
+        .start()
+        .await
 }
 
 async fn start(
     upstream: &FakeRegistry,
     clock: &Clock,
-    tweak: impl FnOnce(&mut Config),
+    tweak: impl FnOnce(&mut Config) + Send + 'static,
 ) -> TestCistern {
     start_on(upstream, DataDir::new(), clock, tweak).await
 }
@@ -56,7 +59,7 @@ async fn a_tag_answer_is_served_until_its_ttl_and_asked_again_after() {
     let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
     let clock = clock();
     let ttl = Duration::from_secs(300);
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.cache.tag_ttl = ttl;
         c.cache.stale_while_revalidate = Duration::ZERO;
     })
@@ -96,7 +99,7 @@ async fn tag_rules_give_matching_tags_their_own_ttl() {
         .start()
         .await;
     let clock = clock();
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.cache.tag_ttl = Duration::from_secs(86_400);
         c.cache.tag_rules = vec![TagRule {
             pattern: "lat*".into(),
@@ -137,7 +140,7 @@ async fn stale_if_error_serves_the_last_answer_when_every_upstream_fails() {
     let clock = clock();
     let ttl = Duration::from_secs(60);
     let window = Duration::from_secs(3600);
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.cache.tag_ttl = ttl;
         c.cache.stale_while_revalidate = Duration::ZERO;
         c.cache.stale_if_error = window;
@@ -185,7 +188,7 @@ async fn stale_if_error_survives_a_restart() {
     let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &old).await;
     let clock = clock();
     let ttl = Duration::from_secs(60);
-    let cistern = start(&upstream, &clock, |c| c.cache.tag_ttl = ttl).await;
+    let cistern = start(&upstream, &clock, move |c| c.cache.tag_ttl = ttl).await;
     assert_eq!(
         cistern.client().get_manifest(REPO, "1.0").await.bytes(),
         &old
@@ -193,7 +196,7 @@ async fn stale_if_error_survives_a_restart() {
     let data = cistern.shutdown().await;
 
     upstream.on_manifest("1.0", Fault::Status(503));
-    let cistern = start_on(&upstream, data, &clock, |c| c.cache.tag_ttl = ttl).await;
+    let cistern = start_on(&upstream, data, &clock, move |c| c.cache.tag_ttl = ttl).await;
     clock.advance(ttl + SECOND);
     let stale = cistern.client().get_manifest(REPO, "1.0").await;
     assert_eq!(stale.status, StatusCode::OK, "{}", stale.body_text());
@@ -209,7 +212,7 @@ async fn without_stale_if_error_a_failing_upstream_is_an_error() {
         .await;
     let clock = clock();
     let ttl = Duration::from_secs(60);
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.cache.tag_ttl = ttl;
         c.cache.stale_if_error = Duration::ZERO;
     })
@@ -232,7 +235,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
     let clock = clock();
     let ttl = Duration::from_secs(60);
     let window = Duration::from_secs(3600);
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.cache.tag_ttl = ttl;
         c.cache.stale_while_revalidate = window;
     })
@@ -247,18 +250,11 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
     assert_eq!(first.bytes(), &old);
     assert_eq!(first.header("warning"), None);
     // The refresh happened behind it; a later request sees the new manifest.
-    let deadline = tokio::time::Instant::now() + patience();
-    loop {
+    retry_until("the background refresh to land", || async {
         let r = client.get_manifest(REPO, "latest").await;
-        if r.bytes() == &new {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the background refresh never landed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (r.bytes() == &new).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +265,7 @@ async fn a_missing_tag_is_remembered_for_negative_ttl() {
         .await;
     let clock = clock();
     let negative = Duration::from_secs(60);
-    let cistern = start(&upstream, &clock, |c| c.cache.negative_ttl = negative).await;
+    let cistern = start(&upstream, &clock, move |c| c.cache.negative_ttl = negative).await;
     let client = cistern.client();
     let first = client.get_manifest(REPO, "nope").await;
     first.assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
@@ -296,7 +292,7 @@ async fn a_missing_tag_is_asked_again_once_negative_ttl_passes() {
     let upstream = FakeRegistry::builder().start().await;
     let clock = clock();
     let negative = Duration::from_secs(60);
-    let cistern = start(&upstream, &clock, |c| c.cache.negative_ttl = negative).await;
+    let cistern = start(&upstream, &clock, move |c| c.cache.negative_ttl = negative).await;
     let client = cistern.client();
     assert_eq!(
         client.get_manifest(REPO, "soon").await.status,
@@ -333,7 +329,7 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
     let data = cistern.shutdown().await;
 
     let before = upstream.requests().len();
-    let cistern = start_on(&upstream, data, &clock, |c| c.offline = true).await;
+    let cistern = start_on(&upstream, data, &clock, move |c| c.offline = true).await;
     let client = cistern.client();
     // Offline, a tag answer of any age is served: this one is a year past every window.
     clock.advance(Duration::from_secs(365 * 86_400));
@@ -391,7 +387,7 @@ async fn each_route_keeps_its_own_tag_ttl() {
         negative_ttl: None,
     };
     let clock = clock();
-    let cistern = start(&upstream, &clock, |c| {
+    let cistern = start(&upstream, &clock, move |c| {
         c.upstream = UpstreamConfig::default();
         c.upstreams = [
             ("docker-io".to_string(), UpstreamConfig::new(&url)),

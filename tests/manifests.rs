@@ -176,13 +176,19 @@ async fn tag_is_asked_again_after_its_ttl() {
     let new = image_manifest(6);
     let ttl = Duration::from_secs(1);
     let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.tag_ttl = ttl).await;
+    let clock = ::cistern::cache::Clock::manual(std::time::SystemTime::now());
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .clock(&clock)
+        .config(move |c| c.cache.tag_ttl = ttl)
+        .start()
+        .await;
     let client = cistern.client();
 
     assert_eq!(client.get_manifest(REPO, "latest").await.bytes(), &old);
     upstream.add_manifest(REPO, Some("latest"), OCI_MANIFEST, new.clone());
-    // Only a lower bound on elapsed time matters here, so a slow machine cannot break it.
-    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    // Past the TTL on the cistern's clock, not the wall's.
+    clock.advance(ttl + Duration::from_millis(500));
     let after = client.get_manifest(REPO, "latest").await;
     assert_manifest(&after, &new, OCI_MANIFEST);
     assert_eq!(after.bytes(), &new);
@@ -371,7 +377,8 @@ async fn oversized_manifest_is_refused() {
         .manifest(REPO, Some("small"), OCI_MANIFEST, small.clone())
         .start()
         .await;
-    let cistern = TestCistern::start_with(&upstream, |c| c.cache.max_manifest_size = limit).await;
+    let cistern =
+        TestCistern::start_with(&upstream, move |c| c.cache.max_manifest_size = limit).await;
     let client = cistern.client();
 
     for reference in [big_digest.as_str(), "big"] {

@@ -2,18 +2,16 @@
 //! or the default route), and the name the upstream is asked for. Two fake registries stand
 //! for Docker Hub and ghcr.io; each test checks who was asked, not just what came back.
 
-mod fallback_support;
 mod support;
 
-use fallback_support::{Cistern, Setup, at, default_route, image_manifest, route};
 use http::StatusCode;
 use support::*;
 
 const REPO: &str = "org/app";
 
 /// docker.io (the default route) → `docker-hub`; ghcr.io → `ghcr`.
-async fn hub_and_ghcr(hub: &FakeRegistry, ghcr: &FakeRegistry) -> Cistern {
-    Setup::new()
+async fn hub_and_ghcr(hub: &FakeRegistry, ghcr: &FakeRegistry) -> TestCistern {
+    TestCistern::builder()
         .upstream("docker-hub", at(&hub.url()))
         .upstream("ghcr", at(&ghcr.url()))
         .route(default_route("docker.io", &["docker-hub"]))
@@ -111,7 +109,7 @@ async fn unknown_registry_is_404_name_unknown_and_asks_nobody() {
 async fn without_a_default_route_a_request_naming_no_registry_is_404() {
     let (blob, digest) = blob_and_digest(KIB, 6);
     let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream("ghcr", at(&ghcr.url()))
         .route(route("ghcr.io", &["ghcr"]))
         .start()

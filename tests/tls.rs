@@ -3,24 +3,11 @@
 
 mod support;
 
-use std::path::PathBuf;
-
 use ::cistern::Config;
 use http::StatusCode;
 use support::*;
 
 const REPO: &str = "library/app";
-
-fn tls_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/tls")
-        .join(name)
-}
-
-fn with_tls(c: &mut Config) {
-    c.tls.cert_file = Some(tls_file("server.crt"));
-    c.tls.key_file = Some(tls_file("server.key"));
-}
 
 /// A client that trusts only the test CA.
 fn https_client(http1_only: bool) -> reqwest::Client {
@@ -39,7 +26,7 @@ fn https_client(http1_only: bool) -> reqwest::Client {
 async fn https_serves_blobs_over_http2_and_http1() {
     let (blob, digest) = blob_and_digest(3 * MIB, 1);
     let upstream = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = TestCistern::start_with(&upstream, with_tls).await;
+    let cistern = TestCistern::builder().front(&upstream).tls().start().await;
     let base = format!("https://127.0.0.1:{}", cistern.addr().port());
 
     for (http1_only, want) in [
@@ -70,7 +57,7 @@ async fn https_serves_blobs_over_http2_and_http1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_to_the_https_listener_is_refused_and_harmless() {
     let upstream = FakeRegistry::builder().start().await;
-    let cistern = TestCistern::start_with(&upstream, with_tls).await;
+    let cistern = TestCistern::builder().front(&upstream).tls().start().await;
     let plain = raw_request(cistern.addr(), "GET", b"/v2/").await;
     assert_ne!(
         plain.status, 200,
@@ -89,49 +76,25 @@ async fn plain_http_to_the_https_listener_is_refused_and_harmless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_config_errors_name_the_field() {
-    let data = DataDir::new();
-    let base = TestCistern::config_for(&data);
+    let start = |tweak: fn(&mut Config)| TestCistern::builder().tls().config(tweak).start_error();
 
-    let mut half = base.clone();
-    half.tls.cert_file = Some(tls_file("server.crt"));
-    let e = half.validate().unwrap_err().to_string();
+    // Half a TLS config fails validation.
+    let e = TestCistern::builder()
+        .config(|c| c.tls.cert_file = Some(tls_file("server.crt")))
+        .start_error()
+        .await;
     assert!(e.contains("tls.key_file"), "{e}");
 
-    let run = |config: Config| async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        stop.cancel();
-        bounded("a start that must fail", async move {
-            ::cistern::Server::builder(config)
-                .build()
-                .await?
-                .run(listener, stop)
-                .await
-        })
-        .await
-        .unwrap_err()
-        .to_string()
-    };
-
-    let mut missing = base.clone();
-    with_tls(&mut missing);
-    missing.tls.cert_file = Some(tls_file("no-such.crt"));
-    let e = run(missing).await;
+    let e = start(|c| c.tls.cert_file = Some(tls_file("no-such.crt"))).await;
     assert!(
         e.contains("tls.cert_file") && e.contains("no-such.crt"),
         "{e}"
     );
 
-    let mut not_a_key = base.clone();
-    with_tls(&mut not_a_key);
-    not_a_key.tls.key_file = Some(tls_file("ca.crt"));
-    let e = run(not_a_key).await;
+    let e = start(|c| c.tls.key_file = Some(tls_file("ca.crt"))).await;
     assert!(e.contains("tls.key_file"), "{e}");
 
     // The CA's certificate with the server's key: they do not belong together.
-    let mut mismatched = base.clone();
-    with_tls(&mut mismatched);
-    mismatched.tls.cert_file = Some(tls_file("ca.crt"));
-    let e = run(mismatched).await;
+    let e = start(|c| c.tls.cert_file = Some(tls_file("ca.crt"))).await;
     assert!(e.contains("does not fit"), "{e}");
 }

@@ -3,19 +3,15 @@
 //! asked anonymously, a redirect to another host (a blob store) carries no `Authorization`,
 //! and a client's own `Authorization` never reaches any upstream.
 //!
-//! The registries here are small scripted servers (`tests/fallback_support`); `127.0.0.2`
-//! plays a foreign host.
+//! The registries here are `FakeRegistry`s behind Basic or Bearer auth; `127.0.0.2` plays a
+//! foreign host.
 
-mod fallback_support;
 mod support;
 
 use ::cistern::config::UpstreamConfig;
 use bytes::Bytes;
-use fallback_support::{
-    Cistern, FOREIGN, HOME, Scripted, Seen, Setup, at, basic_authorization, blob_reply, challenge,
-    default_route, oci_error, redirect, token_reply,
-};
 use http::StatusCode;
+use support::reply::{basic_authorization, redirect};
 use support::*;
 
 const REPO: &str = "org/app";
@@ -25,8 +21,8 @@ const PASSWORD: &str = "s3cret-Pw-91";
 const TOKEN: &str = "issued-token";
 
 /// A single upstream, `hub`, as the default route.
-async fn through(hub: UpstreamConfig) -> Cistern {
-    Setup::new()
+async fn through(hub: UpstreamConfig) -> TestCistern {
+    TestCistern::builder()
         .upstream("hub", hub)
         .route(default_route("docker.io", &["hub"]))
         .start()
@@ -42,23 +38,38 @@ fn with_password(url: &str) -> UpstreamConfig {
     }
 }
 
-/// A registry that serves `blob` to `Bearer <TOKEN>` and challenges everyone else to get a
-/// token from `realm`.
-fn bearer_registry(realm: String, blob: Bytes) -> impl Fn(&Seen) -> fallback_support::Reply {
-    move |req| {
-        if req.authorization().as_deref() == Some(&format!("Bearer {TOKEN}")) {
-            blob_reply(&blob)
-        } else {
-            challenge(&format!(
-                r#"Bearer realm="{realm}",service="registry.test",scope="repository:{REPO}:pull""#
-            ))
-        }
+/// The Bearer flow with [`TOKEN`], its challenge naming `realm` (`None`: the registry's own
+/// token endpoint).
+fn bearer_flow(realm: Option<String>) -> Bearer {
+    Bearer {
+        realm,
+        service: "registry.test".into(),
+        token: Some(TOKEN.into()),
+        ..Bearer::default()
     }
 }
 
-/// A token endpoint that gives [`TOKEN`] to anyone.
-fn open_token_endpoint(_: &Seen) -> fallback_support::Reply {
-    token_reply(TOKEN)
+fn bearer(realm: Option<String>) -> Auth {
+    Auth::Bearer(bearer_flow(realm))
+}
+
+/// A registry that serves `blob` to `Bearer <TOKEN>` and challenges everyone else to get a
+/// token from `realm`.
+async fn bearer_registry(realm: String, blob: &Bytes) -> FakeRegistry {
+    FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .auth(bearer(Some(realm)))
+        .start()
+        .await
+}
+
+/// A token endpoint on the foreign host that gives [`TOKEN`] to anyone.
+async fn open_token_endpoint() -> FakeRegistry {
+    FakeRegistry::builder()
+        .host(FOREIGN)
+        .auth(bearer(None))
+        .start()
+        .await
 }
 
 #[track_caller]
@@ -77,12 +88,8 @@ fn assert_no_authorization(requests: &[Seen], whose: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_realm_on_a_foreign_host_is_asked_anonymously() {
     let (blob, digest) = blob_and_digest(64 * KIB, 1);
-    let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
-    let registry = Scripted::start(
-        HOME,
-        bearer_registry(format!("{}/token", tokens.url()), blob.clone()),
-    )
-    .await;
+    let tokens = open_token_endpoint().await;
+    let registry = bearer_registry(format!("{}/token", tokens.url()), &blob).await;
     let cistern = through(with_password(&registry.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -99,14 +106,15 @@ async fn a_token_realm_on_a_foreign_host_is_asked_anonymously() {
 async fn a_token_realm_on_the_upstreams_own_host_gets_basic_credentials() {
     let (blob, digest) = blob_and_digest(64 * KIB, 2);
     let basic = basic_authorization(USER, PASSWORD);
-    let registry = Scripted::bind(HOME).await;
-    let serve_blob = bearer_registry(format!("{}/token", registry.url()), blob.clone());
-    let expected = basic.clone();
-    registry.serve(move |req| match req.path.as_str() {
-        "/token" if req.authorization() == Some(expected.clone()) => token_reply(TOKEN),
-        "/token" => oci_error(401, "UNAUTHORIZED"),
-        _ => serve_blob(req),
-    });
+    // The registry's own token endpoint issues tokens only for the Basic login.
+    let registry = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .auth(Auth::Bearer(Bearer {
+            login: Some((USER.into(), PASSWORD.into())),
+            ..bearer_flow(None)
+        }))
+        .start()
+        .await;
     let cistern = through(with_password(&registry.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -119,12 +127,8 @@ async fn a_token_realm_on_the_upstreams_own_host_gets_basic_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_realm_hosts_lets_a_foreign_realm_have_credentials() {
     let (blob, digest) = blob_and_digest(64 * KIB, 3);
-    let tokens = Scripted::start(FOREIGN, open_token_endpoint).await;
-    let registry = Scripted::start(
-        HOME,
-        bearer_registry(format!("{}/token", tokens.url()), blob.clone()),
-    )
-    .await;
+    let tokens = open_token_endpoint().await;
+    let registry = bearer_registry(format!("{}/token", tokens.url()), &blob).await;
     let cistern = through(UpstreamConfig {
         token_realm_hosts: vec![FOREIGN.to_string()],
         ..with_password(&registry.url())
@@ -142,9 +146,24 @@ async fn token_realm_hosts_lets_a_foreign_realm_have_credentials() {
 }
 
 /// A blob store on the foreign host that serves `blob` to anyone at `/store/<digest>`.
-async fn blob_store(blob: &Bytes) -> Scripted {
+async fn blob_store(blob: &Bytes) -> FakeRegistry {
     let blob = blob.clone();
-    Scripted::start(FOREIGN, move |_| blob_reply(&blob)).await
+    FakeRegistry::scripted(FOREIGN, move |_| reply::blob_reply(&blob)).await
+}
+
+/// Whoever gets past `auth` is sent on to `store`, at `/store/<digest>`.
+async fn redirecting_to(store: &FakeRegistry, auth: Auth) -> FakeRegistry {
+    let store_url = store.url();
+    FakeRegistry::builder()
+        .auth(auth)
+        .script(move |req| {
+            Some(redirect(&format!(
+                "{store_url}/store/{}",
+                req.last_segment()
+            )))
+        })
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,14 +171,13 @@ async fn a_redirect_to_another_host_carries_no_basic_credentials() {
     let (blob, digest) = blob_and_digest(256 * KIB, 4);
     let store = blob_store(&blob).await;
     let basic = basic_authorization(USER, PASSWORD);
-    let (expected, store_url) = (basic.clone(), store.url());
-    let registry = Scripted::start(HOME, move |req| {
-        if req.authorization() == Some(expected.clone()) {
-            redirect(&format!("{store_url}/store/{}", req.last_segment()))
-        } else {
-            challenge(r#"Basic realm="registry""#)
-        }
-    })
+    let registry = redirecting_to(
+        &store,
+        Auth::Basic {
+            username: USER.into(),
+            password: PASSWORD.into(),
+        },
+    )
     .await;
     let cistern = through(with_password(&registry.url())).await;
 
@@ -181,20 +199,7 @@ async fn a_redirect_to_another_host_carries_no_basic_credentials() {
 async fn a_redirect_to_another_host_carries_no_bearer_token() {
     let (blob, digest) = blob_and_digest(256 * KIB, 5);
     let store = blob_store(&blob).await;
-    let store_url = store.url();
-    let registry = Scripted::bind(HOME).await;
-    let realm = format!("{}/token", registry.url());
-    registry.serve(move |req| {
-        if req.path == "/token" {
-            token_reply(TOKEN)
-        } else if req.authorization().as_deref() == Some(&format!("Bearer {TOKEN}")) {
-            redirect(&format!("{store_url}/store/{}", req.last_segment()))
-        } else {
-            challenge(&format!(
-                r#"Bearer realm="{realm}",service="registry.test""#
-            ))
-        }
-    });
+    let registry = redirecting_to(&store, bearer(None)).await;
     let cistern = through(with_password(&registry.url())).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
@@ -208,11 +213,7 @@ async fn token_file_is_sent_as_a_bearer_token_as_is() {
     let (blob, digest) = blob_and_digest(64 * KIB, 6);
     let token_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token_file.path(), format!("{TOKEN}\n")).unwrap();
-    let registry = Scripted::start(
-        HOME,
-        bearer_registry(format!("http://{FOREIGN}:1/token"), blob.clone()),
-    )
-    .await;
+    let registry = bearer_registry(format!("http://{FOREIGN}:1/token"), &blob).await;
     let cistern = through(UpstreamConfig {
         token_file: Some(token_file.path().to_path_buf()),
         ..at(&registry.url())
@@ -229,14 +230,14 @@ async fn token_file_is_sent_as_a_bearer_token_as_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_authorization_never_reaches_any_upstream() {
     let (blob, digest) = blob_and_digest(64 * KIB, 7);
-    let manifest = fallback_support::image_manifest(8);
+    let manifest = image_manifest(8);
     let mirror = FakeRegistry::builder().start().await; // has nothing: every request falls through
     let origin = FakeRegistry::builder()
         .blob("library/app", blob.clone())
         .manifest("library/app", Some("1"), OCI_MANIFEST, manifest.clone())
         .start()
         .await;
-    let cistern = Setup::new()
+    let cistern = TestCistern::builder()
         .upstream("mirror", at(&mirror.url()))
         .upstream("origin", at(&origin.url()))
         .route(default_route("docker.io", &["mirror", "origin"]))

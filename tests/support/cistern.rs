@@ -1,156 +1,151 @@
-//! `TestCistern`: `cistern::run` on `127.0.0.1:0` over a temporary data directory.
+//! `TestCistern`: cistern, the library, on `127.0.0.1:0` over a temporary data directory. The
+//! one way tests start it in-process; [`super::process::ChildCistern`] is the one way to start
+//! the binary.
 //!
 //! ```ignore
-//! let cistern = TestCistern::start(&upstream).await;
-//! let body = cistern.client().get_blob("library/app", &digest).await.unwrap();
-//! let data = cistern.shutdown().await; // re-raises run's error or panic
-//! let cistern = TestCistern::start_on(&upstream, data, |_| {}).await; // a restart
+//! let cistern = TestCistern::start(&upstream).await;          // one upstream, defaults
+//! let cistern = TestCistern::builder()
+//!     .upstream("mirror", at(&mirror.url()))                 // named upstreams and routes
+//!     .upstream("origin", at(&origin.url()))
+//!     .route(default_route("docker.io", &["mirror", "origin"]))
+//!     .clock(&clock)                                         // a manual clock
+//!     .admin()                                               // the admin listener and token
+//!     .config(|c| c.cache.tag_ttl = ttl)                     // anything else
+//!     .start()
+//!     .await;
+//! let cistern = cistern.restart().await;                     // same config, same DataDir
+//! let data = cistern.shutdown().await;                       // re-raises run's error or panic
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use cistern::Config;
+use cistern::cache::Clock;
+use cistern::config::{RouteConfig, UpstreamConfig};
+use http::Method;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::client::Client;
+use super::client::{Client, Response};
+use super::data_dir::DataDir;
 use super::registry::FakeRegistry;
 
-// === impl DataDir ===
+/// The token of every test cistern's admin API.
+pub const ADMIN_TOKEN: &str = "s3cret-admin-token";
 
-/// A data directory `<root>/data` inside a private temporary `<root>`, so a test can check that
-/// nothing was written next to it. Deleted when the last clone is dropped.
-#[derive(Clone)]
-pub struct DataDir {
-    root: Arc<tempfile::TempDir>,
-    data: PathBuf,
+// === impl CisternBuilder ===
+
+type Tweak = Box<dyn FnOnce(&mut Config) + Send>;
+
+/// What to start a [`TestCistern`] with. Without `upstream_url` or routes, the single upstream
+/// is a closed port: a test that never reaches an upstream needs none.
+#[derive(Default)]
+pub struct CisternBuilder {
+    data: Option<DataDir>,
+    upstream_url: Option<String>,
+    upstreams: Vec<(String, UpstreamConfig)>,
+    routes: Vec<RouteConfig>,
+    tweaks: Vec<Tweak>,
+    clock: Option<Clock>,
+    admin: bool,
 }
 
-impl Default for DataDir {
-    fn default() -> Self {
-        DataDir::new()
+impl CisternBuilder {
+    /// Runs over `data` (a restart, or a directory the test prepared) instead of a fresh one.
+    pub fn data(mut self, data: DataDir) -> Self {
+        self.data = Some(data);
+        self
     }
-}
 
-impl DataDir {
-    pub fn new() -> DataDir {
-        let root = tempfile::Builder::new()
-            .prefix("cistern-test-")
-            .tempdir()
-            .expect("create temp dir");
-        let data = root.path().join("data");
-        std::fs::create_dir(&data).expect("create data dir");
-        DataDir {
-            root: Arc::new(root),
-            data,
+    /// The `[upstream]` shorthand: one upstream, the default route.
+    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
+        self.upstream_url = Some(url.into());
+        self
+    }
+
+    /// In front of `registry` alone.
+    pub fn front(self, registry: &FakeRegistry) -> Self {
+        self.upstream_url(registry.url())
+    }
+
+    /// A named upstream, for [`CisternBuilder::route`]s.
+    pub fn upstream(mut self, name: &str, config: UpstreamConfig) -> Self {
+        self.upstreams.push((name.to_string(), config));
+        self
+    }
+
+    pub fn route(mut self, route: RouteConfig) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Any other change to the config, applied in order after everything above.
+    pub fn config(mut self, tweak: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.tweaks.push(Box::new(tweak));
+        self
+    }
+
+    /// Tag answers (and everything else the library dates) by `clock`, a manual one in tests
+    /// that step past a TTL instead of sleeping through it.
+    pub fn clock(mut self, clock: &Clock) -> Self {
+        self.clock = Some(clock.clone());
+        self
+    }
+
+    /// The admin API on a listener of its own, behind [`ADMIN_TOKEN`] (written to the file
+    /// `admin-token` beside the data directory).
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    /// HTTPS on the registry listener, with the certificate in `tests/data/tls/`.
+    pub fn tls(self) -> Self {
+        self.config(super::config::with_tls)
+    }
+
+    /// The config this builder describes, over `data`, listening on `listen`.
+    fn resolve(self, data: &DataDir) -> (Config, Option<Clock>, bool) {
+        // Without any upstream, a closed port: not Docker Hub, the default.
+        let upstream = match (self.upstream_url, self.routes.is_empty()) {
+            (Some(url), _) => Some(url),
+            (None, true) => Some("http://127.0.0.1:9".to_string()),
+            (None, false) => None,
+        };
+        let listen = "127.0.0.1:0".parse().expect("an address");
+        let mut config = super::config::config(listen, data.path(), upstream.as_deref());
+        config.upstreams.extend(self.upstreams);
+        config.routes.extend(self.routes);
+        if self.admin {
+            let token_file = data.root().join("admin-token");
+            std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).expect("write admin token");
+            config.admin.token_file = Some(token_file);
+        }
+        for tweak in self.tweaks {
+            tweak(&mut config);
+        }
+        (config, self.clock, self.admin)
+    }
+
+    /// Starts cistern; fails the test if it does not start.
+    pub async fn start(mut self) -> TestCistern {
+        let data = self.data.take().unwrap_or_default();
+        let (config, clock, admin) = self.resolve(&data);
+        match TestCistern::launch(data, config, clock, admin).await {
+            Ok(cistern) => cistern,
+            Err(e) => panic!("cistern did not start: {e:#}"),
         }
     }
 
-    /// The data directory handed to cistern.
-    pub fn path(&self) -> &Path {
-        &self.data
-    }
-
-    /// The private directory that holds `path()` and nothing else unless a test puts it there.
-    pub fn root(&self) -> &Path {
-        self.root.path()
-    }
-
-    /// Where a committed blob lives: `blobs/sha256/<2 hex>/<64 hex>`.
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.data.join("blobs").join(shard(digest))
-    }
-
-    /// The committed blob's bytes, once its commit is done. A client's GET ends as soon as
-    /// the blob is verified, a moment before the commit (fsync, rename) makes it visible.
-    pub async fn committed_blob(&self, digest: &str) -> Vec<u8> {
-        self.wait_for_blob(digest, &format!("blob {digest} to be committed"))
-            .await;
-        std::fs::read(self.blob_path(digest)).expect("read the committed blob")
-    }
-
-    /// Where a committed manifest lives: `manifests/sha256/<2 hex>/<64 hex>`.
-    pub fn manifest_path(&self, digest: &str) -> PathBuf {
-        self.data.join("manifests").join(shard(digest))
-    }
-
-    /// Every file (not directory) below `data/<sub>`, recursively, as paths relative to the
-    /// data directory. Empty if `sub` does not exist.
-    pub fn files(&self, sub: &str) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        walk(&self.data, &self.data.join(sub), &mut out);
-        out.sort();
-        out
-    }
-
-    pub fn tmp_files(&self) -> Vec<PathBuf> {
-        self.files("tmp")
-    }
-
-    pub fn blob_files(&self) -> Vec<PathBuf> {
-        self.files("blobs")
-    }
-
-    /// Waits (bounded by the patience) until blob `digest` is committed: a fill nobody is
-    /// reading, or the rename that may trail a response's last byte.
-    pub async fn wait_for_blob(&self, digest: &str, what: &str) {
-        super::eventually(what, super::patience(), || self.blob_path(digest).is_file()).await;
-    }
-
-    /// Asserts that no blob was committed: `blobs/` holds no file at all.
-    #[track_caller]
-    pub fn assert_no_blob_files(&self, what: &str) {
-        assert_eq!(self.blob_files(), Vec::<PathBuf>::new(), "{what}");
-    }
-
-    pub fn manifest_files(&self) -> Vec<PathBuf> {
-        self.files("manifests")
-    }
-
-    /// Names directly inside `root()`.
-    pub fn root_entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.root())
-            .expect("read temp root")
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Every file below `root()` that is not below `path()`, relative to `root()`.
-    pub fn files_outside_data(&self) -> Vec<PathBuf> {
-        let mut all = Vec::new();
-        walk(self.root(), self.root(), &mut all);
-        all.retain(|p| !p.starts_with("data"));
-        all.sort();
-        all
-    }
-}
-
-fn shard(digest: &str) -> PathBuf {
-    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
-    PathBuf::from("sha256").join(&hex[..2]).join(hex)
-}
-
-fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        // symlink_metadata: never follow a link out of the tree.
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => walk(base, &path, out),
-            Ok(_) => out.push(path.strip_prefix(base).unwrap_or(&path).to_path_buf()),
-            Err(_) => {}
+    /// Starts cistern where the start must fail; returns the error, as text.
+    pub async fn start_error(mut self) -> String {
+        let data = self.data.take().unwrap_or_default();
+        let (config, clock, admin) = self.resolve(&data);
+        match TestCistern::launch(data, config, clock, admin).await {
+            Ok(_) => panic!("cistern started where it must refuse to"),
+            Err(e) => e.to_string(),
         }
     }
 }
@@ -161,7 +156,9 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
 /// [`TestCistern::shutdown`] to wait and to see errors.
 pub struct TestCistern {
     addr: std::net::SocketAddr,
+    admin_addr: Option<std::net::SocketAddr>,
     config: Config,
+    clock: Option<Clock>,
     data: Option<DataDir>,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -191,73 +188,86 @@ impl Drop for TestCistern {
 }
 
 impl TestCistern {
-    pub async fn start(upstream: &FakeRegistry) -> TestCistern {
-        TestCistern::start_with(upstream, |_| {}).await
+    pub fn builder() -> CisternBuilder {
+        CisternBuilder::default()
     }
 
-    /// Starts with a fresh data directory after `tweak` has adjusted the test config.
+    /// In front of `upstream`, with the defaults.
+    pub async fn start(upstream: &FakeRegistry) -> TestCistern {
+        TestCistern::builder().front(upstream).start().await
+    }
+
+    /// In front of `upstream`, after `tweak` has adjusted the config.
     pub async fn start_with(
         upstream: &FakeRegistry,
-        tweak: impl FnOnce(&mut Config),
+        tweak: impl FnOnce(&mut Config) + Send + 'static,
     ) -> TestCistern {
-        TestCistern::start_on(upstream, DataDir::new(), tweak).await
+        TestCistern::builder()
+            .front(upstream)
+            .config(tweak)
+            .start()
+            .await
     }
 
-    /// Starts on an existing data directory (a restart, or one the test prepared).
+    /// [`TestCistern::start_with`] on an existing data directory (a restart, or one the test
+    /// prepared).
     pub async fn start_on(
         upstream: &FakeRegistry,
         data: DataDir,
-        tweak: impl FnOnce(&mut Config),
+        tweak: impl FnOnce(&mut Config) + Send + 'static,
     ) -> TestCistern {
-        let mut config = TestCistern::config_for(&data);
-        config.upstream.url = upstream.url();
-        tweak(&mut config);
-        TestCistern::start_config(data, config).await
+        TestCistern::builder()
+            .front(upstream)
+            .data(data)
+            .config(tweak)
+            .start()
+            .await
     }
 
-    /// The defaults every test starts from: `data` as the data directory, and a shutdown grace
-    /// short enough that a test whose shutdown must wait it out stays quick.
-    pub fn config_for(data: &DataDir) -> Config {
-        Config {
-            data_dir: data.path().to_path_buf(),
-            shutdown_grace: Duration::from_secs(10),
-            ..Config::default()
-        }
-    }
-
-    /// Runs `config` on `127.0.0.1:0` (its `listen` set to the address bound) over `data`.
-    pub async fn start_config(data: DataDir, config: Config) -> TestCistern {
-        TestCistern::start_config_clock(data, config, cistern::cache::Clock::system()).await
-    }
-
-    /// [`TestCistern::start_config`] with tag answers dated by `clock` (a manual one lets a
-    /// test step past a TTL instead of sleeping through it).
-    pub async fn start_config_clock(
+    /// Binds the listeners and starts cistern on them: the one place that calls the library's
+    /// entry point.
+    async fn launch(
         data: DataDir,
         mut config: Config,
-        clock: cistern::cache::Clock,
-    ) -> TestCistern {
+        clock: Option<Clock>,
+        admin: bool,
+    ) -> anyhow::Result<TestCistern> {
         super::init();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind cistern");
         let addr = listener.local_addr().expect("local addr");
         config.listen = addr;
+        let admin_listener = match admin {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind admin")),
+            false => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("local addr"));
         let stop = CancellationToken::new();
-        let (run_config, run_stop) = (config.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let server = cistern::Server::builder(run_config)
-                .clock(clock)
-                .build()
-                .await?;
-            server.run(listener, run_stop).await
-        });
-        TestCistern {
+        let task = spawn_server(&config, clock.clone(), admin_listener, listener, &stop).await?;
+        Ok(TestCistern {
             addr,
+            admin_addr,
             config,
+            clock,
             data: Some(data),
             stop,
             task: Some(task),
+        })
+    }
+
+    /// Shuts down (see [`TestCistern::shutdown`]) and starts again over the same data
+    /// directory, with the same config, clock and admin API, on new ports.
+    pub async fn restart(self) -> TestCistern {
+        let config = self.config.clone();
+        let clock = self.clock.clone();
+        let admin = self.admin_addr.is_some();
+        let data = self.shutdown().await;
+        match TestCistern::launch(data, config, clock, admin).await {
+            Ok(cistern) => cistern,
+            Err(e) => panic!("cistern did not start again: {e:#}"),
         }
     }
 
@@ -272,6 +282,34 @@ impl TestCistern {
 
     pub fn client(&self) -> Client {
         Client::new(self.url())
+    }
+
+    /// The admin API's base URL (the builder asked for [`CisternBuilder::admin`]).
+    pub fn admin_url(&self) -> String {
+        let addr = self.admin_addr.expect("started with .admin()");
+        format!("http://{addr}")
+    }
+
+    /// A client of the admin API, without the token.
+    pub fn admin_client(&self) -> Client {
+        Client::new(self.admin_url())
+    }
+
+    /// The file that holds [`ADMIN_TOKEN`].
+    pub fn admin_token_file(&self) -> &Path {
+        self.config
+            .admin
+            .token_file
+            .as_deref()
+            .expect("started with .admin()")
+    }
+
+    /// An admin API request with the token.
+    pub async fn admin(&self, method: Method, path: &str) -> Response {
+        let client = self.admin_client();
+        client
+            .send(client.request(method, path).bearer_auth(ADMIN_TOKEN))
+            .await
     }
 
     pub fn config(&self) -> &Config {
@@ -299,12 +337,33 @@ impl TestCistern {
         let task = self.task.take().expect("shut down once");
         let limit = self.config.shutdown_grace + super::patience();
         match tokio::time::timeout(limit, task).await {
-            Err(_) => panic!("cistern::run did not return within {limit:?} of shutdown"),
+            Err(_) => panic!("cistern did not stop within {limit:?} of shutdown"),
             Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Ok(Err(join)) => panic!("cistern::run task failed: {join}"),
-            Ok(Ok(Err(e))) => panic!("cistern::run returned an error: {e:#}"),
+            Ok(Err(join)) => panic!("cistern's task failed: {join}"),
+            Ok(Ok(Err(e))) => panic!("cistern's run returned an error: {e:#}"),
             Ok(Ok(Ok(()))) => {}
         }
         self.data.take().expect("data dir present until shutdown")
     }
+}
+
+/// Starts the library on `listener` until `stop`. Errors that stop the start (a config the
+/// library refuses, a certificate it cannot load, a data directory it cannot open) are
+/// returned here, not at shutdown.
+async fn spawn_server(
+    config: &Config,
+    clock: Option<Clock>,
+    admin: Option<TcpListener>,
+    listener: TcpListener,
+    stop: &CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let mut server = cistern::Server::builder(config.clone());
+    if let Some(clock) = clock {
+        server = server.clock(clock);
+    }
+    if let Some(admin) = admin {
+        server = server.admin_listener(admin);
+    }
+    let server = server.build().await?;
+    Ok(tokio::spawn(server.run(listener, stop.clone())))
 }

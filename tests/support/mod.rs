@@ -1,13 +1,19 @@
 //! Test support: a fake upstream registry, a cistern under test, and client helpers.
 //!
 //! Layout:
-//! - [`registry`]: `FakeRegistry`, an in-process upstream with per-blob and per-manifest fault
-//!   injection (`Fault`), one-shot rules, a `Gate` that holds a body mid-way, and a log of every
-//!   request it saw.
-//! - [`cistern`]: `TestCistern`, which runs `cistern::run` on `127.0.0.1:0` over a temporary
-//!   `DataDir`, and shuts it down with the run's error or panic re-raised.
-//! - [`process`]: the cistern binary as a child process (`ChildCistern`), for tests that kill
-//!   it or run it in a namespace of its own.
+//! - [`registry`]: `FakeRegistry`, the one fake upstream: content per repository, fault
+//!   injection per blob, manifest or request (`Fault`: statuses, 429s, no answer, cuts after
+//!   exactly n bytes, stalls, wrong bytes, redirects, `Range` ignored), one-shot rules, a `Gate`
+//!   that holds a body mid-way, Basic and Bearer-token auth, scripted answers, and a log of
+//!   every request it saw.
+//! - [`cistern`]: `TestCistern` and its builder, the one way to run cistern in-process: named
+//!   upstreams and routes, a manual clock, the admin API, TLS, restarts over the same
+//!   `DataDir`; shut down with the run's error or panic re-raised.
+//! - [`process`]: `ChildCistern`, the one way to run the cistern binary, for tests that kill it
+//!   or run it in a namespace of its own.
+//! - [`config`]: the config both start from (one text, written for the binary and parsed for
+//!   the library), and route and upstream helpers.
+//! - [`data_dir`]: `DataDir`, a temporary data directory and what tests look for in it.
 //! - [`client`]: a small reqwest client (`Client`) whose responses always carry the outcome of
 //!   reading the whole body, concurrent blob readers (`Readers`), and a raw HTTP/1.1 request for
 //!   paths that a URL library would normalise.
@@ -21,6 +27,8 @@
 
 pub mod cistern;
 pub mod client;
+pub mod config;
+pub mod data_dir;
 pub mod process;
 pub mod registry;
 
@@ -31,9 +39,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-pub use self::cistern::{DataDir, TestCistern};
+pub use self::cistern::{ADMIN_TOKEN, CisternBuilder, TestCistern};
 pub use self::client::{Client, HeldResponse, RawResponse, Readers, Response, raw_request};
-pub use self::registry::{FakeRegistry, Fault, Gate, Kind, Rule, Seen};
+pub use self::config::{at, default_route, names, route, tls_file};
+pub use self::data_dir::DataDir;
+pub use self::registry::reply::{self, Reply};
+pub use self::registry::{Auth, Bearer, FakeRegistry, Fault, Gate, Kind, Rule, Seen};
+
+/// The host every fake upstream lives on.
+pub const HOME: &str = "127.0.0.1";
+/// Another host on the loopback interface (all of 127/8 is loopback on Linux): a token realm
+/// or a blob store that is not the upstream's own host.
+pub const FOREIGN: &str = "127.0.0.2";
+
+pub const SECOND: Duration = Duration::from_secs(1);
 
 pub const KIB: usize = 1024;
 pub const MIB: usize = 1024 * 1024;
@@ -156,6 +175,43 @@ pub async fn eventually(what: &str, patience: Duration, mut cond: impl FnMut() -
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The URL of a loopback port nobody listens on (bound, then closed).
+pub async fn closed_port_url() -> String {
+    let listener = tokio::net::TcpListener::bind((HOME, 0))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// A small OCI image manifest, different for every `seed`.
+pub fn image_manifest(seed: u32) -> Bytes {
+    let config = sha256_digest(format!("config {seed}").as_bytes());
+    let layer = sha256_digest(format!("layer {seed}").as_bytes());
+    Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":{seed}}}]}}"#
+    ))
+}
+
+/// Repeats `attempt` until it returns `Some`, failing the test after [`patience`]: a bounded
+/// poll for an effect that only a request can observe (a background refresh, a counter).
+pub async fn retry_until<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    bounded(what, async {
+        loop {
+            if let Some(done) = attempt().await {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 /// An OCI image manifest referencing `config` and `layers` (by digest and size).

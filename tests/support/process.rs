@@ -1,11 +1,12 @@
 //! The cistern binary as a child process, for tests that need a real process: one to kill
 //! with SIGKILL, or one to run in a mount namespace of its own.
 
-use std::net::TcpListener as StdListener;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 
 use super::client::Client;
+use super::config::config_text;
 
 /// A running cistern binary, killed (SIGKILL) and reaped when dropped.
 pub struct ChildCistern {
@@ -17,7 +18,7 @@ pub struct ChildCistern {
 
 /// A free port on 127.0.0.1 for a child to listen on. (The window between picking it and the
 /// child binding it is harmless here: nothing else on the machine is told to use it.)
-pub fn free_port() -> u16 {
+fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -25,22 +26,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a config for a cistern on `port` with its cache in `data`, in front of `upstream`.
-pub fn write_config(path: &Path, port: u16, data: &Path, upstream: &str) {
-    std::fs::write(
-        path,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[upstream]\nurl = {upstream:?}\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-}
-
 impl ChildCistern {
-    /// Spawns `command` (the binary, or a wrapper that execs it) and waits until `/v2/`
-    /// answers on `port`.
-    pub async fn start(mut command: Command, port: u16, log: Option<PathBuf>) -> ChildCistern {
+    /// The binary on a free port with its cache in `data`, in front of `upstream`: its config
+    /// file (the text [`super::config::config_text`] writes for `TestCistern` too) goes beside
+    /// `data`, and `command` turns that file's path into the command to spawn (the binary, or
+    /// a wrapper that execs it). Its stderr goes to `log`, or to the test's. Waits until
+    /// `/v2/` answers.
+    pub async fn start(
+        upstream: &str,
+        data: &Path,
+        log: Option<PathBuf>,
+        command: impl FnOnce(&Path) -> Command,
+    ) -> ChildCistern {
+        let port = free_port();
+        let config = data
+            .parent()
+            .expect("a data directory inside a temporary root")
+            .join(format!("cistern-{port}.toml"));
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        std::fs::write(&config, config_text(listen, data, Some(upstream))).expect("write config");
+        let mut command = command(&config);
+        command.stdin(Stdio::null()).stdout(Stdio::null());
+        match &log {
+            Some(log) => command.stderr(std::fs::File::create(log).expect("create log")),
+            None => command.stderr(Stdio::inherit()),
+        };
         let child = command.spawn().expect("start the cistern binary");
         let mut c = ChildCistern {
             child,
@@ -78,6 +88,14 @@ impl ChildCistern {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// `cistern serve --config <config>`: the binary itself, as [`ChildCistern::start`] runs it
+    /// by default.
+    pub fn serve(config: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cistern"));
+        command.args(["serve", "--config"]).arg(config);
+        command
     }
 
     /// SIGKILL (std's `kill`): no destructor, no shutdown hook runs in the child.

@@ -41,6 +41,11 @@ pub enum ErrorKind {
     UpstreamInvalid,
     /// The admin API's bearer token is missing or wrong.
     AdminUnauthorized,
+    // --- Client access control (`[access]`).
+    /// No credentials where a login is needed, or wrong ones: 401 with a Basic challenge.
+    Unauthorized,
+    /// Logged in, but this user may not pull this.
+    Denied,
     // --- cistern itself.
     /// Local disk trouble.
     Storage,

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::cache::{self, Cache, Clock, FillTasks};
 use crate::config::Config;
+use crate::server::access::AccessGate;
 use crate::server::{self, App};
 use crate::upstream::Routes;
 
@@ -66,6 +67,7 @@ impl ServerBuilder {
             _ => None,
         };
         let routes = Routes::from_config(&config)?;
+        let access = config.access.as_ref().map(AccessGate::load).transpose()?;
         let admin_listener = match (admin_listener, config.admin.listen) {
             (Some(l), _) => Some(l),
             (None, Some(addr)) => Some(
@@ -87,6 +89,7 @@ impl ServerBuilder {
             config,
             cache,
             routes,
+            access,
             tls,
             admin: admin_listener.map(|l| (l, admin_token)),
             fills: fill_tracker,
@@ -100,6 +103,8 @@ pub struct Server {
     config: Config,
     cache: Arc<Cache>,
     routes: Routes,
+    /// `[access]`, its users' passwords loaded.
+    access: Option<AccessGate>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// The admin API's listener and bearer token, if it is on.
     admin: Option<(TcpListener, Option<String>)>,
@@ -130,6 +135,7 @@ impl Server {
             config,
             cache,
             routes,
+            access,
             tls,
             admin,
             fills,
@@ -143,6 +149,7 @@ impl Server {
         ));
         let app = Arc::new(App {
             cache: cache.clone(),
+            access,
             routes,
             offline: config.offline,
         });

@@ -242,6 +242,7 @@ async fn mixed_failures_are_502_naming_each_upstream_and_no_secret() {
             },
         )
         .route(default_route("docker.io", &["hub-mirror", "docker-hub"]))
+        .anonymous(&["docker.io/*"])
         .start()
         .await;
     let digest = sha256_digest(b"mixed failures");

@@ -20,11 +20,12 @@ const PASSWORD: &str = "s3cret-Pw-91";
 /// The token every scripted token endpoint issues, and every scripted registry accepts.
 const TOKEN: &str = "issued-token";
 
-/// A single upstream, `hub`, as the default route.
+/// A single upstream, `hub`, as the default route, open to anonymous clients.
 async fn through(hub: UpstreamConfig) -> TestCistern {
     TestCistern::builder()
         .upstream("hub", hub)
         .route(default_route("docker.io", &["hub"]))
+        .anonymous(&["docker.io/*"])
         .start()
         .await
 }

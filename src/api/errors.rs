@@ -22,7 +22,8 @@ pub fn status_and_code(kind: &ErrorKind) -> (StatusCode, &'static str) {
         // a 401 (which would make clients try to log in to cistern).
         UpstreamDenied => (StatusCode::FORBIDDEN, "DENIED"),
         TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
-        AdminUnauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        AdminUnauthorized | Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        Denied => (StatusCode::FORBIDDEN, "DENIED"),
         UpstreamInvalid => (StatusCode::BAD_GATEWAY, "UPSTREAM_INVALID"),
         Storage => (StatusCode::INTERNAL_SERVER_ERROR, "STORAGE_ERROR"),
         ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),

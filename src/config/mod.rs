@@ -22,8 +22,8 @@ mod validate;
 pub use load::ConfigError;
 pub use routes::ResolvedRoute;
 pub use schema::{
-    AdminConfig, CacheConfig, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_UPSTREAM,
-    LogConfig, LogFormat, RouteConfig, TagRule, TlsConfig, UpstreamConfig,
+    AccessConfig, AdminConfig, CacheConfig, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
+    DEFAULT_UPSTREAM, LogConfig, LogFormat, RouteConfig, TagRule, TlsConfig, UpstreamConfig,
 };
 
 /// Configs and helpers the tests of several of these files share.

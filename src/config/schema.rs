@@ -43,6 +43,24 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub tls: TlsConfig,
+    /// Who may pull what. Without it every client may pull everything, which a config whose
+    /// upstreams hold credentials is refused for (they may reach private repositories).
+    pub access: Option<AccessConfig>,
+}
+
+/// Client access control: anonymous clients and the users in `htpasswd_file` may pull what
+/// their patterns name.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Users and their bcrypt password hashes, as `htpasswd -B` writes them.
+    pub htpasswd_file: Option<PathBuf>,
+    /// Patterns (`<registry>/<repository>` with `*` and `?` globs, or `*`) clients without
+    /// credentials may pull. A route whose upstreams hold credentials is opened only by a
+    /// pattern that names its registry literally (`docker.io/*`, never `*`).
+    pub anonymous: Vec<String>,
+    /// User → the patterns that user may pull (`*`: everything).
+    pub users: BTreeMap<String, Vec<String>>,
 }
 
 /// HTTPS on the registry listener: off unless both files are given.
@@ -215,6 +233,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             tls: TlsConfig::default(),
+            access: None,
         }
     }
 }
@@ -240,6 +259,12 @@ impl Default for UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// Does cistern log in to this upstream? Then it may reach an account's private
+    /// repositories, which `[access]` must guard.
+    pub fn has_credentials(&self) -> bool {
+        self.username.is_some() || self.token_file.is_some()
+    }
+
     /// An upstream at `url` with default settings.
     pub fn new(url: impl Into<String>) -> UpstreamConfig {
         UpstreamConfig {

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::{Config, ConfigError, UpstreamConfig};
+use crate::policy::access::Pattern as AccessPattern;
 use crate::policy::pins::Pin;
 
 impl Config {
@@ -29,6 +30,7 @@ impl Config {
         }
         self.validate_routes()?;
         self.validate_cache()?;
+        self.validate_access()?;
         if let Some(addr) = self.admin.listen
             && !addr.ip().is_loopback()
             && self.admin.token_file.is_none()
@@ -42,6 +44,59 @@ impl Config {
             return invalid(
                 "log.level",
                 format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+        Ok(())
+    }
+
+    /// `[access]`: its patterns and users; and without it, no upstream with credentials,
+    /// which would let any client pull that account's private repositories.
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        let Some(access) = &self.access else {
+            let credentialed = self.resolved_routes().into_iter().find_map(|r| {
+                let (name, _) = r.upstreams.iter().find(|(_, u)| u.has_credentials())?;
+                Some((r.registry.clone(), name.clone()))
+            });
+            if let Some((registry, upstream)) = credentialed {
+                let key = if self.routes.is_empty() {
+                    "upstream".to_string()
+                } else {
+                    format!("upstreams.{upstream}")
+                };
+                return invalid(
+                    "access",
+                    format!(
+                        "{key} holds credentials, which may reach that account's private \
+                         repositories: add an [access] table saying who may pull through it, \
+                         e.g. for a login used only for the registry's rate limit:\n\n\
+                         [access]\nanonymous = [\"{registry}/*\"]\n"
+                    ),
+                );
+            }
+            return Ok(());
+        };
+        let check = |field: String, pattern: &str| match AccessPattern::parse(pattern) {
+            Ok(_) => Ok(()),
+            Err(message) => invalid(&field, message),
+        };
+        for (i, p) in access.anonymous.iter().enumerate() {
+            check(format!("access.anonymous[{i}]"), p)?;
+        }
+        for (user, patterns) in &access.users {
+            if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+                return invalid(
+                    "access.users",
+                    format!("{user:?} is not a user name (no ':' or control characters)"),
+                );
+            }
+            for (i, p) in patterns.iter().enumerate() {
+                check(format!("access.users.{user}[{i}]"), p)?;
+            }
+        }
+        if !access.users.is_empty() && access.htpasswd_file.is_none() {
+            return invalid(
+                "access.htpasswd_file",
+                "required when [access.users] names users: their passwords live there".into(),
             );
         }
         Ok(())

@@ -7,13 +7,15 @@ use bytes::Bytes;
 use futures_util::stream;
 use http::header::{
     ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HeaderValue, LINK, RANGE,
-    RETRY_AFTER,
+    RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 
+use super::Peer;
+use super::access::AccessGate;
 use crate::api::errors;
 use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
@@ -22,7 +24,7 @@ use crate::api::route::{self, Route as ApiRoute};
 use crate::cache::{BlobReader, Cache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
-use crate::upstream::{Route, Routes, Walk, Want};
+use crate::upstream::{Route, Routed, Routes, Walk, Want};
 
 pub type Body = UnsyncBoxBody<Bytes, Error>;
 
@@ -31,6 +33,8 @@ const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/
 /// Everything a request handler needs.
 pub struct App {
     pub cache: Arc<Cache>,
+    /// `[access]`: who may pull what. `None`: every client may pull everything.
+    pub access: Option<AccessGate>,
     pub routes: Routes,
     /// `offline = true`: nothing is fetched upstream.
     pub offline: bool,
@@ -63,24 +67,51 @@ impl App {
     async fn dispatch(&self, req: &Request<Incoming>) -> Result<Response<Body>> {
         let head = req.method() == Method::HEAD;
         let query = route::parse_query(req.uri().query())?;
-        match route::route(req.method(), req.uri().path())? {
-            ApiRoute::Ping => Ok(with_api_version(Response::builder())
-                .header(CONTENT_TYPE, media_types::JSON)
-                .header(CONTENT_LENGTH, 2)
-                .body(if head {
-                    empty()
-                } else {
-                    full(Bytes::from_static(b"{}"))
-                })
-                .expect("valid response")),
+        let api_route = route::route(req.method(), req.uri().path())?;
+        let user = match &self.access {
+            Some(gate) => {
+                let peer = req.extensions().get::<Peer>().map(|p| p.0.ip());
+                gate.identify(req.headers(), peer).await?
+            }
+            None => None,
+        };
+        // The route a name takes, if this client may pull through it.
+        let resolve = |name: &RepoName| -> Result<Routed> {
+            let routed = self.routes.resolve(query.ns.as_deref(), name)?;
+            if let Some(gate) = &self.access {
+                let r = &routed.route;
+                gate.authorize(
+                    user.as_deref(),
+                    &r.registry,
+                    routed.name.as_str(),
+                    r.credentialed,
+                )?;
+            }
+            Ok(routed)
+        };
+        match api_route {
+            ApiRoute::Ping => {
+                if let Some(gate) = &self.access {
+                    gate.ping(user.as_deref())?;
+                }
+                Ok(with_api_version(Response::builder())
+                    .header(CONTENT_TYPE, media_types::JSON)
+                    .header(CONTENT_LENGTH, 2)
+                    .body(if head {
+                        empty()
+                    } else {
+                        full(Bytes::from_static(b"{}"))
+                    })
+                    .expect("valid response"))
+            }
             ApiRoute::Manifest { name, reference } => {
-                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
+                let routed = resolve(&name)?;
                 let accept = merged_accept(req.headers());
                 self.manifest(&routed.route, &routed.name, &reference, &accept, head)
                     .await
             }
             ApiRoute::Blob { name, digest } => {
-                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
+                let routed = resolve(&name)?;
                 if head {
                     self.blob_head(&routed.route, &routed.name, &digest).await
                 } else {
@@ -94,7 +125,7 @@ impl App {
                 }
             }
             ApiRoute::TagsList { name, .. } => {
-                let routed = self.routes.resolve(query.ns.as_deref(), &name)?;
+                let routed = resolve(&name)?;
                 if self.offline {
                     return Err(Error::new(
                         ErrorKind::NameUnknown,
@@ -305,6 +336,11 @@ pub fn error_response(e: &Error) -> Response<Body> {
             retry_after: Some(after),
         } => {
             b = b.header(RETRY_AFTER, after.as_secs());
+        }
+        // What makes Docker, containerd, podman and skopeo send the credentials they have
+        // for this host.
+        ErrorKind::Unauthorized => {
+            b = b.header(WWW_AUTHENTICATE, "Basic realm=\"cistern\"");
         }
         _ => {}
     }

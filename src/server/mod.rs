@@ -1,6 +1,7 @@
 //! The HTTP edge: the accept loop, connections, graceful shutdown. Knows HTTP, not OCI; the
 //! OCI handling is in [`handlers`].
 
+pub mod access;
 pub mod activity;
 pub mod admin;
 pub mod handlers;
@@ -20,6 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use handlers::{App, Body};
+
+/// The client's address, put in every request's extensions by the accept loop (failed logins
+/// are counted per address).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// Something that answers HTTP requests: the registry API, or the admin API.
 pub trait Service: Send + Sync + 'static {
@@ -126,9 +132,10 @@ async fn serve_connection<S: Service, IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let end = activity::request_started();
         let app = app.clone();
+        req.extensions_mut().insert(Peer(peer));
         async move {
             let response = app.handle(req).await.map(|body| {
                 body.map_frame(move |frame| {

@@ -31,6 +31,9 @@ pub struct Route {
     /// Upstreams that recently sent wrong bytes for a blob (shared by every route, as the
     /// upstreams are); `select` tries them last for that blob.
     pub bad_sources: Arc<BadSources>,
+    /// Some upstream logs in, so the route may reach private repositories: `[access]`
+    /// opens it to anonymous clients only by a pattern naming its registry.
+    pub credentialed: bool,
 }
 
 pub struct Routes {
@@ -76,6 +79,7 @@ impl Routes {
                 .cloned()
                 .collect();
             let route = Arc::new(Route {
+                credentialed: r.upstreams.iter().any(|(_, u)| u.has_credentials()),
                 registry: r.registry.clone(),
                 upstreams,
                 tag_upstreams,
@@ -180,6 +184,7 @@ impl Routes {
             tag_upstreams: vec![upstream],
             freshness: self.default_freshness.clone(),
             bad_sources: self.bad_sources.clone(),
+            credentialed: false,
         });
         tracing::info!(
             registry,

@@ -87,6 +87,18 @@ impl CisternBuilder {
         self
     }
 
+    /// `[access]` letting anonymous clients pull what `patterns` name (and no users): what a
+    /// config whose upstreams log in must say before cistern serves it.
+    pub fn anonymous(self, patterns: &[&str]) -> Self {
+        let anonymous: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        self.config(move |c| {
+            c.access = Some(cistern::config::AccessConfig {
+                anonymous,
+                ..Default::default()
+            })
+        })
+    }
+
     /// Tag answers (and everything else the library dates) by `clock`, a manual one in tests
     /// that step past a TTL instead of sleeping through it.
     pub fn clock(mut self, clock: &Clock) -> Self {

@@ -390,22 +390,11 @@ async fn basic_auth_scripts_and_a_silent_registry() {
     let r = client.get("/hello").await;
     r.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     assert!(r.header("www-authenticate").unwrap().starts_with("Basic "));
-    let r = client
-        .send(
-            client
-                .request(Method::GET, "/hello")
-                .basic_auth("u", Some("p")),
-        )
-        .await;
+    let with_basic = |path| client.request(Method::GET, path).basic_auth("u", Some("p"));
+    let r = client.send(with_basic("/hello")).await;
     r.assert_oci_error(StatusCode::IM_A_TEAPOT, "TEAPOT");
     // Past the script, the content: an empty registry.
-    let r = client
-        .send(
-            client
-                .request(Method::GET, "/v2/a/b/tags/list")
-                .basic_auth("u", Some("p")),
-        )
-        .await;
+    let r = client.send(with_basic("/v2/a/b/tags/list")).await;
     r.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
 
     // A silent registry logs the request and never sends a head.

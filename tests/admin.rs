@@ -35,9 +35,30 @@ fn offline_admin(data: &DataDir, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `cistern admin --url <s's admin API> --token-file <its token> <args>`: the CLI through the
+/// API of a running cistern.
+fn online_admin(s: &TestCistern, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["admin", "--url", &s.admin_url(), "--token-file"])
+        .arg(s.admin_token_file())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The JSON a CLI run printed, which must have succeeded.
+fn cli_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// What these tests do to a cistern beyond what `TestCistern` does.
 trait AdminTest {
-    async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes;
     async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]);
     async fn pull_blob(&self, blob: &bytes::Bytes);
     async fn metrics(&self) -> std::collections::HashMap<String, f64>;
@@ -49,14 +70,6 @@ trait AdminTest {
 }
 
 impl AdminTest for TestCistern {
-    /// GETs a blob and waits for its commit: clients get their last byte before the fsync and
-    /// rename, and a test that looks at the disk must not race them.
-    async fn get_blob(&self, repo: &str, digest: &str) -> bytes::Bytes {
-        let got = self.client().get_blob(repo, digest).await.unwrap();
-        self.data().wait_for_blob(digest, "the blob's commit").await;
-        got
-    }
-
     /// Pulls an image as a client does: the manifest by tag (or digest), then each blob.
     async fn pull(&self, repo: &str, reference: &str, blobs: &[&bytes::Bytes]) {
         let m = self.client().get_manifest(repo, reference).await;
@@ -67,7 +80,7 @@ impl AdminTest for TestCistern {
             m.body_text()
         );
         for b in blobs {
-            let got = self.get_blob(repo, &sha256_digest(b)).await;
+            let got = self.get_blob_committed(repo, &sha256_digest(b)).await;
             assert_same_bytes(&got, b, "a layer");
         }
     }
@@ -199,19 +212,19 @@ async fn metrics_count_hits_upstream_failures_and_skips() {
 
     // A miss: the mirror refuses the connection (its circuit opens), the origin serves.
     assert_same_bytes(
-        &s.get_blob(REPO, &digests[0]).await,
+        &s.get_blob_committed(REPO, &digests[0]).await,
         &blobs[0],
         "first pull",
     );
     // A hit.
     assert_same_bytes(
-        &s.get_blob(REPO, &digests[0]).await,
+        &s.get_blob_committed(REPO, &digests[0]).await,
         &blobs[0],
         "second pull",
     );
     // A miss that skips the mirror.
     assert_same_bytes(
-        &s.get_blob(REPO, &digests[1]).await,
+        &s.get_blob_committed(REPO, &digests[1]).await,
         &blobs[1],
         "other blob",
     );
@@ -264,7 +277,7 @@ async fn metrics_count_evictions_and_show_the_budget() {
     let max = 250 * KIB as u64;
     let s = start(&upstream, &data, Some(max)).await;
     for d in &digests {
-        s.get_blob(REPO, d).await;
+        s.get_blob_committed(REPO, d).await;
     }
     let evicted = s
         .metrics_when("an eviction", |m| m["cistern_evicted_blobs_total"] > 0.0)
@@ -290,7 +303,7 @@ async fn purge_removes_and_the_next_pull_refetches() {
     let manifest_digest = sha256_digest(&manifest);
     let data = DataDir::new();
     let s = start(&upstream, &data, None).await;
-    s.get_blob(REPO, &digest).await;
+    s.get_blob_committed(REPO, &digest).await;
     s.client().get_manifest(REPO, &manifest_digest).await;
     assert!(data.blob_path(&digest).exists());
 
@@ -364,7 +377,7 @@ async fn a_blob_purged_while_it_is_being_fetched_is_not_committed_after() {
     assert_eq!(stats["blobs"], 0, "{stats}");
 
     // The next pull fetches it again, and this time it is cached.
-    s.get_blob(REPO, &digest).await;
+    s.get_blob_committed(REPO, &digest).await;
     assert_eq!(upstream.blob_gets(&digest), 2);
     s.shutdown().await;
 }
@@ -375,11 +388,11 @@ async fn pins_survive_eviction_and_restarts() {
     let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let data = DataDir::new();
     let s = start(&upstream, &data, Some(3 * MIB as u64)).await;
-    s.get_blob(REPO, &d[0]).await;
+    s.get_blob_committed(REPO, &d[0]).await;
     let r = s.admin(Method::PUT, &format!("/admin/pins/{}", d[0])).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
     for digest in &d[1..] {
-        s.get_blob(REPO, digest).await;
+        s.get_blob_committed(REPO, digest).await;
     }
     eventually("eviction", patience(), || !data.blob_path(&d[1]).exists()).await;
     assert!(data.blob_path(&d[0]).exists(), "a pinned blob was evicted");
@@ -394,37 +407,19 @@ async fn pins_survive_eviction_and_restarts() {
     assert_eq!(r.json()["changed"], true);
 
     // The CLI talks to the same API.
-    let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url(), "--token-file"])
-        .arg(s.admin_token_file())
-        .arg("stats")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cli_json(&online_admin(&s, &["stats"]));
     assert_eq!(v["pins"], 0);
     s.shutdown().await;
 
     // On a stopped cache, the CLI works on the directory itself.
     let cli = |args: &[&str]| offline_admin(&data, args);
-    let out = cli(&["pin", &d[4]]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_json(&cli(&["pin", &d[4]]));
     let out = cli(&["pins"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&d[4]));
     let out = cli(&["purge-blob", &d[3]]);
     assert!(out.status.success());
     assert!(!data.blob_path(&d[3]).exists());
-    let out = cli(&["stats"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cli_json(&cli(&["stats"]));
     assert_eq!(v["pins"], 1);
 }
 
@@ -635,19 +630,7 @@ async fn pattern_pins_hold_a_repository_through_eviction_and_restarts() {
     r.assert_oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID");
 
     // The CLI pins through the API (the pattern is percent-encoded in the query).
-    let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["admin", "--url", &s.admin_url(), "--token-file"])
-        .arg(s.admin_token_file())
-        .args(["pin", &pattern])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cli_json(&online_admin(&s, &["pin", &pattern]));
     assert_eq!(
         (v["pattern"].as_str(), v["changed"].as_bool()),
         (Some(pattern.as_str()), Some(true))
@@ -725,19 +708,11 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
     s.shutdown().await;
 
     let cli = |args: &[&str]| offline_admin(&data, args);
-    let json = |out: &std::process::Output| -> serde_json::Value {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
     let exists = |b: &[u8]| data.blob_path(&sha256_digest(b)).exists();
 
     // The repository owns the manifest it served by digest (a link recorded on disk, read
     // back by this separate process).
-    let v = json(&cli(&["purge-repo", &format!("{registry}/{PINNED}")]));
+    let v = cli_json(&cli(&["purge-repo", &format!("{registry}/{PINNED}")]));
     assert_eq!(v["links"], 1, "{v}");
     assert_eq!(v["removed"]["manifests"], 1);
     assert_eq!(v["removed"]["blobs"], 2);
@@ -747,8 +722,8 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
     assert!(!data.manifest_path(&sha256_digest(&deploy)).exists());
 
     // A digest pin keeps a blob a purge would otherwise remove.
-    json(&cli(&["pin", &sha256_digest(&a1)]));
-    let v = json(&cli(&["purge-tag", &format!("{registry}/{REPO}:1")]));
+    cli_json(&cli(&["pin", &sha256_digest(&a1)]));
+    let v = cli_json(&cli(&["purge-tag", &format!("{registry}/{REPO}:1")]));
     assert_eq!(v["tags"], 1);
     assert_eq!(v["removed"]["blobs"], 2, "{v}");
     assert_eq!(v["kept"]["blobs"], 1);
@@ -761,6 +736,6 @@ async fn the_cli_purges_a_stopped_cache_and_pulls_by_digest_belong_to_their_repo
         let out = cli(&["purge-repo", bad]);
         assert!(!out.status.success(), "{bad} was accepted");
     }
-    let v = json(&cli(&["pins"]));
+    let v = cli_json(&cli(&["pins"]));
     assert_eq!(v["pins"], serde_json::json!([sha256_digest(&a1)]));
 }

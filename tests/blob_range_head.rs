@@ -17,12 +17,6 @@ async fn setup(seed: u64) -> (FakeRegistry, TestCistern, bytes::Bytes, String) {
     (upstream, cistern, blob, digest)
 }
 
-async fn get_range(client: &Client, route: &str, range: &str) -> Response {
-    client
-        .send(client.request(Method::GET, route).header("range", range))
-        .await
-}
-
 #[track_caller]
 fn assert_blob_headers(r: &Response, digest: &str) {
     assert_eq!(r.header("content-type"), Some("application/octet-stream"));
@@ -72,7 +66,7 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
         let (upstream, cistern, blob, digest) = setup(seed).await;
         let client = cistern.client();
 
-        let r = get_range(&client, &blob_route(REPO, &digest), range).await;
+        let r = client.get_range(&blob_route(REPO, &digest), range).await;
         assert_eq!(
             r.status,
             StatusCode::PARTIAL_CONTENT,
@@ -115,11 +109,7 @@ async fn warm_ranges_are_served_from_the_cache() {
     let (upstream, cistern, blob, digest) = setup(20).await;
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
-    client.get_blob(REPO, &digest).await.expect("warm up");
-    cistern
-        .data()
-        .wait_for_blob(&digest, "the blob to be committed")
-        .await;
+    cistern.get_blob_committed(REPO, &digest).await;
     let before = upstream.requests().len();
 
     for (range, first, last) in [
@@ -131,7 +121,7 @@ async fn warm_ranges_are_served_from_the_cache() {
         // A last byte past the end is clamped to the end (RFC 9110, 14.1.2).
         ("bytes=999000-5000000", 999_000, SIZE - 1),
     ] {
-        let r = get_range(&client, &route, range).await;
+        let r = client.get_range(&route, range).await;
         assert_eq!(
             r.status,
             StatusCode::PARTIAL_CONTENT,
@@ -153,7 +143,7 @@ async fn unsatisfiable_range_is_416_cold_and_warm() {
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
 
-    let cold = get_range(&client, &route, "bytes=1000000-").await;
+    let cold = client.get_range(&route, "bytes=1000000-").await;
     assert_eq!(
         cold.status,
         StatusCode::RANGE_NOT_SATISFIABLE,
@@ -166,13 +156,9 @@ async fn unsatisfiable_range_is_416_cold_and_warm() {
         "cold"
     );
 
-    client.get_blob(REPO, &digest).await.expect("warm up");
-    cistern
-        .data()
-        .wait_for_blob(&digest, "the blob to be committed")
-        .await;
+    cistern.get_blob_committed(REPO, &digest).await;
     for range in ["bytes=1000000-", "bytes=2000000-2000010"] {
-        let warm = get_range(&client, &route, range).await;
+        let warm = client.get_range(&route, range).await;
         assert_eq!(
             warm.status,
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -235,11 +221,7 @@ async fn head_falls_back_to_a_one_byte_range_get_when_upstream_head_has_no_lengt
 async fn head_of_a_cached_blob_asks_upstream_nothing() {
     let (upstream, cistern, _blob, digest) = setup(60).await;
     let client = cistern.client();
-    client.get_blob(REPO, &digest).await.expect("warm up");
-    cistern
-        .data()
-        .wait_for_blob(&digest, "the blob to be committed")
-        .await;
+    cistern.get_blob_committed(REPO, &digest).await;
     let before = upstream.requests().len();
 
     let head = client.head(&blob_route(REPO, &digest)).await;

@@ -14,7 +14,9 @@ use std::process::{Command, Stdio};
 
 use support::data_dir::{blob_path_in, files_in};
 use support::process::ChildCistern;
-use support::{Client, DataDir, FakeRegistry, MIB, assert_same_bytes, blob_bytes, sha256_digest};
+use support::{
+    Client, DataDir, FakeRegistry, MIB, assert_same_bytes, blob_bytes, blob_route, sha256_digest,
+};
 
 const REPO: &str = "disk/full";
 /// The tmpfs: room for the small blob and a little, not for the large one beside it.
@@ -135,13 +137,9 @@ async fn a_full_disk_passes_the_blob_through_then_makes_room() {
     let d = large_digest.clone();
     let whole_b = tokio::spawn(async move { b.get_blob(REPO, &d).await });
     let tail = client
-        .send(
-            client
-                .request(
-                    http::Method::GET,
-                    &format!("/v2/{REPO}/blobs/{large_digest}"),
-                )
-                .header("range", format!("bytes={}-", 18 * MIB)),
+        .get_range(
+            &blob_route(REPO, &large_digest),
+            format!("bytes={}-", 18 * MIB),
         )
         .await;
     assert_eq!(tail.status, http::StatusCode::PARTIAL_CONTENT);

@@ -94,6 +94,7 @@ use std::time::{Duration, Instant};
 
 use flate2::Compression;
 
+use e2e::Workdir;
 use e2e::cistern::Cistern;
 use e2e::containerd::{self, Containerd};
 use e2e::daemon;
@@ -142,6 +143,11 @@ fn write_layout(dir: &Path, names: &[&str]) -> PathBuf {
     path
 }
 
+/// Starts one registry per name, each under `work/<name>`.
+fn start_registries<const N: usize>(work: &Workdir, names: [&str; N]) -> [Registry; N] {
+    names.map(|name| Registry::start(&work.sub(name)))
+}
+
 /// Pushes layout tag `tag` to `registry` as `repo:1` and reads it back.
 fn push(
     skopeo: &Skopeo,
@@ -153,6 +159,40 @@ fn push(
 ) -> Seeded {
     let dest = format!("{repo}:1");
     fixtures::push(skopeo, layout, tag, registry.addr, &dest, None, ctx)
+}
+
+/// Pushes layout tag `tag` as `repo:1` to each of `registries`, which must then all hold the
+/// same manifest (the same bytes everywhere, as the setup promises); returns the first's.
+fn push_to_each(
+    skopeo: &Skopeo,
+    layout: &Path,
+    tag: &str,
+    registries: &[&Registry],
+    repo: &str,
+    ctx: &dyn Fn() -> String,
+) -> Seeded {
+    let mut seeded = registries
+        .iter()
+        .map(|r| push(skopeo, layout, tag, r, repo, ctx));
+    let first = seeded.next().expect("at least one registry");
+    for other in seeded {
+        assert_eq!(
+            first.manifest, other.manifest,
+            "{tag} differs between upstreams"
+        );
+    }
+    first
+}
+
+/// Checks what `skopeo copy` wrote to `dir`: `seeded`'s exact manifest and every blob.
+fn check_copied_dir(dir: &Path, seeded: &Seeded) {
+    let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
+    assert!(manifest == seeded.manifest, "copied manifest.json");
+    for blob in &seeded.blobs {
+        let bytes = std::fs::read(dir.join(blob.strip_prefix("sha256:").unwrap()))
+            .unwrap_or_else(|e| panic!("blob {blob} not copied: {e}"));
+        assert_eq!(&image::sha256_digest(&bytes), blob, "copied blob content");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -180,6 +220,22 @@ fn served_blobs(registry: &Registry, repo: &str) -> BTreeSet<String> {
         })
         .filter(|d| d.starts_with("sha256:"))
         .collect()
+}
+
+/// Asserts that `registry` served cistern every blob of `seeded` (as `repo`) and no other.
+fn assert_served_all(
+    registry: &Registry,
+    repo: &str,
+    seeded: &Seeded,
+    why: &str,
+    ctx: &dyn Fn() -> String,
+) {
+    assert_eq!(
+        served_blobs(registry, repo),
+        seeded.blobs,
+        "{why}\n{}",
+        ctx()
+    );
 }
 
 /// Cistern's blob GETs for `repo` in `registry`'s log, whatever their status.
@@ -250,6 +306,32 @@ fn routes_toml(
     s
 }
 
+/// `registry` as an upstream url.
+fn url(registry: &Registry) -> String {
+    format!("http://{}", registry.host())
+}
+
+/// Cistern with the upstreams and routes of [`routes_toml`]: docker.io from `mirror_url` then
+/// `origin`, ghcr.io from `ghcr` if given.
+fn start_cistern(
+    work: &Workdir,
+    mirror_url: &str,
+    origin: &Registry,
+    ghcr: Option<&Registry>,
+    tags_from: Option<&[&str]>,
+) -> Cistern {
+    let ghcr = ghcr.map(url);
+    let routes = routes_toml(mirror_url, &url(origin), ghcr.as_deref(), tags_from);
+    Cistern::start_routes(&work.sub("cistern"), &routes)
+}
+
+/// A private containerd and, for it, a hosts dir sending every registry to `cistern`
+/// ([`hosts_for`]).
+fn start_containerd(work: &Workdir, cistern: &Cistern) -> (Containerd, PathBuf) {
+    let hosts = hosts_for(&work.sub("hosts"), cistern);
+    (Containerd::start(&work.path.join("containerd")), hosts)
+}
+
 /// A hosts dir sending docker.io, ghcr.io and quay.io to cistern, each with a dead `server`.
 fn hosts_for(dir: &Path, cistern: &Cistern) -> PathBuf {
     let dead_port = daemon::free_port();
@@ -268,6 +350,27 @@ fn ctr_pull(
     ctx: &dyn Fn() -> String,
 ) {
     ctd.pull(NS, hosts, &[], reference, ctx);
+    ctd.check_image(NS, reference, seeded, ctx);
+}
+
+/// Pulls `reference` past the silent mirror: `ctr` must succeed within [`HANGING_PULL_LIMIT`]
+/// (`what` names the pull if not), and the image is checked.
+fn ctr_pull_past_silent(
+    ctd: &Containerd,
+    hosts: &Path,
+    reference: &str,
+    seeded: &Seeded,
+    what: &str,
+    ctx: &dyn Fn() -> String,
+) {
+    let mut pull = ctd.pull_command(NS, hosts, &[], reference);
+    let out = daemon::run(&mut pull, HANGING_PULL_LIMIT);
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        output_text(&out),
+        ctx()
+    );
     ctd.check_image(NS, reference, seeded, ctx);
 }
 
@@ -327,35 +430,22 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
     ) else {
         return;
     };
-    let mirror = Registry::start(&work.sub("mirror"));
-    let origin = Registry::start(&work.sub("origin"));
-    let ghcr = Registry::start(&work.sub("ghcr"));
+    let [mirror, origin, ghcr] = start_registries(&work, ["mirror", "origin", "ghcr"]);
     let regs = [&mirror, &origin, &ghcr];
     let rctx = || logs(&regs, None, "");
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let layout = write_layout(&work.sub("images"), &["x", "y", "z", "v"]);
-    let x = push(&skopeo, &layout, "x", &mirror, "library/x", &rctx);
-    let x_origin = push(&skopeo, &layout, "x", &origin, "library/x", &rctx);
-    assert_eq!(x.manifest, x_origin.manifest, "x differs between upstreams");
-    let v = push(&skopeo, &layout, "v", &mirror, "library/v", &rctx);
-    push(&skopeo, &layout, "v", &origin, "library/v", &rctx);
+    let both = [&mirror, &origin];
+    let x = push_to_each(&skopeo, &layout, "x", &both, "library/x", &rctx);
+    let v = push_to_each(&skopeo, &layout, "v", &both, "library/v", &rctx);
     let z = push(&skopeo, &layout, "z", &origin, "library/z", &rctx);
     let y = push(&skopeo, &layout, "y", &ghcr, "org/y", &rctx);
     // The premise of the 404 fallback: the mirror really lacks z.
     let r = daemon::http_get(mirror.addr, "/v2/library/z/manifests/1", &[]).unwrap();
     assert_eq!(r.status, 404, "the mirror must not have library/z");
 
-    let cistern = Cistern::start_routes(
-        &work.sub("cistern"),
-        &routes_toml(
-            &format!("http://{}", mirror.host()),
-            &format!("http://{}", origin.host()),
-            Some(&format!("http://{}", ghcr.host())),
-            None,
-        ),
-    );
-    let hosts = hosts_for(&work.sub("hosts"), &cistern);
-    let ctd = Containerd::start(&work.path.join("containerd"));
+    let cistern = start_cistern(&work, &url(&mirror), &origin, Some(&ghcr), None);
+    let (ctd, hosts) = start_containerd(&work, &cistern);
     let ctx = || logs(&regs, Some(&cistern), &ctd.daemon.tail(30));
 
     // Two registries through one cistern, picked by ?ns=.
@@ -371,11 +461,12 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
         r.settle(LOG_QUIET);
     }
     // x: every blob from the mirror (first in the route); origin not asked for x's blobs.
-    assert_eq!(
-        served_blobs(&mirror, "library/x"),
-        x.blobs,
-        "x's blobs must all come from the mirror\n{}",
-        ctx()
+    assert_served_all(
+        &mirror,
+        "library/x",
+        &x,
+        "x's blobs must all come from the mirror",
+        &ctx,
     );
     let origin_x = blob_gets_for(&origin, "library/x");
     assert!(
@@ -384,11 +475,12 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
         ctx()
     );
     // y: every blob from ghcr; the docker.io upstreams never heard of org/y.
-    assert_eq!(
-        served_blobs(&ghcr, "org/y"),
-        y.blobs,
-        "y's blobs must all come from the ghcr.io upstream\n{}",
-        ctx()
+    assert_served_all(
+        &ghcr,
+        "org/y",
+        &y,
+        "y's blobs must all come from the ghcr.io upstream",
+        &ctx,
     );
     for (name, r) in [("mirror", &mirror), ("origin", &origin)] {
         let leaked = requests_for(r, "org/y");
@@ -417,11 +509,12 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
         mirror_z.iter().all(|r| r.status == 404),
         "the mirror answered z with something other than 404: {mirror_z:#?}"
     );
-    assert_eq!(
-        served_blobs(&origin, "library/z"),
-        z.blobs,
-        "z's blobs must all come from origin after the mirror's 404\n{}",
-        ctx()
+    assert_served_all(
+        &origin,
+        "library/z",
+        &z,
+        "z's blobs must all come from origin after the mirror's 404",
+        &ctx,
     );
     eprintln!(
         "mirror requests for z (all 404): {:?}",
@@ -435,14 +528,12 @@ fn containerd_routes_by_ns_and_falls_back_on_404() {
         "fewer 404s than breaker_failures: the check below would prove nothing"
     );
     // v: after those 404s the mirror still serves (its breaker did not open).
-    assert_eq!(
-        served_blobs(&mirror, "library/v"),
-        v.blobs,
+    let why = format!(
         "after {} 404s from the mirror, v's blobs must still come from it (404 is not a \
-         breaker failure)\n{}",
-        mirror_z.len(),
-        ctx()
+         breaker failure)",
+        mirror_z.len()
     );
+    assert_served_all(&mirror, "library/v", &v, &why, &ctx);
     let origin_v = blob_gets_for(&origin, "library/v");
     assert!(
         origin_v.is_empty(),
@@ -510,31 +601,19 @@ fn containerd_falls_back_when_mirror_is_killed() {
     ) else {
         return;
     };
-    let mut mirror = Registry::start(&work.sub("mirror"));
-    let origin = Registry::start(&work.sub("origin"));
+    let [mut mirror, origin] = start_registries(&work, ["mirror", "origin"]);
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let layout = write_layout(&work.sub("images"), &["x", "w"]);
     let (x, w) = {
         let rctx = || logs(&[&mirror, &origin], None, "");
-        let x = push(&skopeo, &layout, "x", &mirror, "library/x", &rctx);
-        push(&skopeo, &layout, "x", &origin, "library/x", &rctx);
-        let w = push(&skopeo, &layout, "w", &mirror, "library/w", &rctx);
-        let w_origin = push(&skopeo, &layout, "w", &origin, "library/w", &rctx);
-        assert_eq!(w.manifest, w_origin.manifest);
+        let both = [&mirror, &origin];
+        let x = push_to_each(&skopeo, &layout, "x", &both, "library/x", &rctx);
+        let w = push_to_each(&skopeo, &layout, "w", &both, "library/w", &rctx);
         (x, w)
     };
 
-    let cistern = Cistern::start_routes(
-        &work.sub("cistern"),
-        &routes_toml(
-            &format!("http://{}", mirror.host()),
-            &format!("http://{}", origin.host()),
-            None,
-            None,
-        ),
-    );
-    let hosts = hosts_for(&work.sub("hosts"), &cistern);
-    let ctd = Containerd::start(&work.path.join("containerd"));
+    let cistern = start_cistern(&work, &url(&mirror), &origin, None, None);
+    let (ctd, hosts) = start_containerd(&work, &cistern);
 
     // While the mirror is up, it serves.
     {
@@ -542,11 +621,12 @@ fn containerd_falls_back_when_mirror_is_killed() {
         ctr_pull(&ctd, &hosts, "docker.io/library/x:1", &x, &ctx);
         mirror.settle(LOG_QUIET);
         origin.settle(LOG_QUIET);
-        assert_eq!(
-            served_blobs(&mirror, "library/x"),
-            x.blobs,
-            "with the mirror up, x's blobs must come from it\n{}",
-            ctx()
+        assert_served_all(
+            &mirror,
+            "library/x",
+            &x,
+            "with the mirror up, x's blobs must come from it",
+            &ctx,
         );
         assert!(blob_gets_for(&origin, "library/x").is_empty());
     }
@@ -562,11 +642,12 @@ fn containerd_falls_back_when_mirror_is_killed() {
     let ctx = || logs(&[&mirror, &origin], Some(&cistern), &ctd.daemon.tail(30));
     ctr_pull(&ctd, &hosts, "docker.io/library/w:1", &w, &ctx);
     origin.settle(LOG_QUIET);
-    assert_eq!(
-        served_blobs(&origin, "library/w"),
-        w.blobs,
-        "with the mirror stopped, w's blobs must all come from origin\n{}",
-        ctx()
+    assert_served_all(
+        &origin,
+        "library/w",
+        &w,
+        "with the mirror stopped, w's blobs must all come from origin",
+        &ctx,
     );
     let mirror_w = blob_gets_for(&mirror, "library/w");
     assert!(
@@ -593,59 +674,27 @@ fn containerd_falls_back_when_mirror_never_answers() {
     let h2 = push(&skopeo, &layout, "h2", &origin, "library/h2", &rctx);
 
     let mut silent = Silent::start();
-    let cistern = Cistern::start_routes(
-        &work.sub("cistern"),
-        &routes_toml(
-            &format!("http://{}", silent.addr),
-            &format!("http://{}", origin.host()),
-            None,
-            None,
-        ),
-    );
-    let hosts = hosts_for(&work.sub("hosts"), &cistern);
-    let ctd = Containerd::start(&work.path.join("containerd"));
+    let silent_url = format!("http://{}", silent.addr);
+    let cistern = start_cistern(&work, &silent_url, &origin, None, None);
+    let (ctd, hosts) = start_containerd(&work, &cistern);
     let ctx = || logs(&[&origin], Some(&cistern), &ctd.daemon.tail(30));
 
-    let reference = "docker.io/library/h:1";
     let started = Instant::now();
-    let mut pull = ctd.pull_command(NS, &hosts, &[], reference);
-    let out = daemon::run(&mut pull, HANGING_PULL_LIMIT);
+    let what = "pull with a mirror that never answers (header_timeout = 2s)";
+    ctr_pull_past_silent(&ctd, &hosts, "docker.io/library/h:1", &h, what, &ctx);
     let took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "pull with a mirror that never answers (header_timeout = 2s) failed:\n{}\n{}",
-        output_text(&out),
-        ctx()
-    );
-    ctd.check_image(NS, reference, &h, &ctx);
     origin.settle(LOG_QUIET);
-    assert_eq!(
-        served_blobs(&origin, "library/h"),
-        h.blobs,
-        "h's blobs must all come from origin\n{}",
-        ctx()
-    );
+    let why = "h's blobs must all come from origin";
+    assert_served_all(&origin, "library/h", &h, why, &ctx);
 
     // By now the mirror has failed at least BREAKER_FAILURES times in a row (a tag HEAD, a
     // manifest GET and blob GETs for h, each timed out): its circuit is open, and the next
     // pull does not wait for it at all.
-    let reference2 = "docker.io/library/h2:1";
-    let mut pull = ctd.pull_command(NS, &hosts, &[], reference2);
-    let out = daemon::run(&mut pull, HANGING_PULL_LIMIT);
-    assert!(
-        out.status.success(),
-        "second pull with the silent mirror failed:\n{}\n{}",
-        output_text(&out),
-        ctx()
-    );
-    ctd.check_image(NS, reference2, &h2, &ctx);
+    let what = "second pull with the silent mirror";
+    ctr_pull_past_silent(&ctd, &hosts, "docker.io/library/h2:1", &h2, what, &ctx);
     origin.settle(LOG_QUIET);
-    assert_eq!(
-        served_blobs(&origin, "library/h2"),
-        h2.blobs,
-        "h2's blobs must all come from origin\n{}",
-        ctx()
-    );
+    let why = "h2's blobs must all come from origin";
+    assert_served_all(&origin, "library/h2", &h2, why, &ctx);
 
     let (accepted, lines) = silent.finish();
     eprintln!(
@@ -685,9 +734,7 @@ fn skopeo_path_prefix_names_the_registry() {
     ) else {
         return;
     };
-    let mirror = Registry::start(&work.sub("mirror"));
-    let origin = Registry::start(&work.sub("origin"));
-    let ghcr = Registry::start(&work.sub("ghcr"));
+    let [mirror, origin, ghcr] = start_registries(&work, ["mirror", "origin", "ghcr"]);
     let regs = [&mirror, &origin, &ghcr];
     let rctx = || logs(&regs, None, "");
     let skopeo = Skopeo::new(&work.sub("skopeo"));
@@ -704,14 +751,12 @@ fn skopeo_path_prefix_names_the_registry() {
     let s_new = push(&skopeo, &layout, "s-new", &origin, "library/s", &rctx);
     assert_ne!(s_old.digest, s_new.digest);
 
-    let cistern = Cistern::start_routes(
-        &work.sub("cistern"),
-        &routes_toml(
-            &format!("http://{}", mirror.host()),
-            &format!("http://{}", origin.host()),
-            Some(&format!("http://{}", ghcr.host())),
-            Some(&["origin"]),
-        ),
+    let cistern = start_cistern(
+        &work,
+        &url(&mirror),
+        &origin,
+        Some(&ghcr),
+        Some(&["origin"]),
     );
     let host = cistern.host();
     let ctx = || logs(&regs, Some(&cistern), "");
@@ -752,22 +797,12 @@ fn skopeo_path_prefix_names_the_registry() {
     // A full copy by the prefixed name: every blob from ghcr.
     let dest = work.sub("copy-y");
     skopeo.copy_to_dir(&format!("{host}/ghcr.io/org/y:1"), &dest, &ctx);
-    let manifest = std::fs::read(dest.join("manifest.json")).unwrap();
-    assert!(manifest == y.manifest, "copied manifest.json");
-    for blob in &y.blobs {
-        let bytes = std::fs::read(dest.join(blob.strip_prefix("sha256:").unwrap()))
-            .unwrap_or_else(|e| panic!("blob {blob} not copied: {e}"));
-        assert_eq!(&image::sha256_digest(&bytes), blob);
-    }
+    check_copied_dir(&dest, &y);
     for r in regs {
         r.settle(LOG_QUIET);
     }
-    assert_eq!(
-        served_blobs(&ghcr, "org/y"),
-        y.blobs,
-        "y's blobs must come from the ghcr.io upstream\n{}",
-        ctx()
-    );
+    let why = "y's blobs must come from the ghcr.io upstream";
+    assert_served_all(&ghcr, "org/y", &y, why, &ctx);
     let tag_asked: Vec<Request> = requests_for(&mirror, "library/s")
         .into_iter()
         .filter(|r| r.uri.starts_with("/v2/library/s/manifests/1"))
@@ -797,41 +832,24 @@ fn skopeo_falls_back_on_content_that_fails_verification() {
     ) else {
         return;
     };
-    let mirror = Registry::start(&work.sub("mirror"));
-    let origin = Registry::start(&work.sub("origin"));
+    let [mirror, origin] = start_registries(&work, ["mirror", "origin"]);
     let regs = [&mirror, &origin];
     let rctx = || logs(&regs, None, "");
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let layout = write_layout(&work.sub("images"), &["corrupt-manifest", "corrupt-layer"]);
-    let cm = push(
+    let cm = push_to_each(
         &skopeo,
         &layout,
         "corrupt-manifest",
-        &mirror,
+        &regs,
         "library/cm",
         &rctx,
     );
-    push(
-        &skopeo,
-        &layout,
-        "corrupt-manifest",
-        &origin,
-        "library/cm",
-        &rctx,
-    );
-    let cl = push(
+    let cl = push_to_each(
         &skopeo,
         &layout,
         "corrupt-layer",
-        &mirror,
-        "library/cl",
-        &rctx,
-    );
-    push(
-        &skopeo,
-        &layout,
-        "corrupt-layer",
-        &origin,
+        &regs,
         "library/cl",
         &rctx,
     );
@@ -879,15 +897,7 @@ fn skopeo_falls_back_on_content_that_fails_verification() {
         r.status
     );
 
-    let cistern = Cistern::start_routes(
-        &work.sub("cistern"),
-        &routes_toml(
-            &format!("http://{}", mirror.host()),
-            &format!("http://{}", origin.host()),
-            None,
-            None,
-        ),
-    );
+    let cistern = start_cistern(&work, &url(&mirror), &origin, None, None);
     let host = cistern.host();
     let ctx = || logs(&regs, Some(&cistern), "");
 
@@ -955,13 +965,7 @@ fn skopeo_falls_back_on_content_that_fails_verification() {
         );
         work.path.join("copy-2")
     };
-    let manifest = std::fs::read(copied.join("manifest.json")).unwrap();
-    assert!(manifest == cl.manifest, "copied manifest.json");
-    for blob in &cl.blobs {
-        let bytes = std::fs::read(copied.join(blob.strip_prefix("sha256:").unwrap()))
-            .unwrap_or_else(|e| panic!("blob {blob} not copied: {e}"));
-        assert_eq!(&image::sha256_digest(&bytes), blob, "copied blob content");
-    }
+    check_copied_dir(&copied, &cl);
     origin.settle(LOG_QUIET);
     assert!(
         served_blobs(&origin, "library/cl").contains(&layer),

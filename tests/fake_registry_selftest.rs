@@ -39,34 +39,16 @@ async fn serves_ranges() {
     let client = Client::new(upstream.url());
     let path = format!("/v2/{REPO}/blobs/{digest}");
 
-    let r = client
-        .send(
-            client
-                .request(Method::GET, &path)
-                .header("range", "bytes=0-0"),
-        )
-        .await;
+    let r = client.get_range(&path, "bytes=0-0").await;
     assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
     assert_eq!(r.header("content-range"), Some("bytes 0-0/1000"));
     assert_eq!(r.bytes()[..], blob[..1]);
 
-    let r = client
-        .send(
-            client
-                .request(Method::GET, &path)
-                .header("range", "bytes=-10"),
-        )
-        .await;
+    let r = client.get_range(&path, "bytes=-10").await;
     assert_eq!(r.header("content-range"), Some("bytes 990-999/1000"));
     assert_eq!(r.bytes()[..], blob[990..]);
 
-    let r = client
-        .send(
-            client
-                .request(Method::GET, &path)
-                .header("range", "bytes=1000-"),
-        )
-        .await;
+    let r = client.get_range(&path, "bytes=1000-").await;
     assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.header("content-range"), Some("bytes */1000"));
 
@@ -219,18 +201,12 @@ async fn status_faults_and_unknown_content() {
     assert_eq!(client.get_blob(REPO, &digest).await.unwrap(), blob);
 
     let missing = sha256_digest(b"missing");
-    client
-        .get(&format!("/v2/{REPO}/blobs/{missing}"))
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    client.assert_blob_unknown(REPO, &missing).await;
     client
         .get(&format!("/v2/nope/blobs/{digest}"))
         .await
         .assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
-    client
-        .get_manifest(REPO, "nope")
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    client.assert_manifest_unknown(REPO, "nope").await;
     client
         .send(client.request(Method::PUT, &path))
         .await
@@ -257,10 +233,8 @@ async fn manifests_tags_and_the_request_log() {
     let manifest =
         br#"{ "schemaVersion":2,   "mediaType" : "application/vnd.oci.image.manifest.v1+json" }"#;
     let digest = sha256_digest(manifest);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("v1"), OCI_MANIFEST, &manifest[..])
-        .start()
-        .await;
+    let manifest = bytes::Bytes::from_static(manifest);
+    let upstream = FakeRegistry::with_manifest(REPO, Some("v1"), OCI_MANIFEST, &manifest).await;
     upstream.tag(REPO, "v2", &digest);
     upstream.tag(REPO, "v3", &digest);
     let client = Client::new(upstream.url());
@@ -349,13 +323,7 @@ async fn answers_for_every_request_rate_limit_redirect_and_ignore_range() {
 
     let store = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::IgnoreRange).await;
     let ranged = Client::new(store.url());
-    let r = ranged
-        .send(
-            ranged
-                .request(Method::GET, &path)
-                .header("range", "bytes=10-"),
-        )
-        .await;
+    let r = ranged.get_range(&path, "bytes=10-").await;
     assert_eq!(r.status, StatusCode::OK, "Range ignored");
     assert_same_bytes(r.bytes(), &blob, "the whole blob");
 
@@ -422,22 +390,11 @@ async fn basic_auth_scripts_and_a_silent_registry() {
     let r = client.get("/hello").await;
     r.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
     assert!(r.header("www-authenticate").unwrap().starts_with("Basic "));
-    let r = client
-        .send(
-            client
-                .request(Method::GET, "/hello")
-                .basic_auth("u", Some("p")),
-        )
-        .await;
+    let with_basic = |path| client.request(Method::GET, path).basic_auth("u", Some("p"));
+    let r = client.send(with_basic("/hello")).await;
     r.assert_oci_error(StatusCode::IM_A_TEAPOT, "TEAPOT");
     // Past the script, the content: an empty registry.
-    let r = client
-        .send(
-            client
-                .request(Method::GET, "/v2/a/b/tags/list")
-                .basic_auth("u", Some("p")),
-        )
-        .await;
+    let r = client.send(with_basic("/v2/a/b/tags/list")).await;
     r.assert_oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
 
     // A silent registry logs the request and never sends a head.

@@ -176,14 +176,8 @@ async fn missing_everywhere_is_404() {
     let cistern = mirror_then_origin(at(&mirror.url()), at(&origin.url())).await;
     let client = cistern.client();
 
-    client
-        .get(&blob_route(REPO, &digest))
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
-    client
-        .get_manifest(REPO, "no-such-tag")
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    client.assert_blob_unknown(REPO, &digest).await;
+    client.assert_manifest_unknown(REPO, "no-such-tag").await;
     assert_eq!(
         (mirror.blob_gets(&digest), origin.blob_gets(&digest)),
         (1, 1)

@@ -206,10 +206,7 @@ async fn stale_if_error_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_stale_if_error_a_failing_upstream_is_an_error() {
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(3))
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &manifest(3)).await;
     let clock = clock();
     let ttl = Duration::from_secs(60);
     let cistern = start(&upstream, &clock, move |c| {
@@ -259,24 +256,17 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_tag_is_remembered_for_negative_ttl() {
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, Some("1.0"), OCI_MANIFEST, manifest(6))
-        .start()
-        .await;
+    let upstream = FakeRegistry::with_manifest(REPO, Some("1.0"), OCI_MANIFEST, &manifest(6)).await;
     let clock = clock();
     let negative = Duration::from_secs(60);
     let cistern = start(&upstream, &clock, move |c| c.cache.negative_ttl = negative).await;
     let client = cistern.client();
-    let first = client.get_manifest(REPO, "nope").await;
-    first.assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    client.assert_manifest_unknown(REPO, "nope").await;
     let asked = upstream.manifest_requests();
     assert!(asked > 0);
     for _ in 0..20 {
         clock.advance(negative / 30);
-        client
-            .get_manifest(REPO, "nope")
-            .await
-            .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+        client.assert_manifest_unknown(REPO, "nope").await;
         let head = client.head(&manifest_route(REPO, "nope")).await;
         assert_eq!(head.status, StatusCode::NOT_FOUND);
     }
@@ -354,14 +344,8 @@ async fn offline_mode_serves_the_cache_and_never_calls_upstream() {
     assert_eq!(head.status, StatusCode::OK);
 
     // What was never cached is unknown, and asking for it reaches no upstream.
-    client
-        .get(&blob_route(REPO, &other))
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
-    client
-        .get_manifest(REPO, "2.0")
-        .await
-        .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    client.assert_blob_unknown(REPO, &other).await;
+    client.assert_manifest_unknown(REPO, "2.0").await;
     assert_eq!(
         upstream.requests().len(),
         before,

@@ -79,12 +79,8 @@ async fn cached_content_is_served_after_a_restart_without_upstream() {
 
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
-    client.get_blob(REPO, &digest).await.expect("warm blob");
+    cistern.get_blob_committed(REPO, &digest).await;
     assert_eq!(client.get_manifest(REPO, "v1").await.bytes(), &manifest[..]);
-    cistern
-        .data()
-        .wait_for_blob(&digest, "the blob to be committed")
-        .await;
     let data = cistern.shutdown().await;
     assert!(data.blob_path(&digest).is_file());
     assert!(data.manifest_path(&manifest_digest).is_file());
@@ -118,10 +114,8 @@ async fn a_stored_manifest_that_fails_its_digest_is_fetched_again() {
     let manifest =
         br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
     let digest = sha256_digest(manifest);
-    let upstream = FakeRegistry::builder()
-        .manifest(REPO, None, OCI_MANIFEST, &manifest[..])
-        .start()
-        .await;
+    let manifest = bytes::Bytes::from_static(manifest);
+    let upstream = FakeRegistry::with_manifest(REPO, None, OCI_MANIFEST, &manifest).await;
     // A manifest file whose bytes changed on disk (bit rot, a hand edit): it must not be
     // served, nor make the manifest unservable.
     let data = DataDir::new();
@@ -134,11 +128,11 @@ async fn a_stored_manifest_that_fails_its_digest_is_fetched_again() {
     let cistern = TestCistern::start_on(&upstream, data, |_| {}).await;
     let got = cistern.client().get_manifest(REPO, &digest).await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
-    assert_same_bytes(got.body.as_ref().unwrap(), manifest, "manifest");
+    assert_same_bytes(got.body.as_ref().unwrap(), &manifest, "manifest");
     let stored = std::fs::read(cistern.data().manifest_path(&digest)).unwrap();
     assert_same_bytes(
         &stored[OCI_MANIFEST.len() + 1..],
-        manifest,
+        &manifest,
         "the stored manifest, repaired",
     );
 }

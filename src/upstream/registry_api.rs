@@ -159,25 +159,9 @@ impl Upstream {
         reference: &Reference,
         accept: &[String],
     ) -> Result<ManifestHead> {
-        let what = format!("HEAD manifest {name}:{reference}");
-        let url = self
-            .transport
-            .url(&format!("v2/{name}/manifests/{reference}"));
-        let (resp, _permit) = self
-            .send(
-                name,
-                &|| {
-                    with_accept(
-                        self.transport.http().request(Method::HEAD, url.clone()),
-                        accept,
-                    )
-                },
-                &what,
-            )
+        let (resp, _permit, _) = self
+            .manifest_request(Method::HEAD, name, reference, accept)
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.status_error(resp, Object::Manifest, &what).await);
-        }
         let h = resp.headers();
         Ok(ManifestHead {
             digest: reply::digest_header(h),
@@ -194,20 +178,9 @@ impl Upstream {
         accept: &[String],
         max_size: u64,
     ) -> Result<UpstreamManifest> {
-        let what = format!("GET manifest {name}:{reference}");
-        let url = self
-            .transport
-            .url(&format!("v2/{name}/manifests/{reference}"));
-        let (resp, _permit) = self
-            .send(
-                name,
-                &|| with_accept(self.transport.http().get(url.clone()), accept),
-                &what,
-            )
+        let (resp, _permit, what) = self
+            .manifest_request(Method::GET, name, reference, accept)
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.status_error(resp, Object::Manifest, &what).await);
-        }
         let too_large = |n: u64| {
             Error::new(
                 ErrorKind::UpstreamInvalid,
@@ -260,6 +233,38 @@ impl Upstream {
                 )
             })?;
         Ok((body, headers))
+    }
+
+    /// Sends `method` (HEAD or GET) for manifest `name:reference`, accepting `accept`. Returns
+    /// the 200 reply with its request slot (held until the body is read) and the request's
+    /// description for later errors; any other status is the error [`reply::classify`] picks.
+    async fn manifest_request(
+        &self,
+        method: Method,
+        name: &RepoName,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<(reqwest::Response, OwnedSemaphorePermit, String)> {
+        let what = format!("{method} manifest {name}:{reference}");
+        let url = self
+            .transport
+            .url(&format!("v2/{name}/manifests/{reference}"));
+        let (resp, permit) = self
+            .send(
+                name,
+                &|| {
+                    with_accept(
+                        self.transport.http().request(method.clone(), url.clone()),
+                        accept,
+                    )
+                },
+                &what,
+            )
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(resp, Object::Manifest, &what).await);
+        }
+        Ok((resp, permit, what))
     }
 
     /// Turns a reply that is not the answer asked for into an error a client can act on

@@ -296,6 +296,19 @@ impl TestCistern {
         Client::new(self.url())
     }
 
+    /// GETs a blob (which must succeed) and waits for its commit: a client gets its last byte
+    /// before the fsync and rename, and a test that then looks at the disk, or counts the
+    /// upstream's requests, must not race them.
+    pub async fn get_blob_committed(&self, repo: &str, digest: &str) -> bytes::Bytes {
+        let got = self
+            .client()
+            .get_blob(repo, digest)
+            .await
+            .unwrap_or_else(|e| panic!("GET blob {digest} of {repo}: {e}"));
+        self.data().wait_for_blob(digest, "the blob's commit").await;
+        got
+    }
+
     /// The admin API's base URL (the builder asked for [`CisternBuilder::admin`]).
     pub fn admin_url(&self) -> String {
         let addr = self.admin_addr.expect("started with .admin()");

@@ -64,6 +64,12 @@ impl Client {
         self.send(self.request(Method::GET, path)).await
     }
 
+    /// GETs `path` with `Range: <range>` (`range` as sent, e.g. `bytes=0-99`).
+    pub async fn get_range(&self, path: &str, range: impl AsRef<str>) -> Response {
+        let request = self.request(Method::GET, path);
+        self.send(request.header("range", range.as_ref())).await
+    }
+
     pub async fn head(&self, path: &str) -> Response {
         self.send(self.request(Method::HEAD, path)).await
     }
@@ -77,6 +83,20 @@ impl Client {
 
     pub async fn get_manifest(&self, repo: &str, reference: &str) -> Response {
         self.get(&format!("/v2/{repo}/manifests/{reference}")).await
+    }
+
+    /// Asserts that blob `digest` of `repo` is unknown: a 404 `BLOB_UNKNOWN`.
+    pub async fn assert_blob_unknown(&self, repo: &str, digest: &str) {
+        self.get(&super::blob_route(repo, digest))
+            .await
+            .assert_oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    }
+
+    /// Asserts that manifest `reference` of `repo` is unknown: a 404 `MANIFEST_UNKNOWN`.
+    pub async fn assert_manifest_unknown(&self, repo: &str, reference: &str) {
+        self.get_manifest(repo, reference)
+            .await
+            .assert_oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
     }
 
     /// GETs `path`, reads at least `n` body bytes, then drops the response (closing the

@@ -31,4 +31,4 @@ pub mod storage;
 pub mod upstream;
 
 pub use config::Config;
-pub use run::{Server, ServerBuilder};
+pub use run::{Prepared, Server, ServerBuilder};

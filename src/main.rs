@@ -30,10 +30,14 @@ struct Cli {
 enum Command {
     /// Run the registry mirror (the default when no command is given).
     Serve(ServeArgs),
-    /// Validate a config file and print the effective configuration.
+    /// Validate a config file, check the files it names, and summarise it (secrets shown as
+    /// <set>). Exits non-zero if `serve` would refuse it.
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+        /// Print the result as JSON: {"ok": true, "summary": {...}} or {"ok": false, "errors": [...]}.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-hash every cached blob and manifest of a stopped cache and remove the ones that do
     /// not match their digest. Exits 1 if it found (and removed) any.
@@ -117,7 +121,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::CheckConfig { file } => check_config(&file).map(|()| ExitCode::SUCCESS),
+        Command::CheckConfig { file, json } => check_config(&file, json),
         Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify(args),
         Command::Admin(args) => admin(args).map(|()| ExitCode::SUCCESS),
@@ -131,11 +135,57 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
-    let config = Config::load(file)?;
-    println!("{}: ok", file.display());
-    println!("{config:#?}");
-    Ok(())
+fn check_config(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let problems = match Config::load(file) {
+        Err(e) => vec![format!("{e:#}")],
+        Ok(config) => {
+            // Every missing or unreadable file at once; then what `serve` checks in them.
+            let mut problems: Vec<String> = config
+                .referenced_files()
+                .into_iter()
+                .filter_map(|(key, path)| {
+                    std::fs::File::open(&path)
+                        .err()
+                        .map(|e| format!("{key}: {}: {e}", path.display()))
+                })
+                .collect();
+            if problems.is_empty()
+                && let Err(e) = cistern::Prepared::from_config(&config)
+            {
+                problems.push(format!("{e:#}"));
+            }
+            if problems.is_empty() {
+                let summary = config.summary();
+                let text = if json {
+                    serde_json::json!({ "ok": true, "summary": summary }).to_string()
+                } else {
+                    format!("{}: ok\n{}", file.display(), summary.to_string().trim_end())
+                };
+                print_out(&text)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            problems
+        }
+    };
+    if json {
+        print_out(&serde_json::json!({ "ok": false, "errors": problems }).to_string())?;
+    } else {
+        for p in &problems {
+            eprintln!("{}: {p}", file.display());
+        }
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+/// Prints a line to stdout. A closed stdout (`cistern check-config … | head`) ends the output
+/// quietly instead of panicking, as `println!` would.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -154,16 +204,16 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
     let report = store.verify(|_| {})?;
     for (path, why) in &report.removed {
-        println!("removed {}: {why}", path.display());
+        print_out(&format!("removed {}: {why}", path.display()))?;
     }
-    println!(
+    print_out(&format!(
         "{}: {} blobs ({}) and {} manifests verified; {} files removed",
         config.data_dir.display(),
         report.blobs_ok,
         bytesize::ByteSize::b(report.blob_bytes),
         report.manifests_ok,
         report.removed.len()
-    );
+    ))?;
     Ok(if report.removed.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -196,7 +246,7 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
             .clone()
             .or_else(|| config.as_ref().and_then(|c| c.admin.token_file.clone()));
         let answer = runtime.block_on(admin::remote::call(&url, token_file.as_deref(), &op))?;
-        println!("{answer}");
+        print_out(&answer)?;
         return Ok(());
     }
     // A stopped cache, opened as a server opens it: taking its lock, so a cache a server is
@@ -215,7 +265,7 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
         let answer = admin::Admin::new(Arc::new(cache)).apply(&op).await?;
         anyhow::Ok(answer)
     })?;
-    println!("{answer}");
+    print_out(&answer.to_string())?;
     Ok(())
 }
 

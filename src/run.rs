@@ -56,18 +56,12 @@ impl ServerBuilder {
             clock,
             admin_listener,
         } = self;
-        config.validate()?;
-        let admin_token = match &config.admin.token_file {
-            Some(path) => Some(read_token(path)?),
-            None => None,
-        };
-        // HTTPS: loaded before anything else starts, so a bad certificate stops the start.
-        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
-            (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
-            _ => None,
-        };
-        let routes = Routes::from_config(&config)?;
-        let access = config.access.as_ref().map(AccessGate::load).transpose()?;
+        let Prepared {
+            admin_token,
+            tls,
+            routes,
+            access,
+        } = Prepared::from_config(&config)?;
         let admin_listener = match (admin_listener, config.admin.listen) {
             (Some(l), _) => Some(l),
             (None, Some(addr)) => Some(
@@ -94,6 +88,40 @@ impl ServerBuilder {
             admin: admin_listener.map(|l| (l, admin_token)),
             fills: fill_tracker,
             cancel_fills,
+        })
+    }
+}
+
+/// Everything a config names, read and checked: what `build` needs besides the cache and
+/// the listeners, and all that `cistern check-config` can check without them.
+pub struct Prepared {
+    admin_token: Option<String>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    routes: Routes,
+    access: Option<AccessGate>,
+}
+
+impl Prepared {
+    /// Validates `config` and reads the files it names (admin token, TLS certificate and key,
+    /// upstream secrets and CAs, htpasswd). Every error names its key.
+    pub fn from_config(config: &Config) -> anyhow::Result<Prepared> {
+        config.validate()?;
+        let admin_token = match &config.admin.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        // HTTPS: loaded before anything else starts, so a bad certificate stops the start.
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let routes = Routes::from_config(config)?;
+        let access = config.access.as_ref().map(AccessGate::load).transpose()?;
+        Ok(Prepared {
+            admin_token,
+            tls,
+            routes,
+            access,
         })
     }
 }

@@ -178,3 +178,85 @@ fn serve_starts_without_a_config_file_and_stops_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     assert!(dir.path().join("data/tmp").is_dir());
 }
+
+/// `check-config` summarises a good config without printing a secret, refuses one whose files
+/// `serve` could not read (naming the key, exit status non-zero), speaks JSON with `--json`,
+/// and does not panic when its reader has gone (`| head`).
+#[test]
+fn check_config_summarises_without_secrets_and_checks_named_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[upstream]\nurl = \"https://ghcr.io\"\nusername = \"me\"\npassword = \"hunter2\"\n\
+         [access]\nanonymous = [\"ghcr.io/*\"]\n",
+    )
+    .unwrap();
+    let out = cistern(&["check-config", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("password <set>"), "{shown}");
+    assert!(shown.contains("ghcr.io (default)"), "{shown}");
+    let json = cistern(&["check-config", "--json", good.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        v["summary"]["routes"][0]["upstreams"][0]["password"],
+        "<set>"
+    );
+    assert!(!text(&json).contains("hunter2"));
+
+    // Files serve reads at start: missing ones are named, every one of them.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[upstream]\nurl = \"https://ghcr.io\"\nusername = \"me\"\npassword_file = \"/nonexistent/pw\"\n\
+         [tls]\ncert_file = \"/nonexistent/cert\"\nkey_file = \"/nonexistent/key\"\n\
+         [access]\nanonymous = [\"ghcr.io/*\"]\n",
+    )
+    .unwrap();
+    let out = cistern(&["check-config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    for key in ["upstream.password_file", "tls.cert_file", "tls.key_file"] {
+        assert!(text(&out).contains(key), "{key} not named: {}", text(&out));
+    }
+    let json = cistern(&["check-config", "--json", bad.to_str().unwrap()]);
+    assert!(!json.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["errors"].as_array().unwrap().len(), 3, "{v}");
+
+    // An empty secret file exists but is refused, as serve refuses it.
+    let empty = dir.path().join("empty-pw");
+    std::fs::write(&empty, "\n").unwrap();
+    std::fs::write(
+        &bad,
+        format!(
+            "[upstream]\nurl = \"https://ghcr.io\"\nusername = \"me\"\npassword_file = {:?}\n\
+             [access]\nanonymous = [\"ghcr.io/*\"]\n",
+            empty
+        ),
+    )
+    .unwrap();
+    let out = cistern(&["check-config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("upstream.password_file"),
+        "{}",
+        text(&out)
+    );
+
+    // A reader that has gone: the write fails, quietly.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["check-config", good.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -12,11 +12,13 @@
 //! - `validate`: the rules that types alone cannot express.
 //! - `routes`: `[[routes]]` (or the `[upstream]` shorthand) with upstream names looked up.
 //! - `policies`: the cache keys as `crate::policy` values (pins, tag freshness).
+//! - `summary`: what a config means, without secrets, and the files it names.
 
 mod load;
 mod policies;
 mod routes;
 mod schema;
+mod summary;
 mod validate;
 
 pub use load::ConfigError;
@@ -25,6 +27,7 @@ pub use schema::{
     AccessConfig, AdminConfig, CacheConfig, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
     DEFAULT_UPSTREAM, LogConfig, LogFormat, RouteConfig, TagRule, TlsConfig, UpstreamConfig,
 };
+pub use summary::{AccessSummary, RouteSummary, SET, Summary, UpstreamSummary};
 
 /// Configs and helpers the tests of several of these files share.
 #[cfg(test)]

@@ -112,7 +112,8 @@ pub struct RouteConfig {
     pub negative_ttl: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// `Debug` is written by hand below, so that no log line or dump shows the password.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Base URL of the upstream registry, without the `/v2/` suffix. `http://` is allowed so
@@ -255,6 +256,29 @@ impl Default for UpstreamConfig {
             ca_file: None,
             token_realm_hosts: Vec::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &self.url)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("header_timeout", &self.header_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &self.password.as_ref().map(|_| super::summary::SET),
+            )
+            .field("password_file", &self.password_file)
+            .field("token_file", &self.token_file)
+            .field("ca_file", &self.ca_file)
+            .field("token_realm_hosts", &self.token_realm_hosts)
+            .finish()
     }
 }
 

@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 
 use cistern::Config;
 use cistern::admin;
-use cistern::cache::{Cache, Clock, FillTasks};
+use cistern::cache::{Cache, FillTasks};
+use cistern::clock::Clock;
 use cistern::config::LogFormat;
 
 #[derive(Parser)]

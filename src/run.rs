@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::cache::{self, Cache, Clock, FillTasks};
+use crate::cache::{self, Cache, FillTasks};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::server::{self, App};
 use crate::upstream::Routes;
@@ -32,8 +33,9 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// Dates tag answers by `clock` instead of the system's: tests step a manual clock past a
-    /// TTL instead of sleeping through it.
+    /// Reads time from `clock` instead of the system's: tag ages, blob access times, breaker
+    /// cool-downs and token lifetimes. Tests step a manual clock past a TTL, a lifetime or a
+    /// cool-down instead of sleeping through it.
     pub fn clock(mut self, clock: Clock) -> ServerBuilder {
         self.clock = clock;
         self
@@ -65,7 +67,7 @@ impl ServerBuilder {
             (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
             _ => None,
         };
-        let routes = Routes::from_config(&config)?;
+        let routes = Routes::from_config(&config, &clock)?;
         let admin_listener = match (admin_listener, config.admin.listen) {
             (Some(l), _) => Some(l),
             (None, Some(addr)) => Some(

@@ -2,7 +2,6 @@
 
 pub mod blobs;
 mod blocking;
-pub mod clock;
 pub mod evict;
 pub mod fill;
 pub mod manifests;
@@ -12,9 +11,11 @@ pub mod refs;
 pub mod singleflight;
 pub mod spill;
 
+/// The clock moved to `crate::clock` (storage and upstream read it too); this path stays for
+/// callers that knew it here.
+pub use crate::clock::Clock;
 pub use blobs::{BlobCache, BlobSource};
 pub use blocking::blocking;
-pub use clock::Clock;
 pub use manifests::{Manifest, ManifestCache};
 pub use open::{Cache, FillTasks};
 pub use reader::BlobReader;

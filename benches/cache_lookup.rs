@@ -134,6 +134,7 @@ fn bench_blobs(c: &mut Criterion) {
         Usage::new(None),
         TaskTracker::new(),
         CancellationToken::new(),
+        cistern::clock::Clock::system(),
     );
 
     // Sanity checks, outside the timed loops.

@@ -86,6 +86,7 @@ impl Cache {
                 usage.clone(),
                 tasks.fills,
                 tasks.cancel_fills,
+                clock.clone(),
             ),
             manifests: ManifestCache::with_index(
                 store.clone(),

@@ -134,6 +134,7 @@ fn bench_blobs(c: &mut Criterion) {
         Usage::new(None),
         TaskTracker::new(),
         CancellationToken::new(),
+        cistern::clock::Clock::system(),
     );
 
     // Sanity checks, outside the timed loops.
@@ -228,7 +229,7 @@ fn bench_manifests(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let routes = Routes::from_config(&fx.config).expect("routes");
+    let routes = Routes::from_config(&fx.config, &cistern::clock::Clock::system()).expect("routes");
     let name = RepoName::parse("library/app").expect("name");
     let route = routes.resolve(None, &name).expect("route").route;
     let reference = Reference::Digest(fx.manifest.clone());

@@ -13,6 +13,7 @@
 //! - [`upstream`]: the upstream registry client, routes, and the walk over a route's upstreams.
 //! - [`storage`]: content-addressed files, temp files, atomic commits.
 //! - [`config`]: TOML → validated [`Config`] with defaults.
+//! - [`clock`]: the one clock every deadline and stamp is read from (manual in tests).
 //! - [`api`], [`oci`], [`policy`], [`error`] (pure): routes, header rules, OCI error bodies,
 //!   digests, names, references, media types; globs, pin patterns, the freshness policy.
 //!
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod api;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod oci;

@@ -13,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 
 use cistern::Config;
 use cistern::admin;
-use cistern::cache::{Cache, Clock, FillTasks};
+use cistern::cache::{Cache, FillTasks};
+use cistern::clock::Clock;
 use cistern::config::LogFormat;
 
 #[derive(Parser)]
@@ -150,7 +151,7 @@ fn check_config(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
                 })
                 .collect();
             if problems.is_empty()
-                && let Err(e) = cistern::Prepared::from_config(&config)
+                && let Err(e) = cistern::Prepared::from_config(&config, &Clock::system())
             {
                 problems.push(format!("{e:#}"));
             }

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::cache::{self, Cache, Clock, FillTasks};
+use crate::cache::{self, Cache, FillTasks};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::server::access::AccessGate;
 use crate::server::{self, App};
@@ -33,8 +34,9 @@ pub struct ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// Dates tag answers by `clock` instead of the system's: tests step a manual clock past a
-    /// TTL instead of sleeping through it.
+    /// Reads time from `clock` instead of the system's: tag ages, blob access times, breaker
+    /// cool-downs and token lifetimes. Tests step a manual clock past a TTL, a lifetime or a
+    /// cool-down instead of sleeping through it.
     pub fn clock(mut self, clock: Clock) -> ServerBuilder {
         self.clock = clock;
         self
@@ -61,7 +63,7 @@ impl ServerBuilder {
             tls,
             routes,
             access,
-        } = Prepared::from_config(&config)?;
+        } = Prepared::from_config(&config, &clock)?;
         let admin_listener = match (admin_listener, config.admin.listen) {
             (Some(l), _) => Some(l),
             (None, Some(addr)) => Some(
@@ -104,7 +106,7 @@ pub struct Prepared {
 impl Prepared {
     /// Validates `config` and reads the files it names (admin token, TLS certificate and key,
     /// upstream secrets and CAs, htpasswd). Every error names its key.
-    pub fn from_config(config: &Config) -> anyhow::Result<Prepared> {
+    pub fn from_config(config: &Config, clock: &Clock) -> anyhow::Result<Prepared> {
         config.validate()?;
         let admin_token = match &config.admin.token_file {
             Some(path) => Some(read_token(path)?),
@@ -115,7 +117,7 @@ impl Prepared {
             (Some(cert), Some(key)) => Some(server::tls::acceptor(cert, key)?),
             _ => None,
         };
-        let routes = Routes::from_config(config)?;
+        let routes = Routes::from_config(config, clock)?;
         let access = config.access.as_ref().map(AccessGate::load).transpose()?;
         Ok(Prepared {
             admin_token,

@@ -14,7 +14,14 @@ async fn a_response_ends_when_its_body_is_done() {
     use ::cistern::server::activity::events;
 
     let (blob, digest) = blob_and_digest(16 * MIB, 7);
-    let upstream = FakeRegistry::with_blobs(REPO, std::slice::from_ref(&blob)).await;
+    let (held_blob, held_digest) = blob_and_digest(4 * MIB, 8);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .blob(REPO, held_blob.clone())
+        .on_blob(&held_digest, Fault::GateAt(MIB as u64, gate.clone()))
+        .start()
+        .await;
     let cistern = TestCistern::start(&upstream).await;
     let client = cistern.client();
     assert_same_bytes(
@@ -28,15 +35,19 @@ async fn a_response_ends_when_its_body_is_done() {
         .await;
     eventually("the pull's end is counted", patience(), || events() == 2).await;
 
-    // Held part-way: started, not ended, however long we look.
-    let held = HeldResponse::start(cistern.addr(), &blob_route(REPO, &digest), MIB).await;
+    // Held part-way, by the upstream: the client has the headers and the first MiB, every
+    // byte the upstream sends before its gate. The rest of the body cannot come until the
+    // gate opens, so the response has provably not ended, while an end counted at the headers
+    // (or at any byte sent so far) would show already: no waiting needed to tell them apart.
+    let held = HeldResponse::start(cistern.addr(), &blob_route(REPO, &held_digest), MIB).await;
     assert_eq!(events(), 3, "the held request's start");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gate.wait_reached(1).await;
     assert_eq!(events(), 3, "a response still being sent has not ended");
 
+    gate.open();
     let rest = held.finish().await;
     assert_eq!(rest.status, 200);
-    assert_same_bytes(&rest.body, &blob, "held pull");
+    assert_same_bytes(&rest.body, &held_blob, "held pull");
     eventually("the held response's end is counted", patience(), || {
         events() == 4
     })

@@ -4,8 +4,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use ::cistern::clock::Clock;
 use bytesize::ByteSize;
 use support::*;
 
@@ -18,9 +19,31 @@ fn blob_bytes_on_disk(data: &DataDir) -> u64 {
         .sum()
 }
 
-/// Lets file mtimes (the persisted last-access times) tell two moments apart.
-async fn tick() {
-    tokio::time::sleep(Duration::from_millis(20)).await;
+/// cistern in front of `upstream`, after `tweak`, reading time from `clock`: blob access
+/// times, in the index and in the file mtimes that keep them across restarts, are its.
+async fn start_on_clock(
+    upstream: &FakeRegistry,
+    clock: &Clock,
+    tweak: impl FnOnce(&mut ::cistern::Config) + Send + 'static,
+) -> TestCistern {
+    TestCistern::builder()
+        .front(upstream)
+        .clock(clock)
+        .config(tweak)
+        .start()
+        .await
+}
+
+/// A clock that stands still until [`tick`] moves it. It reads 2001, long before any real
+/// file time: an access stamped from the system clock instead of this one would sort as the
+/// newest of all and break the LRU order the tests check.
+fn clock() -> Clock {
+    Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+}
+
+/// Moves on to a later moment, so that access times before and after tell them apart.
+fn tick(clock: &Clock) {
+    clock.advance(SECOND);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +51,8 @@ async fn the_least_recently_used_go_and_come_back_on_demand() {
     let (blobs, digests) = blobs_and_digests(6, MIB, 100);
     let upstream = FakeRegistry::with_blobs(REPO, &blobs).await;
     let max = 4 * MIB as u64;
-    let cistern = TestCistern::start_with(&upstream, move |c| {
+    let clock = clock();
+    let cistern = start_on_clock(&upstream, &clock, move |c| {
         c.cache.max_size = Some(ByteSize::b(max));
     })
     .await;
@@ -44,7 +68,7 @@ async fn the_least_recently_used_go_and_come_back_on_demand() {
             blob_bytes_on_disk(cistern.data()) <= high
         })
         .await;
-        tick().await;
+        tick(&clock);
     }
     // The first ones pulled are the ones that went; the last one stays.
     assert!(!cistern.data().blob_path(&digests[0]).exists());
@@ -76,7 +100,8 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
     let upstream = builder.start().await;
     let (big_d, pinned_d) = (sha256_digest(&big), sha256_digest(&pinned));
     let pin = format!("{}*", &pinned_d[..20]);
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let clock = clock();
+    let cistern = start_on_clock(&upstream, &clock, |c| {
         c.cache.max_size = Some(ByteSize::b(24 * MIB as u64));
         c.cache.pinned_digests = vec![pin];
     })
@@ -91,7 +116,7 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
     for d in [&pinned_d, &big_d] {
         cistern.data().wait_for_blob(d, "the blob's commit").await;
     }
-    tick().await;
+    tick(&clock);
 
     // A client starts reading the big blob (now cached) and stops after 1 MiB, holding the
     // response open: far more than socket buffers hold remains unsent.
@@ -105,7 +130,7 @@ async fn a_blob_being_read_or_pinned_is_never_evicted() {
         if d != &others_d[3] {
             cistern.data().wait_for_blob(d, "the blob's commit").await;
         }
-        tick().await;
+        tick(&clock);
     }
     // Eviction has run ...
     let gone = |d: &str| !cistern.data().blob_path(d).exists();
@@ -137,7 +162,8 @@ async fn lru_order_survives_a_restart() {
         c.cache.max_size = Some(ByteSize::b(3 * MIB as u64 + MIB as u64 / 2));
     };
 
-    let cistern = TestCistern::start_with(&upstream, budget).await;
+    let clock = clock();
+    let cistern = start_on_clock(&upstream, &clock, budget).await;
     let client = cistern.client();
     for digest in &d[..3] {
         client.get_blob(REPO, digest).await.unwrap();
@@ -145,14 +171,13 @@ async fn lru_order_survives_a_restart() {
             .data()
             .wait_for_blob(digest, "the blob's commit")
             .await;
-        tick().await;
+        tick(&clock);
     }
     // Use the oldest again: it is now the most recently used.
     client.get_blob(REPO, &d[0]).await.unwrap();
-    tick().await;
-    let data = cistern.shutdown().await;
-
-    let cistern = TestCistern::start_on(&upstream, data, budget).await;
+    tick(&clock);
+    // Same config, data directory and clock.
+    let cistern = cistern.restart().await;
     cistern.client().get_blob(REPO, &d[3]).await.unwrap();
     eventually("eviction after the restart", patience(), || {
         !cistern.data().blob_path(&d[1]).exists()
@@ -182,7 +207,8 @@ async fn a_tag_pattern_in_the_config_pins_its_images_only() {
     }
     let upstream = builder.start().await;
     let pin = format!("{}/library/*:1.*", upstream.addr());
-    let cistern = TestCistern::start_with(&upstream, |c| {
+    let clock = clock();
+    let cistern = start_on_clock(&upstream, &clock, |c| {
         c.cache.max_size = Some(ByteSize::b(3 * MIB as u64));
         c.cache.pins = vec![pin];
     })
@@ -196,11 +222,11 @@ async fn a_tag_pattern_in_the_config_pins_its_images_only() {
             client.get_blob(REPO, &d).await.unwrap();
             cistern.data().wait_for_blob(&d, "the blob's commit").await;
         }
-        tick().await;
+        tick(&clock);
     }
     for f in &fillers {
         client.get_blob(REPO, &sha256_digest(f)).await.unwrap();
-        tick().await;
+        tick(&clock);
     }
     let exists = |b: &[u8]| cistern.data().blob_path(&sha256_digest(b)).exists();
     eventually("app:2's layer evicted", patience(), || !exists(&l2)).await;

@@ -8,8 +8,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use ::cistern::clock::Clock;
 use ::cistern::config::{RouteConfig, UpstreamConfig};
 use bytes::Bytes;
 use http::StatusCode;
@@ -20,12 +21,15 @@ const REPO: &str = "library/app";
 
 /// The docker.io route (the default) over `mirror`, then `origin`.
 async fn mirror_then_origin(mirror: UpstreamConfig, origin: UpstreamConfig) -> TestCistern {
+    mirror_then_origin_builder(mirror, origin).start().await
+}
+
+/// [`mirror_then_origin`], not started yet.
+fn mirror_then_origin_builder(mirror: UpstreamConfig, origin: UpstreamConfig) -> CisternBuilder {
     TestCistern::builder()
         .upstream("mirror", mirror)
         .upstream("origin", origin)
         .route(default_route("docker.io", &["mirror", "origin"]))
-        .start()
-        .await
 }
 
 /// The `Range` header of every GET of `digest`, oldest first (`None`: no Range).
@@ -390,7 +394,8 @@ async fn open_breaker_sends_requests_straight_to_origin() {
 async fn after_the_cooldown_one_probe_finds_the_mirror_back() {
     let mirror = FakeRegistry::builder().start().await;
     let origin = FakeRegistry::builder().start().await;
-    let cistern = mirror_then_origin(
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = mirror_then_origin_builder(
         UpstreamConfig {
             breaker_failures: 2,
             breaker_cooldown: SECOND,
@@ -398,6 +403,8 @@ async fn after_the_cooldown_one_probe_finds_the_mirror_back() {
         },
         at(&origin.url()),
     )
+    .clock(&clock)
+    .start()
     .await;
     let client = cistern.client();
     let mut seed = 200;
@@ -420,22 +427,21 @@ async fn after_the_cooldown_one_probe_finds_the_mirror_back() {
     }
     mirror.clear_faults();
 
-    // Until the cool-down ends the origin serves; then one request probes the mirror.
-    let deadline = tokio::time::Instant::now() + patience();
-    loop {
+    // Until the cool-down ends the origin serves (up to its last millisecond); then one
+    // request probes the mirror.
+    for (step, want) in [
+        (Duration::ZERO, (0, 1)),
+        (SECOND - Duration::from_millis(1), (0, 1)),
+        (Duration::from_millis(1), (1, 0)), // the probe, and the mirror answered it
+    ] {
+        clock.advance(step);
         let (digest, blob) = blob_on_both();
         assert_same_bytes(&client.get_blob(REPO, &digest).await.unwrap(), &blob, "");
-        match (mirror.blob_gets(&digest), origin.blob_gets(&digest)) {
-            (1, 0) => break, // the probe, and the mirror answered it
-            (0, 1) => {}
-            other => panic!("(mirror, origin) GETs {other:?}: one of them, once"),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no probe reached the mirror within {:?}",
-            patience()
+        assert_eq!(
+            (mirror.blob_gets(&digest), origin.blob_gets(&digest)),
+            want,
+            "(mirror, origin) GETs after the clock moved on by {step:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // The probe's success closed the breaker: the mirror is first again.

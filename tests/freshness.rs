@@ -1,13 +1,13 @@
 //! Tag freshness: TTLs, stale-if-error (also across a restart), stale-while-revalidate,
 //! negative caching of missing tags, and offline mode. Time is a manual clock
-//! (`cistern::cache::Clock`) that each test steps past a TTL, or stops just short of one:
+//! (`cistern::clock::Clock`) that each test steps past a TTL, or stops just short of one:
 //! nothing sleeps for time to pass, and the edges of every window are exact.
 
 mod support;
 
 use std::time::{Duration, SystemTime};
 
-use ::cistern::cache::Clock;
+use ::cistern::clock::Clock;
 use ::cistern::config::Config;
 use bytes::Bytes;
 use http::{Method, StatusCode};

@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     // No IO, no tokio types: grammars, protocol rules, errors, and the keep/expire policy.
     ("pure", &["error", "oci", "api", "policy"]),
+    // The clock: the one place time is read from (system, or manual in tests). Above the
+    // pure modules, so that they take times as arguments and never read one.
+    ("clock", &["clock"]),
     // TOML → validated settings; turns keys into `policy` values.
     ("config", &["config"]),
     // The disk layout, and talking to upstream registries.

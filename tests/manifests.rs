@@ -176,7 +176,7 @@ async fn tag_is_asked_again_after_its_ttl() {
     let new = image_manifest(6);
     let ttl = Duration::from_secs(1);
     let upstream = FakeRegistry::with_manifest(REPO, Some("latest"), OCI_MANIFEST, &old).await;
-    let clock = ::cistern::cache::Clock::manual(std::time::SystemTime::now());
+    let clock = ::cistern::clock::Clock::manual(std::time::SystemTime::now());
     let cistern = TestCistern::builder()
         .front(&upstream)
         .clock(&clock)

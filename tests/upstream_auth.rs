@@ -4,7 +4,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use ::cistern::clock::Clock;
 
 use http::StatusCode;
 
@@ -95,12 +97,17 @@ async fn expired_token_is_replaced() {
     let b = blob_bytes(1024, 5);
     let (da, db) = (sha256_digest(&a), sha256_digest(&b));
     let registry = auth_registry(&[&a, &b], 1).await;
-    let cistern = TestCistern::start(&registry).await;
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = TestCistern::builder()
+        .front(&registry)
+        .clock(&clock)
+        .start()
+        .await;
     let client = cistern.client();
     support::assert_same_bytes(&client.get_blob("x/y", &da).await.unwrap(), &a, "a");
     assert_eq!(registry.token_requests().len(), 1);
-    // Let the one-second token expire: cistern must fetch a fresh one, not reuse it.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Step past the one-second token's life: cistern must fetch a fresh one, not reuse it.
+    clock.advance(Duration::from_secs(1));
     support::assert_same_bytes(&client.get_blob("x/y", &db).await.unwrap(), &b, "b");
     assert_eq!(registry.token_requests().len(), 2, "expired token replaced");
     cistern.shutdown().await;

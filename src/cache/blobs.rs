@@ -23,6 +23,7 @@ use super::blocking;
 use super::evict::{ReadGuard, Usage};
 use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
 use super::spill::{Cursor, Followers};
+use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
@@ -42,6 +43,8 @@ pub struct BlobCache {
     /// Blob GETs served from the cache, and those that needed a fill (for stats).
     hits: std::sync::atomic::AtomicU64,
     misses: std::sync::atomic::AtomicU64,
+    /// What a fill passing through memory times its stalled readers on.
+    clock: Clock,
 }
 
 /// A fill in the map: its progress, and its readers (each joins under the map's lock).
@@ -141,6 +144,7 @@ impl BlobCache {
         usage: Arc<Usage>,
         tracker: TaskTracker,
         cancel: CancellationToken,
+        clock: Clock,
     ) -> BlobCache {
         BlobCache {
             usage,
@@ -150,6 +154,7 @@ impl BlobCache {
             cancel,
             hits: Default::default(),
             misses: Default::default(),
+            clock,
         }
     }
 
@@ -281,6 +286,7 @@ impl BlobCache {
             store: self.store.clone(),
             gate,
             disk_full: Box::new(move |needed| usage.disk_full(needed)),
+            clock: self.clock.clone(),
         };
         let route = route.clone();
         let usage = self.usage.clone();

@@ -2,7 +2,6 @@
 
 pub mod blobs;
 mod blocking;
-pub mod clock;
 pub mod evict;
 pub mod fill;
 pub mod manifests;
@@ -14,7 +13,6 @@ pub mod spill;
 
 pub use blobs::{BlobCache, BlobSource};
 pub use blocking::blocking;
-pub use clock::Clock;
 pub use manifests::{Manifest, ManifestCache};
 pub use open::{Cache, FillTasks};
 pub use reader::BlobReader;

@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use super::evict::{Budget, Usage};
 use super::refs::RefIndex;
-use super::{BlobCache, Clock, ManifestCache};
+use super::{BlobCache, ManifestCache};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
@@ -45,7 +46,7 @@ impl Cache {
         let store = tokio::task::spawn_blocking(move || DiskStore::open(&data_dir))
             .await?
             .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
-        let store = Arc::new(store);
+        let store = Arc::new(store.with_clock(clock.clone()));
 
         let budget = config.cache.max_size.map(|max| {
             let max = max.as_u64() as f64;
@@ -54,7 +55,7 @@ impl Cache {
                 low: (max * config.cache.low_watermark) as u64,
             }
         });
-        let usage = Usage::new(budget);
+        let usage = Usage::with_clock(budget, clock.clone());
         usage.set_config_pins(config.cache.pin_patterns());
         {
             let (usage, store) = (usage.clone(), store.clone());
@@ -85,6 +86,7 @@ impl Cache {
                 usage.clone(),
                 tasks.fills,
                 tasks.cancel_fills,
+                clock.clone(),
             ),
             manifests: ManifestCache::with_index(
                 store.clone(),

@@ -21,9 +21,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::clock::Clock;
 
 /// At most this many bytes wait in memory ahead of the slowest follower.
 pub const WINDOW: u64 = 4 << 20;
@@ -53,6 +55,9 @@ pub struct Followers {
     /// is waiting, so that they can check what wakes it.
     #[cfg(test)]
     writer_waiting: AtomicBool,
+    /// Signalled, under `cursors`' lock, as the writer starts to wait: what the tests wait on.
+    #[cfg(test)]
+    writer_waits: Condvar,
 }
 
 impl std::fmt::Debug for Followers {
@@ -233,15 +238,17 @@ impl Spill {
     }
 
     /// Appends `chunk`, first waiting until the window has room for it beyond the slowest
-    /// follower. Blocks the calling (writer) thread. Drops followers that stall for `stall`.
+    /// follower. Blocks the calling (writer) thread. Drops followers that stall for `stall`
+    /// as `clock` measures it (the server's: tests step a manual one past the limit).
     pub fn pass(
         &self,
         followers: &Followers,
         chunk: Bytes,
         window: u64,
         stall: Duration,
+        clock: &Clock,
     ) -> Result<(), PassError> {
-        self.pass_repolling(followers, chunk, window, stall, REPOLL)
+        self.pass_repolling(followers, chunk, window, stall, REPOLL, clock)
     }
 
     /// [`Spill::pass`], looking at the cursors again at least every `repoll` while it waits.
@@ -252,10 +259,11 @@ impl Spill {
         window: u64,
         stall: Duration,
         repoll: Duration,
+        clock: &Clock,
     ) -> Result<(), PassError> {
         followers.passing_through.store(true, Ordering::Release);
         let mut cursors = followers.cursors.lock().expect("followers poisoned");
-        let mut last_move = (Followers::slowest(&cursors), Instant::now());
+        let mut last_move = (Followers::slowest(&cursors), clock.monotonic_now());
         loop {
             let Some(slowest) = Followers::slowest(&cursors) else {
                 return Err(PassError::NoFollowers);
@@ -270,9 +278,10 @@ impl Spill {
                     return Ok(());
                 }
             }
+            let now = clock.monotonic_now();
             if last_move.0 != Some(slowest) {
-                last_move = (Some(slowest), Instant::now());
-            } else if last_move.1.elapsed() >= stall {
+                last_move = (Some(slowest), now);
+            } else if now.saturating_duration_since(last_move.1) >= stall {
                 for c in cursors.values() {
                     if c.load(Ordering::Acquire) == slowest {
                         c.store(DROPPED, Ordering::Release);
@@ -284,9 +293,12 @@ impl Spill {
                 );
                 continue;
             }
-            let wait = stall.saturating_sub(last_move.1.elapsed());
+            let wait = stall.saturating_sub(now.saturating_duration_since(last_move.1));
             #[cfg(test)]
-            followers.writer_waiting.store(true, Ordering::Relaxed);
+            {
+                followers.writer_waiting.store(true, Ordering::Relaxed);
+                followers.writer_waits.notify_all();
+            }
             cursors = followers
                 .moved
                 .wait_timeout(cursors, wait.min(repoll))
@@ -323,27 +335,48 @@ mod tests {
         f: &Arc<Followers>,
         chunk: Bytes,
     ) -> mpsc::Receiver<Result<(), PassError>> {
-        let (s, f) = (s.clone(), f.clone());
+        writer_on(s, f, chunk, NEVER, &still_clock())
+    }
+
+    /// [`writer`], dropping followers that stall for `stall` on `clock`.
+    fn writer_on(
+        s: &Arc<Spill>,
+        f: &Arc<Followers>,
+        chunk: Bytes,
+        stall: Duration,
+        clock: &Clock,
+    ) -> mpsc::Receiver<Result<(), PassError>> {
+        let (s, f, clock) = (s.clone(), f.clone(), clock.clone());
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
-            let _ = tx.send(s.pass_repolling(&f, chunk, 10, NEVER, NEVER));
+            let _ = tx.send(s.pass_repolling(&f, chunk, 10, stall, NEVER, &clock));
         });
         rx
     }
 
-    /// Returns once the writer waits for room (a bounded poll).
+    /// Returns once the writer waits for room. The flag is read under the lock the writer
+    /// holds whenever it is not waiting, so a writer seen waiting is inside its wait.
     fn until_the_writer_waits(f: &Followers) {
-        let deadline = Instant::now() + WAKE_BOUND;
-        loop {
-            let cursors = f.cursors.lock().unwrap();
-            // Read under the lock the writer holds whenever it is not waiting.
-            if f.writer_waiting.load(Ordering::Relaxed) {
-                return;
-            }
-            drop(cursors);
-            assert!(Instant::now() < deadline, "the writer never waited");
-            thread::sleep(Duration::from_millis(1));
-        }
+        let cursors = f.cursors.lock().unwrap();
+        let (_cursors, timeout) = f
+            .writer_waits
+            .wait_timeout_while(cursors, WAKE_BOUND, |_| {
+                !f.writer_waiting.load(Ordering::Relaxed)
+            })
+            .unwrap();
+        assert!(!timeout.timed_out(), "the writer never waited");
+    }
+
+    /// Wakes a waiting writer as a moving reader would, so that it looks at the cursors (and
+    /// the clock) again.
+    fn nudge(f: &Followers) {
+        let _cursors = f.cursors.lock().unwrap();
+        f.moved.notify_all();
+    }
+
+    /// A clock that stands still: only [`Clock::advance`] makes a follower stall.
+    fn still_clock() -> Clock {
+        Clock::manual(std::time::SystemTime::UNIX_EPOCH)
     }
 
     /// The writer's result, which must come well before any re-poll could have fetched it.
@@ -357,8 +390,10 @@ mod tests {
         let f = Arc::new(Followers::default());
         let _c = f.join();
         let s = Spill::new(100);
-        s.pass(&f, bytes(10, 1), 1000, STALL).unwrap();
-        s.pass(&f, bytes(10, 2), 1000, STALL).unwrap();
+        s.pass(&f, bytes(10, 1), 1000, STALL, &still_clock())
+            .unwrap();
+        s.pass(&f, bytes(10, 2), 1000, STALL, &still_clock())
+            .unwrap();
         assert_eq!(s.read(100, 4).unwrap().unwrap(), bytes(4, 1));
         assert_eq!(s.read(108, 100).unwrap().unwrap(), bytes(2, 1));
         assert_eq!(s.read(115, 100).unwrap().unwrap(), bytes(5, 2));
@@ -372,12 +407,12 @@ mod tests {
         let slow = f.join();
         let fast = f.join();
         let s = Spill::new(0);
-        s.pass(&f, bytes(10, 1), 20, STALL).unwrap();
-        s.pass(&f, bytes(10, 2), 20, STALL).unwrap();
+        s.pass(&f, bytes(10, 1), 20, STALL, &still_clock()).unwrap();
+        s.pass(&f, bytes(10, 2), 20, STALL, &still_clock()).unwrap();
         fast.advance(20).unwrap();
         slow.advance(10).unwrap();
         // The first chunk is behind both followers: it goes, making room.
-        s.pass(&f, bytes(10, 3), 20, STALL).unwrap();
+        s.pass(&f, bytes(10, 3), 20, STALL, &still_clock()).unwrap();
         assert_eq!(s.read(0, 10), Err(Dropped));
         assert_eq!(s.read(10, 10).unwrap().unwrap(), bytes(10, 2));
     }
@@ -387,7 +422,7 @@ mod tests {
         let f = Arc::new(Followers::default());
         let slow = f.join();
         let s = Arc::new(Spill::new(0));
-        s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
+        s.pass(&f, bytes(10, 1), 10, STALL, &still_clock()).unwrap();
         let writer = writer(&s, &f, bytes(10, 2));
         until_the_writer_waits(&f);
         assert_eq!(s.end(), 10, "the writer must wait for room");
@@ -398,15 +433,20 @@ mod tests {
 
     #[test]
     fn a_stalled_follower_is_dropped_and_the_others_go_on() {
+        let clock = still_clock();
         let f = Arc::new(Followers::default());
         let stuck = f.join();
         let moving = f.join();
         moving.advance(10).unwrap();
-        let s = Spill::new(0);
-        s.pass(&f, bytes(10, 1), 10, Duration::from_millis(50))
-            .unwrap();
-        s.pass(&f, bytes(10, 2), 10, Duration::from_millis(50))
-            .unwrap();
+        let s = Arc::new(Spill::new(0));
+        s.pass(&f, bytes(10, 1), 10, STALL, &clock).unwrap();
+        // The window is full until `stuck` moves, which it never does: the writer waits until
+        // `stuck` has not moved for `STALL`, then drops it.
+        let writer = writer_on(&s, &f, bytes(10, 2), STALL, &clock);
+        until_the_writer_waits(&f);
+        clock.advance(STALL);
+        nudge(&f);
+        assert_eq!(woken(&writer), Ok(()));
         assert!(stuck.is_dropped());
         assert_eq!(stuck.advance(5), Err(Dropped));
         assert!(!moving.is_dropped());
@@ -418,15 +458,15 @@ mod tests {
         let f = Arc::new(Followers::default());
         let s = Spill::new(0);
         assert_eq!(
-            s.pass(&f, bytes(1, 1), 10, STALL),
+            s.pass(&f, bytes(1, 1), 10, STALL, &still_clock()),
             Err(PassError::NoFollowers)
         );
         let c = f.join();
-        s.pass(&f, bytes(1, 1), 10, STALL).unwrap();
+        s.pass(&f, bytes(1, 1), 10, STALL, &still_clock()).unwrap();
         drop(c);
         assert!(f.is_empty());
         assert_eq!(
-            s.pass(&f, bytes(1, 1), 10, STALL),
+            s.pass(&f, bytes(1, 1), 10, STALL, &still_clock()),
             Err(PassError::NoFollowers)
         );
     }
@@ -438,7 +478,7 @@ mod tests {
         keep.advance(10).unwrap();
         let leaving = f.join();
         let s = Arc::new(Spill::new(0));
-        s.pass(&f, bytes(10, 1), 10, STALL).unwrap();
+        s.pass(&f, bytes(10, 1), 10, STALL, &still_clock()).unwrap();
         let writer = writer(&s, &f, bytes(10, 2));
         until_the_writer_waits(&f);
         drop(leaving);

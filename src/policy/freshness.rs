@@ -12,9 +12,9 @@
 //! "Not found" answers are remembered for `cache.negative_ttl` only, and never served stale.
 //! Offline mode serves whatever it has, at any age. Digests never expire.
 //!
-//! Ages are measured by the caller (the cache reads them on its `cache::Clock`) and come in as
-//! durations; the rules come from the config (`config::CacheConfig::freshness`), which is why
-//! this module knows neither.
+//! Ages are measured by the caller (the cache reads them on the server's `clock::Clock`) and
+//! come in as durations; the rules come from the config (`config::CacheConfig::freshness`),
+//! which is why this module knows neither.
 
 use std::time::Duration;
 

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use crate::clock::Clock;
 use crate::oci::Digest;
 
 pub struct DiskStore {
@@ -38,6 +39,8 @@ pub struct DiskStore {
     _lock: File,
     /// Makes temp-file names unique within the process.
     next_tmp: AtomicU64,
+    /// What blob mtimes (last access, for LRU across restarts) are stamped with.
+    clock: Clock,
 }
 
 /// A manifest as stored: its media type and exact bytes.
@@ -75,6 +78,7 @@ impl DiskStore {
             tmp: root.join("tmp"),
             _lock: lock,
             next_tmp: AtomicU64::new(0),
+            clock: Clock::system(),
         };
         fs::create_dir_all(store.blobs.join("sha256"))?;
         fs::create_dir_all(store.manifests.join("sha256"))?;
@@ -87,6 +91,13 @@ impl DiskStore {
             );
         }
         Ok(store)
+    }
+
+    /// Stamps blob access times (mtimes) from `clock` instead of the system clock: the
+    /// server's clock, so that eviction order follows it, in tests a manual one.
+    pub fn with_clock(mut self, clock: Clock) -> DiskStore {
+        self.clock = clock;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -133,12 +144,18 @@ impl DiskStore {
     /// is what keeps LRU order across restarts.
     pub fn open_blob_for_read(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
         let found = self.open_blob(digest)?;
-        if let Some((file, _)) = &found
-            && let Err(e) = file.set_modified(std::time::SystemTime::now())
-        {
-            tracing::debug!(%digest, error = %e, "could not record blob access time");
+        if let Some((file, _)) = &found {
+            self.stamp_access(file, digest);
         }
         Ok(found)
+    }
+
+    /// Sets a blob file's mtime, its last access, to now on the store's clock. A failure only
+    /// costs LRU precision, so it is logged, not returned.
+    fn stamp_access(&self, file: &File, digest: &Digest) {
+        if let Err(e) = file.set_modified(self.clock.wall_now()) {
+            tracing::debug!(%digest, error = %e, "could not record blob access time");
+        }
     }
 
     /// Every committed blob: digest, size, last access (mtime). Files that are not named by
@@ -256,9 +273,12 @@ impl DiskStore {
         }
     }
 
-    /// Makes a verified partial blob visible under its digest: fsync the file, rename it
-    /// into place, fsync the directory. The caller has checked the digest.
+    /// Makes a verified partial blob visible under its digest: stamp its first access, fsync
+    /// the file, rename it into place, fsync the directory. The caller has checked the digest.
     pub fn commit_blob(&self, mut partial: PartialBlob, digest: &Digest) -> io::Result<()> {
+        // The write's own mtime is the system's time; the access times the index compares
+        // it with are the store clock's.
+        self.stamp_access(&partial.file, digest);
         partial.file.sync_all()?;
         let dest = self.blob_path(digest);
         let dir = dest.parent().expect("blob paths have a parent");

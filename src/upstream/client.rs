@@ -6,13 +6,14 @@
 //! flow and the realm allow-list in `auth`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::{Authenticator, Credentials, RealmPolicy};
 use super::breaker::Breaker;
 use super::transport::{MakeRequest, Transport, base_url};
+use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::Result;
 use crate::oci::RepoName;
@@ -23,6 +24,8 @@ pub struct Upstream {
     pub(super) transport: Transport,
     auth: Authenticator,
     breaker: Breaker,
+    /// What the breaker's cool-down is measured on.
+    clock: Clock,
     counters: Counters,
 }
 
@@ -53,15 +56,38 @@ pub struct UpstreamStats {
 impl Upstream {
     /// Builds an upstream from its config. Reads `password_file`, `token_file` and `ca_file`
     /// now, so a missing file is a start-up error naming the key, not a failure at first pull.
+    /// Its breaker and token lifetimes run on the system clock.
     pub fn new(name: &str, config: &UpstreamConfig) -> anyhow::Result<Upstream> {
-        let base = base_url(name, config)?;
-        let credentials = Credentials::from_config(name, config)?;
+        Upstream::with_clock(name, config, Clock::system())
+    }
+
+    /// [`Upstream::new`], with the breaker's cool-downs and the tokens' lifetimes measured on
+    /// `clock` (the server's: a manual one in tests).
+    pub fn with_clock(
+        name: &str,
+        config: &UpstreamConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Upstream> {
+        Upstream::configured(name, &format!("upstreams.{name}"), config, clock)
+    }
+
+    /// [`Upstream::with_clock`], for the config table at `key` (`upstreams.<name>`, or
+    /// `upstream` for the one-upstream shorthand), which start-up errors name.
+    pub fn configured(
+        name: &str,
+        key: &str,
+        config: &UpstreamConfig,
+        clock: Clock,
+    ) -> anyhow::Result<Upstream> {
+        let base = base_url(key, config)?;
+        let credentials = Credentials::from_config(key, config)?;
         let realms = RealmPolicy::new(&base, &config.token_realm_hosts);
         Ok(Upstream {
             name: name.to_string(),
-            transport: Transport::new(name, base, config)?,
-            auth: Authenticator::new(credentials, realms),
+            transport: Transport::new(name, key, base, config)?,
+            auth: Authenticator::new(credentials, realms, clock.clone()),
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            clock,
             counters: Counters::default(),
         })
     }
@@ -77,7 +103,7 @@ impl Upstream {
 
     /// May a request go to this upstream now (circuit breaker)?
     pub fn admit(&self) -> bool {
-        let admitted = self.breaker.admit(Instant::now());
+        let admitted = self.breaker.admit(self.clock.monotonic_now());
         if !admitted {
             self.counters.skipped.fetch_add(1, Relaxed);
         }
@@ -96,7 +122,7 @@ impl Upstream {
             failures: c.failures.load(Relaxed),
             skipped: c.skipped.load(Relaxed),
             blob_bytes: c.blob_bytes.load(Relaxed),
-            circuit_open: self.breaker.is_open(Instant::now()),
+            circuit_open: self.breaker.is_open(self.clock.monotonic_now()),
         }
     }
 
@@ -104,7 +130,7 @@ impl Upstream {
     /// a body that broke off), for the circuit breaker.
     pub fn record_failure(&self, why: &dyn std::fmt::Display) {
         self.counters.failures.fetch_add(1, Relaxed);
-        if self.breaker.record_failure(Instant::now()) {
+        if self.breaker.record_failure(self.clock.monotonic_now()) {
             tracing::warn!(upstream = %self.name, error = %why, "circuit open: skipping this upstream for a while");
         }
     }

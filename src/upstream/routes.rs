@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::bad_sources::BadSources;
 use super::client::Upstream;
 use crate::api::registry::{self, Target};
+use crate::clock::Clock;
 use crate::config::{Config, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
@@ -44,6 +45,8 @@ pub struct Routes {
     any_registry: bool,
     dynamic: Mutex<HashMap<String, Arc<Route>>>,
     bad_sources: Arc<BadSources>,
+    /// The server's clock, for the upstreams of routes made on demand.
+    clock: Clock,
 }
 
 /// A request's route, and the repository name as that registry knows it.
@@ -53,7 +56,8 @@ pub struct Routed {
 }
 
 impl Routes {
-    pub fn from_config(config: &Config) -> anyhow::Result<Routes> {
+    /// The routes of `config`, their upstreams' breakers and tokens timed by `clock`.
+    pub fn from_config(config: &Config, clock: &Clock) -> anyhow::Result<Routes> {
         // One `Upstream` per name, shared by every route that lists it: one breaker, one
         // token cache and one concurrency limit per real upstream.
         let mut built: HashMap<String, Arc<Upstream>> = HashMap::new();
@@ -66,7 +70,15 @@ impl Routes {
                 let u = match built.get(name) {
                     Some(u) => u.clone(),
                     None => {
-                        let u = Arc::new(Upstream::new(name, settings)?);
+                        // Errors name the table the user wrote: `[upstream]` for the
+                        // one-upstream shorthand.
+                        let table = if config.routes.is_empty() {
+                            "upstream".to_string()
+                        } else {
+                            format!("upstreams.{name}")
+                        };
+                        let u = Upstream::configured(name, &table, settings, clock.clone())?;
+                        let u = Arc::new(u);
                         built.insert(name.clone(), u.clone());
                         u
                     }
@@ -98,6 +110,7 @@ impl Routes {
             any_registry: config.proxy_any_registry,
             dynamic: Mutex::default(),
             bad_sources,
+            clock: clock.clone(),
         })
     }
 
@@ -172,9 +185,10 @@ impl Routes {
                 format!("registry {registry:?}: too many registries proxied on demand"),
             ));
         }
-        let upstream = Upstream::new(
+        let upstream = Upstream::with_clock(
             registry,
             &UpstreamConfig::new(format!("https://{registry}")),
+            self.clock.clone(),
         )
         .map_err(|e| Error::new(ErrorKind::NameInvalid, e.to_string()))?;
         let upstream = Arc::new(upstream);

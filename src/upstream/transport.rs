@@ -34,10 +34,10 @@ pub struct Transport {
     slots: Arc<Semaphore>,
 }
 
-/// The upstream's base URL from `upstreams.<name>.url`, ending in `/`.
-pub fn base_url(name: &str, config: &UpstreamConfig) -> anyhow::Result<Url> {
+/// The upstream's base URL from `<table>.url` (`table`: `upstreams.<name>`), ending in `/`.
+pub fn base_url(table: &str, config: &UpstreamConfig) -> anyhow::Result<Url> {
     let mut base = Url::parse(&config.url)
-        .map_err(|e| anyhow::anyhow!("upstreams.{name}.url: {:?}: {e}", config.url))?;
+        .map_err(|e| anyhow::anyhow!("{table}.url: {:?}: {e}", config.url))?;
     if !base.path().ends_with('/') {
         let path = format!("{}/", base.path());
         base.set_path(&path);
@@ -51,9 +51,14 @@ pub fn base_url(name: &str, config: &UpstreamConfig) -> anyhow::Result<Url> {
 }
 
 impl Transport {
-    /// The transport of upstream `name` at `base` (see [`base_url`]). Reads `ca_file` now, so
-    /// a missing file is a start-up error naming the key.
-    pub fn new(name: &str, base: Url, config: &UpstreamConfig) -> anyhow::Result<Transport> {
+    /// The transport of upstream `name` (configured at `table`) at `base` (see [`base_url`]).
+    /// Reads `ca_file` now, so a missing file is a start-up error naming the key.
+    pub fn new(
+        name: &str,
+        table: &str,
+        base: Url,
+        config: &UpstreamConfig,
+    ) -> anyhow::Result<Transport> {
         install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
@@ -62,7 +67,7 @@ impl Transport {
             // transfer compression, which would make Content-Length meaningless.
             .no_gzip();
         if let Some(ca) = &config.ca_file {
-            let field = format!("upstreams.{name}.ca_file");
+            let field = format!("{table}.ca_file");
             let pem =
                 std::fs::read(ca).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", ca.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
@@ -72,7 +77,7 @@ impl Transport {
         }
         let http = builder
             .build()
-            .map_err(|e| anyhow::anyhow!("upstreams.{name}: building the HTTP client: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{table}: building the HTTP client: {e}"))?;
         Ok(Transport {
             name: name.to_string(),
             http,

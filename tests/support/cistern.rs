@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cistern::Config;
-use cistern::cache::Clock;
+use cistern::clock::Clock;
 use cistern::config::{RouteConfig, UpstreamConfig};
 use http::Method;
 use tokio::net::TcpListener;

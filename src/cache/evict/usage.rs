@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use super::victims::{Candidate, choose_victims};
 use crate::cache::refs::{Graph, Pinned, RefIndex};
+use crate::clock::Clock;
 use crate::oci::Digest;
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
@@ -64,6 +65,8 @@ pub struct Usage {
     /// Blobs and bytes removed by eviction since start.
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
+    /// What access times are read from (the store stamps mtimes from the same clock).
+    clock: Clock,
 }
 
 #[derive(Default)]
@@ -90,7 +93,13 @@ impl Drop for ReadGuard {
 }
 
 impl Usage {
+    /// An empty index whose access times come from the system clock.
     pub fn new(budget: Option<Budget>) -> Arc<Usage> {
+        Usage::with_clock(budget, Clock::system())
+    }
+
+    /// An empty index whose access times come from `clock` (the server's).
+    pub fn with_clock(budget: Option<Budget>, clock: Clock) -> Arc<Usage> {
         Arc::new(Usage {
             inner: Mutex::default(),
             budget,
@@ -102,6 +111,7 @@ impl Usage {
             room_wanted: Default::default(),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
+            clock,
         })
     }
 
@@ -247,7 +257,7 @@ impl Usage {
         followers: Option<&Arc<crate::cache::spill::Followers>>,
     ) {
         let mut inner = self.inner.lock().expect("usage poisoned");
-        let now = SystemTime::now();
+        let now = self.clock.wall_now();
         let followers = followers.map(Arc::downgrade);
         // The file is visible from its rename on, before this call: a hit in between has
         // already put the blob in the index with its reader, and that reader must stay
@@ -279,7 +289,7 @@ impl Usage {
     /// A reader opened a committed blob: it is used now, and must stay while read.
     pub fn open(self: &Arc<Self>, digest: &Digest, size: u64) -> ReadGuard {
         let mut inner = self.inner.lock().expect("usage poisoned");
-        let now = SystemTime::now();
+        let now = self.clock.wall_now();
         let (key, added) = match inner.blobs.get_key_value(digest) {
             Some((key, _)) => (key.clone(), false),
             // A blob committed by another process or missed by the scan joins the index here.
@@ -455,7 +465,8 @@ mod tests {
 
     #[test]
     fn victims_that_changed_after_the_copy_stay() {
-        let usage = Usage::new(Some(Budget { high: 5, low: 0 }));
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH);
+        let usage = Usage::with_clock(Some(Budget { high: 5, low: 0 }), clock.clone());
         let (a, b, c, d) = (
             Digest::of(b"a"),
             Digest::of(b"b"),
@@ -471,7 +482,7 @@ mod tests {
         assert_eq!(victims.len(), 4);
         // Between the copy and the take: a is opened (and still read), b is read and
         // released (newer access), c is pinned at run time. Only d may go.
-        std::thread::sleep(Duration::from_millis(2));
+        clock.advance(Duration::from_secs(1));
         let _reading = usage.open(&a, 10);
         drop(usage.open(&b, 10));
         usage.pin(&Pin::parse(&c.to_string()).unwrap());

@@ -9,6 +9,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::pipeline::{MAX_WRITE_BATCH, Pipe, is_disk_full};
 use super::state::{CommitGate, FillGuard, FillState, Progress};
+use crate::clock::Clock;
 use crate::error::error_chain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
@@ -22,6 +23,8 @@ pub struct FillContext {
     pub gate: Arc<CommitGate>,
     /// Called with a number of bytes when the disk ran full, to make room.
     pub disk_full: Box<dyn Fn(u64) + Send + Sync>,
+    /// The server's clock: a fill passing through memory drops readers stalled on it.
+    pub clock: Clock,
 }
 
 /// Downloads, verifies and commits one blob. Returns the final state: `Complete`, or
@@ -77,7 +80,13 @@ pub async fn run(
                     }
                     Err(e) => Err(e),
                 };
-                pipe.insert(Pipe::start(guard, digest, walk.size(), file)?)
+                pipe.insert(Pipe::start(
+                    guard,
+                    digest,
+                    walk.size(),
+                    file,
+                    cx.clock.clone(),
+                )?)
             }
         };
         match stream(upstream, resp, pipe, &mut handed, walk.size(), digest).await {

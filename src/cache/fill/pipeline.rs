@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::state::{Detach, FillGuard, FillState, Progress};
 use crate::cache::spill::{self, Followers, PassError, Spill};
+use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, DigestVerifier};
 
@@ -54,6 +55,7 @@ impl Pipe {
         digest: &Digest,
         size: Option<u64>,
         file: io::Result<Arc<File>>,
+        clock: Clock,
     ) -> Result<Pipe> {
         let (batches, rx) = mpsc::channel(PIPELINE_BATCHES);
         let (done_tx, done) = oneshot::channel();
@@ -69,6 +71,7 @@ impl Pipe {
             available: 0,
             spill: None,
             disk_full: false,
+            clock,
         };
         std::thread::Builder::new()
             .name("cistern-fill".into())
@@ -108,6 +111,8 @@ struct Writer {
     available: u64,
     spill: Option<Arc<Spill>>,
     disk_full: bool,
+    /// What the spill times stalled readers on.
+    clock: Clock,
 }
 
 impl Writer {
@@ -163,7 +168,13 @@ impl Writer {
             .clone()
             .expect("the disk failed, so there is a spill");
         let len = rest.len() as u64;
-        match spill.pass(&self.followers, rest, spill::WINDOW, spill::STALL) {
+        match spill.pass(
+            &self.followers,
+            rest,
+            spill::WINDOW,
+            spill::STALL,
+            &self.clock,
+        ) {
             Ok(()) => {
                 self.available += len;
                 Ok(())

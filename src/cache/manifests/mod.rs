@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::Clock;
 use super::blocking;
 use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
+use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};

@@ -182,7 +182,7 @@ impl Inner {
                         self.resolve_tag_on(route, upstream, name, tag, accept)
                     })
                     .await;
-                let now = self.clock.now();
+                let now = self.clock.wall_now();
                 match &result {
                     Ok(info) => {
                         let answer = TagAnswer {

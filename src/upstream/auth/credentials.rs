@@ -17,12 +17,12 @@ pub enum Credentials {
 }
 
 impl Credentials {
-    /// Reads the credentials of upstream `name`. `password_file` and `token_file` are read
-    /// now, so a missing or empty file is a start-up error naming its key, not a failure at
-    /// the first pull.
-    pub fn from_config(name: &str, config: &UpstreamConfig) -> anyhow::Result<Credentials> {
+    /// Reads the credentials of the upstream configured at `table` (`upstreams.<name>`).
+    /// `password_file` and `token_file` are read now, so a missing or empty file is a
+    /// start-up error naming its key, not a failure at the first pull.
+    pub fn from_config(table: &str, config: &UpstreamConfig) -> anyhow::Result<Credentials> {
         let read_secret = |key: &str, path: &Path| -> anyhow::Result<String> {
-            let field = format!("upstreams.{name}.{key}");
+            let field = format!("{table}.{key}");
             let text = std::fs::read_to_string(path)
                 .map_err(|e| anyhow::anyhow!("{field}: {}: {e}", path.display()))?;
             let secret = text.trim().to_string();

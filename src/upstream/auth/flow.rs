@@ -1,7 +1,5 @@
 //! The token flow against a live upstream: the only part of `auth` that does IO.
 
-use std::time::Instant;
-
 use http::StatusCode;
 use reqwest::Url;
 
@@ -11,6 +9,7 @@ use super::realm::RealmPolicy;
 use super::tokens::{
     MAX_TOKEN_RESPONSE, TokenCache, TokenEndpoint, TokenResponse, pull_scope, token_url,
 };
+use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 use crate::upstream::transport::{MakeRequest, Transport};
@@ -20,6 +19,8 @@ pub struct Authenticator {
     credentials: Credentials,
     realms: RealmPolicy,
     tokens: TokenCache,
+    /// What token lifetimes are measured on.
+    clock: Clock,
 }
 
 /// What one attempt sends in `Authorization`.
@@ -30,11 +31,12 @@ enum Authorization<'a> {
 }
 
 impl Authenticator {
-    pub fn new(credentials: Credentials, realms: RealmPolicy) -> Authenticator {
+    pub fn new(credentials: Credentials, realms: RealmPolicy, clock: Clock) -> Authenticator {
         Authenticator {
             credentials,
             realms,
             tokens: TokenCache::default(),
+            clock,
         }
     }
 
@@ -61,7 +63,10 @@ impl Authenticator {
         // A registry that challenged us before will again: get the token up front.
         let mut token = None;
         if let Some(endpoint) = self.tokens.endpoint() {
-            token = match self.tokens.get(&endpoint, &scope, Instant::now()) {
+            token = match self
+                .tokens
+                .get(&endpoint, &scope, self.clock.monotonic_now())
+            {
                 Some(t) => Some(t),
                 None => self
                     .fetch_token(transport, &endpoint, &scope, what)
@@ -146,8 +151,9 @@ impl Authenticator {
             .ok()
             .and_then(TokenResponse::into_token)
             .ok_or_else(|| denied("response has no token".into()))?;
+        let now = self.clock.monotonic_now();
         self.tokens
-            .put(endpoint, scope, token.clone(), Instant::now() + lifetime);
+            .put(endpoint, scope, token.clone(), now, lifetime);
         Ok(token)
     }
 }

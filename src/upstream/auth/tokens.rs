@@ -1,4 +1,6 @@
 //! Bearer tokens (pure): the token endpoint's answer, the token URL, and the cache of tokens.
+//! The time is passed in (the flow reads it on the server's clock), so expiry is tested
+//! without clocks or sleeps.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,6 +10,10 @@ use reqwest::Url;
 
 /// Token responses are tiny JSON documents; anything larger is not one.
 pub const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
+
+/// The longest a token is kept, whatever `expires_in` says: registry tokens live minutes, and
+/// an absurd lifetime from an upstream must not overflow the expiry instant.
+const LONGEST_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 /// The token endpoint's answer. Docker Hub sends `token`; OAuth2-style servers send
 /// `access_token`; either may come alone.
@@ -57,12 +63,21 @@ impl TokenCache {
         }
     }
 
-    pub fn put(&self, endpoint: &TokenEndpoint, scope: &str, token: String, expires: Instant) {
+    /// Caches `token`, fetched at `now`, for `lifetime`.
+    pub fn put(
+        &self,
+        endpoint: &TokenEndpoint,
+        scope: &str,
+        token: String,
+        now: Instant,
+        lifetime: Duration,
+    ) {
+        let expires = now + lifetime.min(LONGEST_KEPT);
         let mut tokens = self.tokens.lock().expect("token cache poisoned");
         // Bounded: expired entries go first; a registry with more live scopes than this is
         // far past anything a mirror sees.
         if tokens.len() >= 10_000 {
-            tokens.retain(|_, (_, e)| *e > Instant::now());
+            tokens.retain(|_, (_, e)| *e > now);
             if tokens.len() >= 10_000 {
                 tokens.clear();
             }
@@ -133,10 +148,17 @@ mod tests {
             service: None,
         };
         let now = Instant::now();
-        cache.put(&ep, "s", "t".into(), now + Duration::from_secs(10));
+        cache.put(&ep, "s", "t".into(), now, Duration::from_secs(10));
         assert_eq!(cache.get(&ep, "s", now), Some("t".into()));
         assert_eq!(cache.get(&ep, "other", now), None);
         assert_eq!(cache.get(&ep, "s", now + Duration::from_secs(11)), None);
+        // An upstream's absurd `expires_in` is kept a day, not added to the instant whole.
+        cache.put(&ep, "s", "t".into(), now, Duration::from_secs(u64::MAX));
+        assert_eq!(
+            cache.get(&ep, "s", now + LONGEST_KEPT / 2),
+            Some("t".into())
+        );
+        assert_eq!(cache.get(&ep, "s", now + LONGEST_KEPT), None);
     }
 
     #[test]

@@ -94,7 +94,8 @@ fn errors_classify_into_outcomes() {
 }
 
 /// A route "docker.io" over `mirror` then `origin`, tags from `origin` only. The URLs
-/// are never contacted: a walk does no IO. One failure opens a breaker, for an hour.
+/// are never contacted: a walk does no IO. One failure opens a breaker, for an hour of a
+/// clock that stands still.
 fn route() -> Arc<Route> {
     let config = Config::from_toml(
         r#"
@@ -114,7 +115,8 @@ fn route() -> Arc<Route> {
         "#,
     )
     .unwrap();
-    let routes = Routes::from_config(&config).unwrap();
+    let clock = crate::clock::Clock::manual(std::time::SystemTime::UNIX_EPOCH);
+    let routes = Routes::from_config(&config, &clock).unwrap();
     routes
         .resolve(None, &RepoName::parse("library/app").unwrap())
         .unwrap()

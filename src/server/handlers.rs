@@ -30,6 +30,35 @@ pub type Body = UnsyncBoxBody<Bytes, Error>;
 
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
+/// The response header that carries a request's id, as logged.
+const REQUEST_ID: &str = "x-request-id";
+
+/// A request's id: unique within the process, and unlikely to repeat across restarts (the
+/// counter starts from the start time).
+#[derive(Clone, Copy)]
+struct RequestId(u64);
+
+impl RequestId {
+    fn next() -> RequestId {
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: OnceLock<AtomicU64> = OnceLock::new();
+        let next = NEXT.get_or_init(|| {
+            let start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            AtomicU64::new(start)
+        });
+        RequestId(next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// Everything a request handler needs.
 pub struct App {
     pub cache: Arc<Cache>,
@@ -49,17 +78,33 @@ impl super::Service for App {
 impl App {
     pub async fn handle_request(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        let id = RequestId::next();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let response = match self.dispatch(&req).await {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
+        let peer = req.extensions().get::<Peer>().map(|p| p.0);
+        let mut response = match self.dispatch(&req).await {
+            Ok(r) => {
+                tracing::debug!(request = %id, %method, %path, status = %r.status(), elapsed = ?started.elapsed(), "request");
+                r
+            }
+            Err(e) => {
+                let response = error_response(&e);
+                let status = response.status();
+                // Logged once, here, with the whole cause: for an upstream failure the message
+                // lists each upstream tried and what it did. What a client got wrong (4xx but
+                // 429) is routine for a mirror (containerd probes for manifests it then finds
+                // elsewhere) and stays at debug.
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    tracing::warn!(request = %id, ?peer, %method, %path, %status, elapsed = ?started.elapsed(), error = %e.message, "request failed");
+                } else {
+                    tracing::debug!(request = %id, ?peer, %method, %path, %status, error = %e.message, "request refused");
+                }
+                response
+            }
         };
-        let status = response.status();
-        if status.is_server_error() {
-            tracing::warn!(%method, %path, %status, elapsed = ?started.elapsed(), "request failed");
-        } else {
-            tracing::debug!(%method, %path, %status, elapsed = ?started.elapsed(), "request");
+        // The same id in the log and in the response, so a user's report finds the log line.
+        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+            response.headers_mut().insert(REQUEST_ID, v);
         }
         response
     }

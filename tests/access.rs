@@ -82,8 +82,15 @@ async fn anonymous_patterns_users_and_the_basic_challenge() {
     let (upstream, digest) = upstream_with_blobs().await;
     let cistern = with_access(&upstream, team_access).await;
 
-    // Anonymous clients pull what the anonymous patterns name, and the ping is open.
-    assert_eq!(cistern.client().get("/v2/").await.status, StatusCode::OK);
+    // With users to log in, an anonymous ping gets the Basic challenge: skopeo and podman
+    // send credentials only for a challenge they saw there.
+    let ping = cistern.client().get("/v2/").await;
+    ping.assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    assert_eq!(
+        ping.header("www-authenticate"),
+        Some("Basic realm=\"cistern\"")
+    );
+    // Anonymous clients pull what the anonymous patterns name.
     let got = get_as(&cistern, None, REPO_PUBLIC, &digest).await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
 
@@ -140,6 +147,36 @@ async fn failed_logins_from_one_address_are_rate_limited() {
     // Anonymous pulls are not logins: they go on.
     let got = get_as(&cistern, None, REPO_PUBLIC, &digest).await;
     assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    cistern.shutdown().await;
+}
+
+/// What skopeo and podman send after a Basic challenge when they hold no credentials for the
+/// host: an empty user and password. That is an anonymous client, not a failed login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_basic_credentials_are_anonymous_not_a_failed_login() {
+    let (upstream, digest) = upstream_with_blobs().await;
+    let cistern = with_access(&upstream, team_access).await;
+    for _ in 0..15 {
+        let got = get_as(&cistern, Some(("", "")), REPO_PUBLIC, &digest).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    }
+    get_as(&cistern, Some(("", "")), REPO_TEAM, &digest)
+        .await
+        .assert_oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    cistern.shutdown().await;
+}
+
+/// A mirror with anonymous patterns and no users answers the ping: Docker's
+/// `registry-mirrors` uses a mirror without `docker login` only if its ping is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_users_the_ping_is_open() {
+    let (upstream, _) = upstream_with_blobs().await;
+    let cistern = with_access(&upstream, |_| AccessConfig {
+        anonymous: vec!["docker.io/*".into()],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(cistern.client().get("/v2/").await.status, StatusCode::OK);
     cistern.shutdown().await;
 }
 

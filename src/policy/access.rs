@@ -118,15 +118,14 @@ impl Rules {
         }
     }
 
-    /// Does anything at all let anonymous clients in? If not, even the `/v2/` ping asks
-    /// for a login, which makes clients send their credentials from the first request on.
+    /// Does anything at all let anonymous clients in?
     pub fn any_anonymous(&self) -> bool {
         !self.anonymous.is_empty()
     }
 
-    /// The users the rules name.
-    pub fn users(&self) -> impl Iterator<Item = &str> {
-        self.users.keys().map(String::as_str)
+    /// Does any user have patterns of their own (so logging in can open more)?
+    pub fn has_users(&self) -> bool {
+        !self.users.is_empty()
     }
 }
 

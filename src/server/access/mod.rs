@@ -116,6 +116,12 @@ impl AccessGate {
             return Ok(None);
         };
         let (user, password) = basic_credentials(value.as_bytes())?;
+        // containers/image (skopeo, podman) answers a Basic challenge with `Basic Og==` (an
+        // empty user and password) when it holds no credentials for this host: that is an
+        // anonymous client, not a failed login.
+        if user.is_empty() && password.is_empty() {
+            return Ok(None);
+        }
         if let Some(ip) = peer
             && self
                 .failures
@@ -198,10 +204,13 @@ impl AccessGate {
         }
     }
 
-    /// The `/v2/` ping: open to anonymous clients if any pattern lets them in; otherwise a
-    /// 401, which makes clients send their credentials from then on.
+    /// The `/v2/` ping. skopeo and podman send credentials only for a challenge they saw on
+    /// the ping, so with users to log in, an anonymous ping gets the 401 Basic challenge;
+    /// clients without credentials then send empty ones, which count as anonymous. Only a
+    /// mirror with anonymous patterns and no users answers an anonymous ping with 200 (which
+    /// Docker's `registry-mirrors` needs to use it without `docker login`).
     pub fn ping(&self, user: Option<&str>) -> Result<()> {
-        if user.is_some() || self.rules.any_anonymous() {
+        if user.is_some() || (self.rules.any_anonymous() && !self.rules.has_users()) {
             Ok(())
         } else {
             Err(Error::new(

@@ -34,6 +34,16 @@ fn docker_io_from(upstream: SocketAddr) -> String {
     )
 }
 
+/// `GET /v2/` answers 200, or, when `[access]` lets no anonymous client in, cistern's own
+/// login challenge (401 with `WWW-Authenticate: Basic realm="cistern"`).
+fn v2_ping_answers(addr: SocketAddr) -> bool {
+    matches!(
+        daemon::http_get(addr, "/v2/", &[]),
+        Ok(r) if r.status == 200
+            || (r.status == 401 && r.header("www-authenticate") == Some("Basic realm=\"cistern\""))
+    )
+}
+
 impl Cistern {
     pub fn start(dir: &Path, upstream: SocketAddr) -> Cistern {
         Cistern::start_with(dir, upstream, "", 1)
@@ -107,9 +117,10 @@ impl Cistern {
         let serving = addr.to_string();
         // Over TLS the log line alone: it is written once the listener is bound.
         let plain = tls.is_none();
-        daemon.try_wait_ready("logs its listen address and GET /v2/ answers 200", || {
-            daemon::log_contains(&log, &serving) && (!plain || daemon::v2_ping_ok(addr))
-        })?;
+        daemon.try_wait_ready(
+            "logs its listen address and GET /v2/ answers 200 (or its login challenge)",
+            || daemon::log_contains(&log, &serving) && (!plain || v2_ping_answers(addr)),
+        )?;
         Ok(Cistern {
             addr,
             dir: dir.to_path_buf(),

@@ -243,15 +243,30 @@ disabled_plugins = [
 /// Writes `<dir>/<registry>/hosts.toml` sending pulls of `registry` to `mirror` (plain HTTP)
 /// with `server` set to a port nothing listens on.
 pub fn hosts_dir(dir: &Path, registry: &str, mirror: &str, dead_port: u16) -> PathBuf {
+    hosts_dir_with_headers(dir, registry, mirror, dead_port, &[])
+}
+
+/// [`hosts_dir`] with `headers` in the mirror's `[host."http://MIRROR".header]` table, which
+/// containerd sends with every request to it (e.g. `authorization = "Basic ..."`).
+pub fn hosts_dir_with_headers(
+    dir: &Path,
+    registry: &str,
+    mirror: &str,
+    dead_port: u16,
+    headers: &[(&str, &str)],
+) -> PathBuf {
     let reg_dir = dir.join(registry);
     std::fs::create_dir_all(&reg_dir).unwrap();
-    std::fs::write(
-        reg_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://127.0.0.1:{dead_port}\"\n\n\
-             [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        ),
-    )
-    .unwrap();
+    let mut toml = format!(
+        "server = \"http://127.0.0.1:{dead_port}\"\n\n\
+         [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    if !headers.is_empty() {
+        toml.push_str(&format!("  [host.\"http://{mirror}\".header]\n"));
+        for (name, value) in headers {
+            toml.push_str(&format!("    {name} = {value:?}\n"));
+        }
+    }
+    std::fs::write(reg_dir.join("hosts.toml"), toml).unwrap();
     dir.to_path_buf()
 }

@@ -437,3 +437,60 @@ pub fn seed(
         layout_dir,
     }
 }
+
+/// Pushes one small image to each of `repos` (as `<repo>:1.0`), each image its own (its name,
+/// the repository, is in its config and its one tiny layer), so a pull of one repository can
+/// never be answered with another's digest or blobs. The cheapest seeding there is: for
+/// tests about who may pull, not about image shapes.
+#[allow(dead_code)] // used by tests/e2e_access.rs, not by every test crate
+pub fn seed_small(
+    dir: &Path,
+    skopeo: &Skopeo,
+    registry: SocketAddr,
+    repos: &[&str],
+    ctx: &dyn Fn() -> String,
+) -> Vec<Seeded> {
+    let images: Vec<Image> = repos
+        .iter()
+        .map(|repo| {
+            let layer = image::layer(
+                &[
+                    Entry::Dir("opt/"),
+                    Entry::File(
+                        "opt/repository.txt".into(),
+                        format!("{repo}\n").into_bytes(),
+                    ),
+                ],
+                Compression::default(),
+            );
+            Image::build(repo, "amd64", vec![layer])
+        })
+        .collect();
+    let mut layout = Layout::default();
+    for (n, built) in images.iter().enumerate() {
+        layout.add_image(&format!("small-{n}"), built);
+    }
+    let layout_dir = dir.join("oci-layout-small");
+    layout.write(&layout_dir);
+    repos
+        .iter()
+        .zip(&images)
+        .enumerate()
+        .map(|(n, (repo, built))| {
+            let seeded = push(
+                skopeo,
+                &layout_dir,
+                &format!("small-{n}"),
+                registry,
+                &format!("{repo}:1.0"),
+                None,
+                ctx,
+            );
+            assert_eq!(
+                seeded.manifest, built.manifest.bytes,
+                "registry altered the manifest of {repo}"
+            );
+            seeded
+        })
+        .collect()
+}

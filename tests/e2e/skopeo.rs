@@ -141,9 +141,10 @@ impl Skopeo {
             .collect()
     }
 
-    fn copy_to_dir_cmd(&self, reference: &str, dest: &Path) -> Command {
+    fn copy_to_dir_cmd(&self, reference: &str, dest: &Path, extra: &[&str]) -> Command {
         let mut c = self.cmd("copy");
         c.args(["--all", "--src-tls-verify=false", "--retry-times", "0"]);
+        c.args(extra);
         c.arg(format!("docker://{reference}"));
         c.arg(format!("dir:{}", dest.display()));
         c
@@ -151,12 +152,18 @@ impl Skopeo {
 
     /// `skopeo copy --all --src-tls-verify=false docker://REF dir:DEST`.
     pub fn copy_to_dir(&self, reference: &str, dest: &Path, ctx: &dyn Fn() -> String) {
-        run_ok(&mut self.copy_to_dir_cmd(reference, dest), LIMIT, ctx);
+        run_ok(&mut self.copy_to_dir_cmd(reference, dest, &[]), LIMIT, ctx);
     }
 
     /// The same copy, expected to fail: its output, whatever the outcome.
     pub fn try_copy_to_dir(&self, reference: &str, dest: &Path) -> Output {
-        run(&mut self.copy_to_dir_cmd(reference, dest), LIMIT)
+        self.try_copy_to_dir_with(reference, dest, &[])
+    }
+
+    /// The same copy with `extra` arguments (e.g. `--src-creds USER:PASSWORD`): its output,
+    /// whatever the outcome.
+    pub fn try_copy_to_dir_with(&self, reference: &str, dest: &Path, extra: &[&str]) -> Output {
+        run(&mut self.copy_to_dir_cmd(reference, dest, extra), LIMIT)
     }
 
     /// `skopeo inspect --raw`, expected to fail: its output, whatever the outcome.

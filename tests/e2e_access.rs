@@ -71,21 +71,21 @@
 //!   every request to that host, so it never needs a challenge).
 //!
 //! skopeo and podman (containers/image) send credentials only for the challenges they saw on
-//! the `GET /v2/` ping, and the mixed cistern answers that ping 200 to anonymous clients: they
-//! never log in to it (see the ignored test below). Their logged-in checks therefore run
-//! against the login-only cistern, whose ping asks for a login; ctr's run against the mixed
-//! one. skopeo also pulls `plain.test/team/skopeo:1.0` anonymously from the mixed cistern: the
-//! same repository, through the uncredentialed route, is open to `*`. Finally no password (nor
-//! its base64) is in either cistern's log.
+//! the `GET /v2/` ping. Both cisterns have users, so both challenge an anonymous ping, and
+//! clients without credentials answer with empty ones, which cistern takes as anonymous. The
+//! first test's logged-in checks for skopeo and podman run against the login-only cistern,
+//! ctr's against the mixed one; skopeo also pulls `plain.test/team/skopeo:1.0` anonymously
+//! from the mixed cistern: the same repository, through the uncredentialed route, is open to
+//! `*`. Finally no password (nor its base64) is in either cistern's log.
 //!
 //! The three clients run in turn against the same cisterns; each part runs even when an
 //! earlier one failed, and the test then fails naming every client that did.
 //!
-//! # `containers_image_clients_log_in_where_anonymous_clients_may_pull_too` (ignored)
+//! # `containers_image_clients_log_in_where_anonymous_clients_may_pull_too`
 //!
-//! The same checks for skopeo and podman, all against the mixed cistern: what the issue asks,
-//! and what fails until cistern challenges anonymous pings (see the test's docs). Run it with
-//! `cargo test --test e2e_access -- --ignored`.
+//! The same checks for skopeo and podman, all against the mixed cistern: what the issue asks
+//! (anonymous patterns and users in one config). It failed until an anonymous ping was
+//! challenged whenever users exist.
 
 #[allow(dead_code)] // the harness serves several test crates; this one uses part of it
 mod e2e;
@@ -579,7 +579,6 @@ fn clients_log_in_to_pull_through_a_credentialed_route() {
 /// cistern must then take as anonymous (not as a failed login, which would also cost a bcrypt
 /// check and count towards the address's lockout). With both changes this test passes.
 #[test]
-#[ignore = "cistern bug: with anonymous patterns the /v2/ ping carries no challenge, so skopeo and podman never log in"]
 fn containers_image_clients_log_in_where_anonymous_clients_may_pull_too() {
     const TEST: &str = "containers_image_clients_log_in_where_anonymous_clients_may_pull_too";
     let Some(work) = e2e::begin(

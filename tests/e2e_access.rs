@@ -566,18 +566,13 @@ fn clients_log_in_to_pull_through_a_credentialed_route() {
     check_no_secret_logged(&login_only);
 }
 
-/// What [`clients_log_in_to_pull_through_a_credentialed_route`] cannot yet do with skopeo and
-/// podman: log in to a cistern that also lets anonymous clients in, as the issue's own example
-/// `[access]` table does (`anonymous = ["docker.io/*"]` beside `[access.users]`).
+/// skopeo and podman log in to a cistern that also lets anonymous clients in, as the issue's
+/// own example `[access]` table does (`anonymous = ["docker.io/*"]` beside `[access.users]`).
 ///
-/// containers/image (skopeo, podman) sends credentials only for the challenges it saw on the
-/// `GET /v2/` ping; cistern answers that ping 200, without a challenge, as soon as one
-/// anonymous pattern exists, so the client never logs in and every logged-in pull gets 401.
-/// Answering an anonymous ping with the Basic challenge whenever `[access.users]` names anyone
-/// makes these clients send their credentials; but after a Basic challenge containers/image
-/// sends `Authorization: Basic Og==` (an empty user and password) when it has none, which
-/// cistern must then take as anonymous (not as a failed login, which would also cost a bcrypt
-/// check and count towards the address's lockout). With both changes this test passes.
+/// containers/image sends credentials only for the challenges it saw on the `GET /v2/` ping,
+/// so cistern challenges an anonymous ping whenever `[access.users]` names anyone; without
+/// credentials it then sends `Authorization: Basic Og==` (an empty user and password), which
+/// cistern takes as anonymous, not as a failed login. This test failed before both.
 #[test]
 fn containers_image_clients_log_in_where_anonymous_clients_may_pull_too() {
     const TEST: &str = "containers_image_clients_log_in_where_anonymous_clients_may_pull_too";

@@ -179,7 +179,7 @@ fn json_like() -> impl Strategy<Value = String> {
         Just("[]".to_string()),
         Just("{}".to_string()),
     ];
-    let value = leaf.prop_recursive(3, 24, 4, move |inner| {
+    leaf.prop_recursive(3, 24, 4, move |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..4)
                 .prop_map(|v| format!("[{}]", v.join(","))),
@@ -188,8 +188,7 @@ fn json_like() -> impl Strategy<Value = String> {
                 format!("{{{}}}", body.join(","))
             }),
         ]
-    });
-    value
+    })
 }
 
 /// TOML with the config's tables and keys, and values of any type.

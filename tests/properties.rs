@@ -126,7 +126,7 @@ proptest! {
     }
 
     #[test]
-    fn challenges_never_panic(s in "(Bearer|Basic|bearer)? ?([a-z]{1,8}=\"?[a-zA-Z0-9:/._ ,-]{0,30}\"?,?){0,5}|.{0,60}") {
+    fn challenges_never_panic(s in "(Bearer|Basic|bearer)? ?([a-z]{1,8}=\"?[a-zA-Z0-9:/._ ,\\\\éü€-]{0,30}\"?,?){0,5}|.{0,60}") {
         let _ = parse_challenge(&s);
     }
 

@@ -40,62 +40,38 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         return None;
     }
     let mut params = HashMap::new();
-    let b = rest.as_bytes();
-    let mut i = 0;
+    // A cursor over characters, not bytes: values may hold any UTF-8, and an escape may
+    // precede a multi-byte character.
+    let mut chars = rest.chars().peekable();
     loop {
-        while i < b.len() && (b[i] == b',' || b[i].is_ascii_whitespace()) {
-            i += 1;
-        }
-        if i >= b.len() {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
             break;
         }
-        let key_start = i;
-        while i < b.len() && b[i] != b'=' && b[i] != b',' && !b[i].is_ascii_whitespace() {
-            i += 1;
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ',' && !c.is_whitespace()) {
+            key.push(c.to_ascii_lowercase());
         }
-        let key = rest[key_start..i].to_ascii_lowercase();
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if i >= b.len() || b[i] != b'=' {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
             return None;
         }
-        i += 1;
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let value = if i < b.len() && b[i] == b'"' {
-            i += 1;
-            let mut v = String::new();
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
             loop {
-                let c = *b.get(i)?; // an unterminated quote is malformed
-                i += 1;
-                match c {
-                    b'"' => break,
-                    b'\\' => {
-                        v.push(*b.get(i)? as char);
-                        i += 1;
-                    }
-                    _ => {
-                        // Copy the whole UTF-8 sequence, not just one byte of it.
-                        let start = i - 1;
-                        let mut end = i;
-                        while end < b.len() && (b[end] & 0xC0) == 0x80 {
-                            end += 1;
-                        }
-                        v.push_str(&rest[start..end]);
-                        i = end;
-                    }
+                // An unterminated quote, or an escape at the end, is malformed.
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
                 }
             }
-            v
         } else {
-            let start = i;
-            while i < b.len() && b[i] != b',' && !b[i].is_ascii_whitespace() {
-                i += 1;
+            while let Some(c) = chars.next_if(|c| *c != ',' && !c.is_whitespace()) {
+                value.push(c);
             }
-            rest[start..i].to_string()
-        };
+        }
         if key.is_empty() {
             return None;
         }
@@ -171,6 +147,17 @@ fn is_http_url(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An escape before a multi-byte character used to leave the byte cursor inside it, and
+    /// the next slice panicked: upstream input could crash the request.
+    #[test]
+    fn escapes_before_multibyte_characters_do_not_panic() {
+        let c = parse_challenge("Bearer realm=\"\\é\", service=\"ré\\ü\"").unwrap();
+        assert_eq!(c.param("realm"), Some("é"));
+        assert_eq!(c.param("service"), Some("réü"));
+        assert!(parse_challenge("Bearer realm=\"\\").is_none());
+        assert!(parse_challenge("Bearer realm=\"open").is_none());
+    }
 
     #[test]
     fn parses_docker_hub_challenge() {

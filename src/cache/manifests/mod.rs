@@ -186,6 +186,7 @@ impl ManifestCache {
         accept: &[String],
     ) -> Result<(Arc<Manifest>, bool)> {
         let inner = &self.inner;
+        let accept = &known_types(accept);
         let (digest, stale) = match reference {
             Reference::Digest(d) => (d.clone(), false),
             Reference::Tag(t) => {
@@ -210,6 +211,7 @@ impl ManifestCache {
         accept: &[String],
     ) -> Result<ManifestInfo> {
         let inner = &self.inner;
+        let accept = &known_types(accept);
         match reference {
             Reference::Digest(d) => {
                 let info = inner.by_digest(route, name, d, accept).await?.info();
@@ -355,6 +357,12 @@ impl Inner {
             bytes,
         })
     }
+}
+
+/// The media types of the client's Accept class (see `tags`): what cistern asks upstreams
+/// for, so that every client of one class is answered alike.
+fn known_types(accept: &[String]) -> Vec<String> {
+    media_types::AcceptClass::of(accept).media_types()
 }
 
 fn offline_miss(what: String) -> Error {

@@ -500,3 +500,43 @@ async fn distinct_accept_headers_share_one_tag_answer() {
         vec![DOCKER_MANIFEST.to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_by_digest_under_new_names_do_not_grow_links() {
+    // A cached manifest pulled by digest under names the upstream never confirmed: cistern
+    // answers from its cache but records nothing for those names.
+    const OTHER: &str = "library/other";
+    let manifest = image_manifest(31);
+    let digest = sha256_digest(&manifest);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, None, OCI_MANIFEST, manifest.clone())
+        .manifest(OTHER, None, OCI_MANIFEST, manifest.clone())
+        .start()
+        .await;
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+    let links = |c: &TestCistern| c.data().files("links").len();
+    // Fetched from the upstream for REPO: REPO owns it (one link).
+    assert_eq!(client.get_manifest(REPO, &digest).await.bytes(), &manifest);
+    assert_eq!(links(&cistern), 1);
+    // A cache hit under another repository that has it upstream: linked once the upstream
+    // confirms it (a HEAD, in the background).
+    assert_eq!(client.get_manifest(OTHER, &digest).await.bytes(), &manifest);
+    eventually("the confirmed link", Duration::from_secs(10), || {
+        links(&cistern) == 2
+    })
+    .await;
+    for i in 0..1000 {
+        let name = format!("someone/new-{i}");
+        let r = client.get_manifest(&name, &digest).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+        assert_eq!(r.bytes(), &manifest);
+    }
+    assert_eq!(links(&cistern), 2, "links written for unconfirmed names");
+    let stats = cistern.admin(Method::GET, "/admin/stats").await.json();
+    assert_eq!(stats["links"], 2, "{stats}");
+}

@@ -274,7 +274,10 @@ impl Inner {
                             stale: false,
                         });
                     }
-                    return Ok(self.by_digest(route, name, &digest, accept).await?.info());
+                    return Ok(self
+                        .by_digest(route, name, &digest, accept, false)
+                        .await?
+                        .info());
                 }
             }
             // Some registries answer HEAD badly (405, 400): a GET still works. A HEAD 404

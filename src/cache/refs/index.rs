@@ -97,6 +97,12 @@ impl RefIndex {
         self.changed(changed);
     }
 
+    /// Would a manifest pulled from `key` by digest need a link (no link or tag of the
+    /// repository reaches it)?
+    pub fn needs_link(&self, key: &RepoKey, digest: &Digest) -> bool {
+        self.graph().needs_link(key, digest)
+    }
+
     /// A manifest was pulled from `key` by digest. True if the caller should write a link
     /// (it is in the index from now on, so concurrent pulls write it once).
     pub fn claim_link(&self, key: &RepoKey, digest: &Digest) -> bool {

@@ -448,3 +448,95 @@ async fn tags_list_is_forwarded_with_its_query() {
     query.sort();
     assert_eq!(query, ["last=a", "n=2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_accept_headers_share_one_tag_answer() {
+    // Every request carries the types real clients send plus one no registry knows: a client
+    // that varies its Accept header must not make a new tag answer (a record on disk, an index
+    // entry, an upstream request) each time.
+    let manifest = image_manifest(30);
+    let upstream = FakeRegistry::with_manifest(REPO, Some("many"), OCI_MANIFEST, &manifest).await;
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+    for i in 0..1000 {
+        let accept = format!(
+            "{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}, application/x-junk-{i}"
+        );
+        let r = client
+            .send(
+                client
+                    .request(Method::GET, &manifest_route(REPO, "many"))
+                    .header("accept", accept),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+        assert_eq!(r.bytes(), &manifest);
+    }
+    let requests = upstream.requests_for(Kind::Manifest, "many").len();
+    assert!(requests <= 3, "{requests} upstream requests for one tag");
+    let records = cistern.data().files("tags").len();
+    assert!(records <= 2, "{records} tag records for one tag");
+    let stats = cistern.admin(Method::GET, "/admin/stats").await.json();
+    assert!(stats["tags"].as_u64().unwrap() <= 2, "{stats}");
+
+    // Clients with different known sets are still answered apart, and each one upstream
+    // receives the known types of its class.
+    let docker_only = client
+        .send(
+            client
+                .request(Method::GET, &manifest_route(REPO, "many"))
+                .header("accept", format!("{DOCKER_MANIFEST}, x/junk")),
+        )
+        .await;
+    assert_eq!(docker_only.status, StatusCode::OK);
+    let by_tag = upstream.requests_for(Kind::Manifest, "many");
+    let last = by_tag.last().unwrap();
+    assert_eq!(
+        last.header_values("accept"),
+        vec![DOCKER_MANIFEST.to_string()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_by_digest_under_new_names_do_not_grow_links() {
+    // A cached manifest pulled by digest under names the upstream never confirmed: cistern
+    // answers from its cache but records nothing for those names.
+    const OTHER: &str = "library/other";
+    let manifest = image_manifest(31);
+    let digest = sha256_digest(&manifest);
+    let upstream = FakeRegistry::builder()
+        .manifest(REPO, None, OCI_MANIFEST, manifest.clone())
+        .manifest(OTHER, None, OCI_MANIFEST, manifest.clone())
+        .start()
+        .await;
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+    let links = |c: &TestCistern| c.data().files("links").len();
+    // Fetched from the upstream for REPO: REPO owns it (one link).
+    assert_eq!(client.get_manifest(REPO, &digest).await.bytes(), &manifest);
+    assert_eq!(links(&cistern), 1);
+    // A cache hit under another repository that has it upstream: linked once the upstream
+    // confirms it (a HEAD, in the background).
+    assert_eq!(client.get_manifest(OTHER, &digest).await.bytes(), &manifest);
+    eventually("the confirmed link", Duration::from_secs(10), || {
+        links(&cistern) == 2
+    })
+    .await;
+    for i in 0..1000 {
+        let name = format!("someone/new-{i}");
+        let r = client.get_manifest(&name, &digest).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body_text());
+        assert_eq!(r.bytes(), &manifest);
+    }
+    assert_eq!(links(&cistern), 2, "links written for unconfirmed names");
+    let stats = cistern.admin(Method::GET, "/admin/stats").await.json();
+    assert_eq!(stats["links"], 2, "{stats}");
+}

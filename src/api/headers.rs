@@ -19,14 +19,6 @@ pub fn merged_accept(headers: &HeaderMap) -> Vec<String> {
     out
 }
 
-/// A canonical key for an Accept set: the same tag can resolve to different manifests for
-/// different Accept sets, so tag answers are cached per set.
-pub fn accept_key(accept: &[String]) -> String {
-    let mut v: Vec<String> = accept.iter().map(|m| m.to_ascii_lowercase()).collect();
-    v.sort();
-    v.join(",")
-}
-
 /// What a `Range` header asks of a body of `size` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RangeRequest {
@@ -198,7 +190,11 @@ mod tests {
         );
         let mut reversed = m.clone();
         reversed.reverse();
-        assert_eq!(accept_key(&m), accept_key(&reversed));
+        // Tag answers are kept per class of this set (`oci::media_types::AcceptClass`).
+        assert_eq!(
+            crate::oci::media_types::AcceptClass::of(&m),
+            crate::oci::media_types::AcceptClass::of(&reversed)
+        );
     }
 
     #[test]

@@ -6,8 +6,16 @@
 //! ```
 //!
 //! Paths are hashes, so no client input ever becomes a path component. Each tag has a
-//! directory with one record per Accept set: offline mode can fall back to a record made for
-//! another client's Accept set. Records are written atomically (temp file, rename) but not
+//! directory with one record per Accept class (`oci::media_types::AcceptClass::key`, the known
+//! manifest types the client accepts): offline mode can fall back to a record made for another
+//! class.
+//!
+//! Earlier versions keyed records by the raw Accept set. For a set of known types (what real
+//! clients send) the key is the same string, so those records are read as before. The others
+//! (a set with unknown types, or no Accept) are never looked up by `read_tag` again: the next
+//! refresh writes the class's own record. Until their tag is purged they stay harmless: the
+//! reference index files them under their class (the newest record of a class wins), and
+//! offline mode may serve one as another client's answer, which it is. Records are written atomically (temp file, rename) but not
 //! fsynced: a record is a hint that can always be asked again upstream, and a torn or missing
 //! one only costs that.
 
@@ -27,7 +35,8 @@ pub struct TagRecord {
     pub registry: String,
     pub repository: String,
     pub tag: String,
-    /// `api::headers::accept_key` of the Accept set it was resolved for.
+    /// `AcceptClass::key` of the Accept class it was resolved for (earlier versions: the raw
+    /// Accept set, sorted, lower-cased, joined by `,`).
     pub accept: String,
     pub digest: String,
     pub media_type: String,

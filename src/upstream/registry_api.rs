@@ -295,16 +295,7 @@ fn with_accept(req: reqwest::RequestBuilder, accept: &[String]) -> reqwest::Requ
     if accept.is_empty() {
         // Clients that send no Accept still expect modern manifests; this is the set Docker,
         // containerd and podman send.
-        req.header(
-            ACCEPT,
-            [
-                media_types::OCI_INDEX,
-                media_types::OCI_MANIFEST,
-                media_types::DOCKER_MANIFEST_LIST,
-                media_types::DOCKER_MANIFEST_V2,
-            ]
-            .join(", "),
-        )
+        req.header(ACCEPT, media_types::DEFAULT_ACCEPT.join(", "))
     } else {
         req.header(ACCEPT, accept.join(", "))
     }

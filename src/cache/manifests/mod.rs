@@ -12,8 +12,9 @@
 //! - Concurrent requests for the same manifest share one upstream request (moka's
 //!   `try_get_with` by digest). Errors are not cached.
 //! - The reference index (`cache::refs`) hears of every manifest stored, every tag recorded,
-//!   and every manifest pulled by digest that none of its repository's tags reaches (which
-//!   is then linked to the repository on disk, `storage::links`).
+//!   and every manifest pulled by digest that none of its repository's tags reaches, once an
+//!   upstream confirmed the repository holds it (it is then linked to the repository on disk,
+//!   `storage::links`; see `links`).
 //! - A purge by repository or tag drops the purged tags' answers from memory too, so the next
 //!   pull asks the upstream.
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::blocking;
-use super::refs::{self, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
+use super::refs::{self, PurgePlan, PurgeReport, RefIndex, Target};
 use super::singleflight::SingleFlight;
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -32,8 +33,10 @@ use crate::policy::pins::Pin;
 use crate::storage::{DiskStore, StoredManifest};
 use crate::upstream::{Route, Walk, Want};
 
+mod links;
 mod tags;
 
+use links::LinkChecks;
 use tags::{TagAnswer, TagKey};
 
 /// A verified manifest.
@@ -83,6 +86,8 @@ struct Inner {
     purging: tokio::sync::Mutex<()>,
     /// Fetch times of tag answers, and their ages.
     clock: Clock,
+    /// Running confirmations that a repository holds a manifest served from the cache.
+    link_checks: LinkChecks,
 }
 
 impl ManifestCache {
@@ -120,6 +125,7 @@ impl ManifestCache {
                 index,
                 purging: tokio::sync::Mutex::new(()),
                 clock,
+                link_checks: LinkChecks::default(),
             }),
         }
     }
@@ -186,6 +192,7 @@ impl ManifestCache {
         accept: &[String],
     ) -> Result<(Arc<Manifest>, bool)> {
         let inner = &self.inner;
+        let accept = &known_types(accept);
         let (digest, stale) = match reference {
             Reference::Digest(d) => (d.clone(), false),
             Reference::Tag(t) => {
@@ -193,9 +200,12 @@ impl ManifestCache {
                 (info.digest, info.stale)
             }
         };
-        let m = inner.by_digest(route, name, &digest, accept).await?;
-        if let Reference::Digest(d) = reference {
-            inner.pulled_by_digest(route, name, d).await;
+        let by_digest = matches!(reference, Reference::Digest(_));
+        let m = inner
+            .by_digest(route, name, &digest, accept, by_digest)
+            .await?;
+        if by_digest {
+            inner.link_if_confirmed(route, name, &digest, accept);
         }
         Ok((m, stale))
     }
@@ -210,10 +220,11 @@ impl ManifestCache {
         accept: &[String],
     ) -> Result<ManifestInfo> {
         let inner = &self.inner;
+        let accept = &known_types(accept);
         match reference {
             Reference::Digest(d) => {
-                let info = inner.by_digest(route, name, d, accept).await?.info();
-                inner.pulled_by_digest(route, name, d).await;
+                let info = inner.by_digest(route, name, d, accept, true).await?.info();
+                inner.link_if_confirmed(route, name, d, accept);
                 Ok(info)
             }
             Reference::Tag(t) => inner.resolve_tag(route, name, t, accept).await,
@@ -222,40 +233,20 @@ impl ManifestCache {
 }
 
 impl Inner {
-    /// A manifest was served by digest: link it to its repository if no tag of the repository
-    /// reaches it (so a repository purge or pin sees it). Written once per (repository,
-    /// manifest); a failed write is logged, not fatal.
-    async fn pulled_by_digest(&self, route: &Route, name: &RepoName, digest: &Digest) {
-        let key = RepoKey {
-            registry: route.registry.clone(),
-            repository: name.to_string(),
-        };
-        if !self.index.claim_link(&key, digest) {
-            return;
-        }
-        let store = self.store.clone();
-        let d = digest.clone();
-        if let Err(e) = blocking(
-            move || store.write_link(&key.registry, &key.repository, &d),
-            "linking a manifest to its repository",
-        )
-        .await
-        {
-            tracing::warn!(%name, %digest, error = %e, "could not record the manifest's repository");
-        }
-    }
-
+    /// The manifest, from memory, disk or upstream. `link`: the client asked for it by digest
+    /// in `name`, so a fetch from upstream links it to that repository (`links`).
     async fn by_digest(
         &self,
         route: &Route,
         name: &RepoName,
         digest: &Digest,
         accept: &[String],
+        link: bool,
     ) -> Result<Arc<Manifest>> {
         self.by_digest
             .try_get_with(
                 digest.clone(),
-                self.load_by_digest(route, name, digest, accept),
+                self.load_by_digest(route, name, digest, accept, link),
             )
             .await
             .map_err(|e| (*e).clone())
@@ -287,6 +278,7 @@ impl Inner {
         name: &RepoName,
         digest: &Digest,
         accept: &[String],
+        link: bool,
     ) -> Result<Arc<Manifest>> {
         if let Some(m) = self.read_from_disk(digest).await {
             return Ok(Arc::new(m));
@@ -321,9 +313,13 @@ impl Inner {
             }
         })
         .await?;
-        Ok(self
+        let m = self
             .store_manifest(digest.clone(), media_type, fetched.bytes)
-            .await)
+            .await;
+        if link {
+            self.link_fetched(route, name, digest).await;
+        }
+        Ok(m)
     }
 
     /// Writes a verified manifest to disk and returns it. A failed write is logged, not
@@ -355,6 +351,12 @@ impl Inner {
             bytes,
         })
     }
+}
+
+/// The media types of the client's Accept class (see `tags`): what cistern asks upstreams
+/// for, so that every client of one class is answered alike.
+fn known_types(accept: &[String]) -> Vec<String> {
+    media_types::AcceptClass::of(accept).media_types()
 }
 
 fn offline_miss(what: String) -> Error {

@@ -1,5 +1,8 @@
 //! Tag answers: tag → digest (and the facts a HEAD needs), kept per (registry, repository,
-//! tag, Accept set) in memory and on disk (`storage::tags`), so they survive restarts.
+//! tag, Accept class) in memory and on disk (`storage::tags`), so they survive restarts.
+//! The Accept class (`media_types::AcceptClass`) is the set of known manifest types the client
+//! accepts, never the raw header: a client cannot make a new key by sending a new header, so a
+//! tag has a handful of answers at most.
 //!
 //! Architecture invariants:
 //! - Answers follow the route's freshness policy (`cache::freshness`): fresh within their TTL,
@@ -7,7 +10,7 @@
 //!   (stale-if-error); revalidation is a HEAD.
 //! - Only the route's `tags_from` upstreams are asked (`Want::Tags`).
 //! - "Not found" is remembered for `cache.negative_ttl` (memory only), never served stale.
-//! - In offline mode no upstream is contacted: tags as last recorded (any age, any Accept set
+//! - In offline mode no upstream is contacted: tags as last recorded (any age, any Accept class
 //!   whose media type the client accepts).
 //! - Concurrent refreshes of one answer share one upstream request (`SingleFlight`). Errors
 //!   are not cached.
@@ -38,13 +41,15 @@ pub(super) struct TagKey {
     registry: String,
     name: RepoName,
     tag: Tag,
-    /// `api::headers::accept_key` of the request's Accept set.
+    /// `AcceptClass::key` of the request's Accept set.
     accept: String,
 }
 
 impl Inner {
     /// Tag → digest (and the facts a HEAD needs), by the freshness policy: from memory or disk
-    /// while fresh, else from the route's tag upstreams in order.
+    /// while fresh, else from the route's tag upstreams in order. `accept` is an Accept class's
+    /// media types (`ManifestCache` narrows the client's set to one), which is also what
+    /// upstreams are sent: every client of a class gets the answer the upstream gives the class.
     pub(super) async fn resolve_tag(
         self: &Arc<Self>,
         route: &Arc<Route>,
@@ -56,7 +61,7 @@ impl Inner {
             registry: route.registry.clone(),
             name: name.clone(),
             tag: tag.clone(),
-            accept: crate::api::headers::accept_key(accept),
+            accept: media_types::AcceptClass::of(accept).key(),
         };
         let known = self.remembered(&key).await;
         if self.offline {
@@ -135,7 +140,7 @@ impl Inner {
         Some(answer)
     }
 
-    /// Offline: the recorded answer for this Accept set, else one recorded for another client
+    /// Offline: the recorded answer for this Accept class, else one recorded for another client
     /// whose media type this client accepts.
     async fn resolve_offline(
         &self,
@@ -269,7 +274,10 @@ impl Inner {
                             stale: false,
                         });
                     }
-                    return Ok(self.by_digest(route, name, &digest, accept).await?.info());
+                    return Ok(self
+                        .by_digest(route, name, &digest, accept, false)
+                        .await?
+                        .info());
                 }
             }
             // Some registries answer HEAD badly (405, 400): a GET still works. A HEAD 404

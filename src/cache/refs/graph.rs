@@ -25,7 +25,7 @@ impl std::fmt::Display for RepoKey {
 pub enum Target {
     /// Every tag of the repository and every manifest linked to it.
     Repository(RepoKey),
-    /// One tag (all its Accept sets).
+    /// One tag (all its Accept classes).
     Tag(RepoKey, String),
 }
 
@@ -40,7 +40,7 @@ impl std::fmt::Display for Target {
 
 #[derive(Debug, Default, Clone)]
 struct Roots {
-    /// tag → Accept key → digest (one tag may name different manifests per Accept set).
+    /// tag → Accept class key → digest (one tag may name different manifests per class).
     tags: BTreeMap<String, BTreeMap<String, Digest>>,
     /// Manifests pulled by digest that no tag reached at the time.
     links: BTreeSet<Digest>,
@@ -97,7 +97,7 @@ impl Graph {
         self.manifests.insert(digest, refs).is_none()
     }
 
-    /// Records what a tag resolved to for an Accept set. True if that changed anything.
+    /// Records what a tag resolved to for an Accept class. True if that changed anything.
     pub fn set_tag(&mut self, key: RepoKey, tag: &str, accept: &str, digest: Digest) -> bool {
         let per_accept = self
             .repos

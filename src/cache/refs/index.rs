@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::graph::{Graph, Pinned, PurgePlan, RepoKey, Target};
 use crate::oci::Digest;
+use crate::oci::media_types::AcceptClass;
 use crate::oci::references::{self, References};
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
@@ -41,13 +42,18 @@ impl RefIndex {
                 Err(e) => tracing::warn!(digest = %d, error = %e, "stored manifest unreadable"),
             }
         }
-        for r in store.list_tags()? {
+        // Oldest first, so that where records of earlier versions (keyed by the raw Accept
+        // set) fall into one class, the newest answer is the one indexed.
+        let mut tags = store.list_tags()?;
+        tags.sort_by_key(|r| r.fetched_at_ms);
+        for r in tags {
             if let Some(d) = r.digest() {
                 let key = RepoKey {
                     registry: r.registry,
                     repository: r.repository,
                 };
-                g.set_tag(key, &r.tag, &r.accept, d);
+                let class = AcceptClass::from_key(&r.accept).key();
+                g.set_tag(key, &r.tag, &class, d);
             }
         }
         for (registry, repository, d) in store.list_links()? {
@@ -91,6 +97,12 @@ impl RefIndex {
         self.changed(changed);
     }
 
+    /// Would a manifest pulled from `key` by digest need a link (no link or tag of the
+    /// repository reaches it)?
+    pub fn needs_link(&self, key: &RepoKey, digest: &Digest) -> bool {
+        self.graph().needs_link(key, digest)
+    }
+
     /// A manifest was pulled from `key` by digest. True if the caller should write a link
     /// (it is in the index from now on, so concurrent pulls write it once).
     pub fn claim_link(&self, key: &RepoKey, digest: &Digest) -> bool {
@@ -125,5 +137,52 @@ impl RefIndex {
         let g = self.graph();
         let (t, l) = g.root_counts();
         (g.manifest_count(), t, l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{StoredManifest, TagRecord};
+
+    #[test]
+    fn records_of_earlier_versions_fall_into_their_class_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let (old, new) = (&b"{\"a\":1}"[..], &b"{\"a\":2}"[..]);
+        for bytes in [old, new] {
+            let m = StoredManifest {
+                media_type: crate::oci::media_types::OCI_MANIFEST.into(),
+                bytes: bytes::Bytes::copy_from_slice(bytes),
+            };
+            store.write_manifest(&Digest::of(bytes), &m).unwrap();
+        }
+        // Earlier versions keyed records by the raw Accept set: two clients that differ only
+        // in a type cistern does not know made two records. The newer one is written first.
+        let record = |accept: &str, bytes: &[u8], at: u64| TagRecord {
+            registry: "docker.io".into(),
+            repository: "library/app".into(),
+            tag: "1".into(),
+            accept: accept.into(),
+            digest: Digest::of(bytes).to_string(),
+            media_type: crate::oci::media_types::OCI_MANIFEST.into(),
+            size: bytes.len() as u64,
+            fetched_at_ms: at,
+        };
+        let oci = crate::oci::media_types::OCI_MANIFEST;
+        store
+            .write_tag(&record(&format!("{oci},y/junk"), new, 2))
+            .unwrap();
+        store
+            .write_tag(&record(&format!("{oci},x/junk"), old, 1))
+            .unwrap();
+        let index = RefIndex::load(&store).unwrap();
+        let key = RepoKey {
+            registry: "docker.io".into(),
+            repository: "library/app".into(),
+        };
+        let plan = index.plan_purge(&Target::Tag(key, "1".into()), &[]);
+        // One answer for the class, the newest: the older manifest is no longer a tag's.
+        assert_eq!(plan.remove_manifests, vec![Digest::of(new)]);
     }
 }

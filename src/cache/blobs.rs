@@ -10,6 +10,11 @@
 //!   caller's disk lookup and its map lookup is not fetched twice.
 //! - A fill leaves the map just before it publishes its final state (see `FillGuard`), so a
 //!   request that saw a fill fail and retries starts a fresh one.
+//! - **A joiner is not bound by another request's route.** A fill fetches through the route
+//!   and repository of the request that started it. A request that joined a fill started for
+//!   another route or repository, and saw it fail before any byte, opens again through its
+//!   own (a 404 on one route says nothing about another): still one fill per digest at a
+//!   time, as the failed fill has left the map.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -52,6 +57,15 @@ struct RunningFill {
     progress: watch::Receiver<FillState>,
     followers: Arc<Followers>,
     gate: Arc<CommitGate>,
+    /// Where it fetches from: its failure before any byte binds only requests for the same.
+    source: FillSource,
+}
+
+/// The route (by registry) and repository a fill fetches through.
+#[derive(Clone, PartialEq, Eq)]
+struct FillSource {
+    registry: String,
+    name: RepoName,
 }
 
 impl RunningFill {
@@ -134,9 +148,18 @@ async fn follow_until<T>(
 
 /// What a cache miss found once it held the fill map's lock.
 enum Joined {
-    Fill(watch::Receiver<FillState>, Cursor),
+    /// A fill to follow; `foreign`: one started for another route or repository.
+    Fill {
+        progress: watch::Receiver<FillState>,
+        cursor: Cursor,
+        foreign: bool,
+    },
     Committed(Arc<File>, u64),
 }
+
+/// How many times a request that joined foreign fills which failed opens again; its own fill
+/// ends the retries anyway, so this only bounds a run of other routes' failures.
+const FOREIGN_RETRIES: usize = 3;
 
 impl BlobCache {
     pub fn new(
@@ -189,30 +212,52 @@ impl BlobCache {
             return Ok(found);
         }
         self.misses.fetch_add(1, Relaxed);
-        let (mut progress, cursor) = match self.join_or_start(route, name, digest) {
-            Joined::Fill(progress, cursor) => (progress, cursor),
-            Joined::Committed(file, size) => {
-                // A hit after all, and read like one: eviction must wait for it.
-                return Ok(BlobSource::Cached {
-                    file,
-                    size,
-                    guard: self.usage.open(digest, size),
-                });
+        let mut retries = 0;
+        loop {
+            let (mut progress, cursor, foreign) = match self.join_or_start(route, name, digest) {
+                Joined::Fill {
+                    progress,
+                    cursor,
+                    foreign,
+                } => (progress, cursor, foreign),
+                Joined::Committed(file, size) => {
+                    // A hit after all, and read like one: eviction must wait for it.
+                    return Ok(BlobSource::Cached {
+                        file,
+                        size,
+                        guard: self.usage.open(digest, size),
+                    });
+                }
+            };
+            // Wait for the upstream's headers, so errors before any byte get a proper status.
+            let size = follow_until(&mut progress, |s| match s {
+                FillState::Connecting => None,
+                FillState::Receiving(p) | FillState::Verified(p) => Some(p.size),
+                FillState::Complete { size, .. } => Some(Some(*size)),
+                FillState::Failed(_) => None,
+            })
+            .await;
+            match size {
+                Ok(size) => {
+                    return Ok(BlobSource::Filling {
+                        progress,
+                        cursor,
+                        size,
+                    });
+                }
+                // Another route's upstreams failed (a 404 there, an outage): ours may have it.
+                // The failed fill has left the map, so this joins or starts a fresh one.
+                Err(e)
+                    if foreign
+                        && retries < FOREIGN_RETRIES
+                        && e.kind != ErrorKind::ShuttingDown =>
+                {
+                    retries += 1;
+                    tracing::debug!(%digest, %name, registry = %route.registry, error = %e, "a fill for another route failed; trying our own");
+                }
+                Err(e) => return Err(e),
             }
-        };
-        // Wait for the upstream's headers, so errors before any byte get a proper status.
-        let size = follow_until(&mut progress, |s| match s {
-            FillState::Connecting => None,
-            FillState::Receiving(p) | FillState::Verified(p) => Some(p.size),
-            FillState::Complete { size, .. } => Some(Some(*size)),
-            FillState::Failed(_) => None,
-        })
-        .await?;
-        Ok(BlobSource::Filling {
-            progress,
-            cursor,
-            size,
-        })
+        }
     }
 
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
@@ -245,10 +290,18 @@ impl BlobCache {
 
     /// Subscribes to the running fill for `digest`, starting one if there is none.
     fn join_or_start(&self, route: &Arc<Route>, name: &RepoName, digest: &Digest) -> Joined {
+        let source = FillSource {
+            registry: route.registry.clone(),
+            name: name.clone(),
+        };
         let mut fills = self.fills.lock().expect("fill map poisoned");
         if let Some(running) = fills.get(digest) {
-            let (rx, cursor) = running.subscribe();
-            return Joined::Fill(rx, cursor);
+            let (progress, cursor) = running.subscribe();
+            return Joined::Fill {
+                progress,
+                cursor,
+                foreign: running.source != source,
+            };
         }
         // A fill may have committed and left the map since our disk lookup. Checking again
         // under the lock closes that window.
@@ -260,6 +313,7 @@ impl BlobCache {
             progress: rx,
             followers: Arc::default(),
             gate: Arc::default(),
+            source,
         };
         let (rx, cursor) = running.subscribe();
         let followers = running.followers.clone();
@@ -311,7 +365,11 @@ impl BlobCache {
             }
             guard.finish(outcome);
         });
-        Joined::Fill(rx, cursor)
+        Joined::Fill {
+            progress: rx,
+            cursor,
+            foreign: false,
+        }
     }
 
     /// (blob GETs served from the cache, blob GETs that needed the upstream).

@@ -10,6 +10,9 @@
 //!   caller's disk lookup and its map lookup is not fetched twice.
 //! - A fill leaves the map just before it publishes its final state (see `FillGuard`), so a
 //!   request that saw a fill fail and retries starts a fresh one.
+//! - **Starting a fill takes a slot of [`FillLimits`]** (per client address and in total),
+//!   held by the fill until it ends; over the cap the request gets 429. Cache hits and
+//!   joiners never take one.
 //! - **A joiner is not bound by another request's route.** A fill fetches through the route
 //!   and repository of the request that started it. A request that joined a fill started for
 //!   another route or repository, and saw it fail before any byte, opens again through its
@@ -18,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -27,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use super::blocking;
 use super::evict::{ReadGuard, Usage};
 use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
+use super::fill_limit::FillLimits;
 use super::spill::{Cursor, Followers};
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
@@ -50,6 +55,8 @@ pub struct BlobCache {
     misses: std::sync::atomic::AtomicU64,
     /// What a fill passing through memory times its stalled readers on.
     clock: Clock,
+    /// The cap on fills started at once, per client address and in total.
+    limits: FillLimits,
 }
 
 /// A fill in the map: its progress, and its readers (each joins under the map's lock).
@@ -168,8 +175,10 @@ impl BlobCache {
         tracker: TaskTracker,
         cancel: CancellationToken,
         clock: Clock,
+        limits: FillLimits,
     ) -> BlobCache {
         BlobCache {
+            limits,
             usage,
             store,
             fills: Arc::default(),
@@ -199,12 +208,14 @@ impl BlobCache {
 
     /// The blob from the cache, or from a fill (joined or started) once the upstream has
     /// answered. Errors before any byte (404, 5xx, timeouts) are returned here, so the
-    /// client gets a proper status.
+    /// client gets a proper status. `client` (the request's address) is charged for a fill
+    /// this starts: over its cap, or over the total, this is a 429.
     pub async fn open(
         &self,
         route: &Arc<Route>,
         name: &RepoName,
         digest: &Digest,
+        client: Option<IpAddr>,
     ) -> Result<BlobSource> {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(found) = self.open_cached(digest).await? {
@@ -214,21 +225,22 @@ impl BlobCache {
         self.misses.fetch_add(1, Relaxed);
         let mut retries = 0;
         loop {
-            let (mut progress, cursor, foreign) = match self.join_or_start(route, name, digest) {
-                Joined::Fill {
-                    progress,
-                    cursor,
-                    foreign,
-                } => (progress, cursor, foreign),
-                Joined::Committed(file, size) => {
-                    // A hit after all, and read like one: eviction must wait for it.
-                    return Ok(BlobSource::Cached {
-                        file,
-                        size,
-                        guard: self.usage.open(digest, size),
-                    });
-                }
-            };
+            let (mut progress, cursor, foreign) =
+                match self.join_or_start(route, name, digest, client)? {
+                    Joined::Fill {
+                        progress,
+                        cursor,
+                        foreign,
+                    } => (progress, cursor, foreign),
+                    Joined::Committed(file, size) => {
+                        // A hit after all, and read like one: eviction must wait for it.
+                        return Ok(BlobSource::Cached {
+                            file,
+                            size,
+                            guard: self.usage.open(digest, size),
+                        });
+                    }
+                };
             // Wait for the upstream's headers, so errors before any byte get a proper status.
             let size = follow_until(&mut progress, |s| match s {
                 FillState::Connecting => None,
@@ -288,8 +300,15 @@ impl BlobCache {
             .await
     }
 
-    /// Subscribes to the running fill for `digest`, starting one if there is none.
-    fn join_or_start(&self, route: &Arc<Route>, name: &RepoName, digest: &Digest) -> Joined {
+    /// Subscribes to the running fill for `digest`, starting one (charged to `client`) if
+    /// there is none.
+    fn join_or_start(
+        &self,
+        route: &Arc<Route>,
+        name: &RepoName,
+        digest: &Digest,
+        client: Option<IpAddr>,
+    ) -> Result<Joined> {
         let source = FillSource {
             registry: route.registry.clone(),
             name: name.clone(),
@@ -297,17 +316,18 @@ impl BlobCache {
         let mut fills = self.fills.lock().expect("fill map poisoned");
         if let Some(running) = fills.get(digest) {
             let (progress, cursor) = running.subscribe();
-            return Joined::Fill {
+            return Ok(Joined::Fill {
                 progress,
                 cursor,
                 foreign: running.source != source,
-            };
+            });
         }
         // A fill may have committed and left the map since our disk lookup. Checking again
         // under the lock closes that window.
         if let Ok(Some((file, size))) = self.store.open_blob(digest) {
-            return Joined::Committed(Arc::new(file), size);
+            return Ok(Joined::Committed(Arc::new(file), size));
         }
+        let slot = self.limits.try_start(client)?;
         let (tx, rx) = watch::channel(FillState::Connecting);
         let running = RunningFill {
             progress: rx,
@@ -363,13 +383,16 @@ impl BlobCache {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%digest, %name, error = %e, "cache fill failed"),
             }
+            // The upstream download is over: the slot is free for the next one, before the fill
+            // leaves the map (so once `running_fills` says it has gone, so has its slot).
+            drop(slot);
             guard.finish(outcome);
         });
-        Joined::Fill {
+        Ok(Joined::Fill {
             progress: rx,
             cursor,
             foreign: false,
-        }
+        })
     }
 
     /// (blob GETs served from the cache, blob GETs that needed the upstream).

@@ -5,9 +5,12 @@
 //!   `TaskTracker` under a child of the cache's cancellation token (cancelled only at the end
 //!   of a shutdown's grace period). A client that disconnects drops its reader and nothing
 //!   else.
-//! - **At most one fill per digest.** The map is checked and updated under one lock, and the
-//!   disk is re-checked under it, so a fill that commits and leaves the map between a
-//!   caller's disk lookup and its map lookup is not fetched twice.
+//! - **At most one fill per digest.** The map is checked and updated under one lock. The disk
+//!   is looked at before, off the lock (no IO under it); a fill that committed and left the
+//!   map between that lookup and the lock is not fetched twice, because every departure from
+//!   the map moves a counter (`left`) under the lock: a caller that sees it moved since its
+//!   disk lookup looks again (after a few such rounds, under the lock, so churn cannot starve
+//!   it).
 //! - A fill leaves the map just before it publishes its final state (see `FillGuard`), so a
 //!   request that saw a fill fail and retries starts a fresh one.
 //! - **Starting a fill takes a slot of [`FillLimits`]** (per client address and in total),
@@ -22,6 +25,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -41,9 +46,12 @@ use crate::upstream::{Route, Walk, Want};
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
-    /// Running fills by digest. A std mutex: it is held only for map operations and a `stat`,
-    /// never across an await.
+    /// Running fills by digest. A std mutex: it is held only for map operations (and, rarely,
+    /// a `stat`: see `join_or_start`), never across an await.
     fills: Arc<Mutex<HashMap<Digest, RunningFill>>>,
+    /// How many fills have left the map, moved under its lock: a disk lookup made before the
+    /// lock still holds if this has not moved since.
+    left: Arc<AtomicU64>,
     /// Where fills run, so shutdown can wait for them.
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
@@ -162,7 +170,12 @@ enum Joined {
         foreign: bool,
     },
     Committed(Arc<File>, u64),
+    /// A fill left the map since the caller's disk lookup: it may have committed the blob.
+    Recheck,
 }
+
+/// Rounds of disk lookups off the fill map's lock before one is made under it.
+const MAX_RECHECKS: usize = 3;
 
 /// How many times a request that joined foreign fills which failed opens again; its own fill
 /// ends the retries anyway, so this only bounds a run of other routes' failures.
@@ -182,6 +195,7 @@ impl BlobCache {
             usage,
             store,
             fills: Arc::default(),
+            left: Arc::default(),
             tracker,
             cancel,
             hits: Default::default(),
@@ -218,20 +232,34 @@ impl BlobCache {
         client: Option<IpAddr>,
     ) -> Result<BlobSource> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(found) = self.open_cached(digest).await? {
-            self.hits.fetch_add(1, Relaxed);
-            return Ok(found);
-        }
-        self.misses.fetch_add(1, Relaxed);
-        let mut retries = 0;
+        let mut counted = false;
+        let (mut retries, mut rechecks) = (0, 0);
         loop {
+            // Read before the disk lookup: if no fill leaves the map after this, what the disk
+            // says now still holds when the map is locked.
+            let seen = self.left.load(SeqCst);
+            if let Some(found) = self.open_cached(digest).await? {
+                if !counted {
+                    self.hits.fetch_add(1, Relaxed);
+                }
+                return Ok(found);
+            }
+            if !counted {
+                self.misses.fetch_add(1, Relaxed);
+                counted = true;
+            }
+            let seen = (rechecks < MAX_RECHECKS).then_some(seen);
             let (mut progress, cursor, foreign) =
-                match self.join_or_start(route, name, digest, client)? {
+                match self.join_or_start(route, name, digest, client, seen)? {
                     Joined::Fill {
                         progress,
                         cursor,
                         foreign,
                     } => (progress, cursor, foreign),
+                    Joined::Recheck => {
+                        rechecks += 1;
+                        continue;
+                    }
                     Joined::Committed(file, size) => {
                         // A hit after all, and read like one: eviction must wait for it.
                         return Ok(BlobSource::Cached {
@@ -301,13 +329,15 @@ impl BlobCache {
     }
 
     /// Subscribes to the running fill for `digest`, starting one (charged to `client`) if
-    /// there is none.
+    /// there is none. `seen`: the `left` count read before the caller found the blob missing
+    /// on disk (None: look at the disk here, under the lock).
     fn join_or_start(
         &self,
         route: &Arc<Route>,
         name: &RepoName,
         digest: &Digest,
         client: Option<IpAddr>,
+        seen: Option<u64>,
     ) -> Result<Joined> {
         let source = FillSource {
             registry: route.registry.clone(),
@@ -322,10 +352,16 @@ impl BlobCache {
                 foreign: running.source != source,
             });
         }
-        // A fill may have committed and left the map since our disk lookup. Checking again
-        // under the lock closes that window.
-        if let Ok(Some((file, size))) = self.store.open_blob(digest) {
-            return Ok(Joined::Committed(Arc::new(file), size));
+        // A fill may have committed and left the map since the caller's disk lookup: if any
+        // fill left since, look again (off the lock, or here after a few rounds).
+        match seen {
+            Some(seen) if self.left.load(SeqCst) == seen => {}
+            Some(_) => return Ok(Joined::Recheck),
+            None => {
+                if let Ok(Some((file, size))) = self.store.open_blob(digest) {
+                    return Ok(Joined::Committed(Arc::new(file), size));
+                }
+            }
         }
         let slot = self.limits.try_start(client)?;
         let (tx, rx) = watch::channel(FillState::Connecting);
@@ -342,6 +378,7 @@ impl BlobCache {
         drop(fills);
 
         let map = self.fills.clone();
+        let left = self.left.clone();
         let key = digest.clone();
         let mine = rx.clone();
         let detach = Detach::new(Box::new(move || {
@@ -352,6 +389,7 @@ impl BlobCache {
                 .is_some_and(|f| f.progress.same_channel(&mine))
             {
                 fills.remove(&key);
+                left.fetch_add(1, SeqCst);
             }
         }));
         let guard = FillGuard::new(tx, followers.clone(), detach);

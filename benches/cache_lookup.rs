@@ -135,6 +135,7 @@ fn bench_blobs(c: &mut Criterion) {
         TaskTracker::new(),
         CancellationToken::new(),
         cistern::clock::Clock::system(),
+        cistern::cache::fill_limit::FillLimits::unlimited(),
     );
 
     // Sanity checks, outside the timed loops.

@@ -304,3 +304,108 @@ async fn assert_failed_fill_left_nothing(data: &DataDir, digest: &str) {
     })
     .await;
 }
+
+/// The admin stats' count of running fills reaches 0 (a fill's slot under the cap is free
+/// once it has left the map).
+async fn no_fill_running(cistern: &TestCistern) {
+    bounded("every fill to end", async {
+        while cistern
+            .admin(http::Method::GET, "/admin/stats")
+            .await
+            .json()["fills_running"]
+            != 0
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+/// Cold fills are capped per client address and in total (429 with Retry-After over the
+/// cap); cache hits and requests that join a running fill are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_fills_are_capped_per_client_and_in_total_but_hits_and_joins_are_not() {
+    let (held, held_digest) = blob_and_digest(4 * MIB, 50);
+    let (held2, held2_digest) = blob_and_digest(4 * MIB, 51);
+    let (cold, cold_digest) = blob_and_digest(64 * KIB, 52);
+    let (cached, cached_digest) = blob_and_digest(64 * KIB, 53);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, held.clone())
+        .blob(REPO, held2.clone())
+        .blob(REPO, cold.clone())
+        .blob(REPO, cached.clone())
+        .on_blob(&held_digest, Fault::GateAt(MIB as u64, gate.clone()))
+        .on_blob(&held2_digest, Fault::GateAt(MIB as u64, gate.clone()))
+        .start()
+        .await;
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .config(|c| {
+            c.cache.max_fills_per_client = 1;
+            c.cache.max_fills = 2;
+        })
+        .admin()
+        .start()
+        .await;
+    let (a, b, c) = (
+        cistern.client_from("127.0.0.1"),
+        cistern.client_from("127.0.0.2"),
+        cistern.client_from("127.0.0.3"),
+    );
+    let got = a.get_blob(REPO, &cached_digest).await.unwrap();
+    assert_same_bytes(&got, &cached, "the blob to cache");
+    cistern.data().committed_blob(&cached_digest).await;
+    no_fill_running(&cistern).await;
+
+    let pull = |client: &Client, digest: &str| {
+        let (client, path) = (client.clone(), blob_route(REPO, digest));
+        tokio::spawn(async move { client.get(&path).await })
+    };
+    let first = pull(&a, &held_digest);
+    gate.wait_reached(1).await;
+
+    // Client a has its one fill running: another cold blob is refused...
+    let over = a.get(&blob_route(REPO, &cold_digest)).await;
+    assert_eq!(
+        over.status,
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "a cold blob over the per-client cap"
+    );
+    assert_eq!(over.header("retry-after"), Some("1"));
+    assert_eq!(
+        upstream.blob_gets(&cold_digest),
+        0,
+        "refused before the upstream"
+    );
+    // ...but a hit is served, and joining the running fill is allowed.
+    let hit = a.get_blob(REPO, &cached_digest).await.unwrap();
+    assert_same_bytes(&hit, &cached, "a hit while at the cap");
+    let joined = pull(&a, &held_digest);
+
+    // Client b starts the second fill; the total (2) is then reached for everyone.
+    let second = pull(&b, &held2_digest);
+    gate.wait_reached(2).await;
+    let over = c.get(&blob_route(REPO, &cold_digest)).await;
+    assert_eq!(
+        over.status,
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "a cold blob over the total cap"
+    );
+    assert_eq!(upstream.blob_gets(&cold_digest), 0);
+
+    gate.open();
+    for (task, blob) in [(first, &held), (joined, &held), (second, &held2)] {
+        let got = task.await.unwrap();
+        assert_eq!(got.status, http::StatusCode::OK, "{}", got.body_text());
+        assert_same_bytes(got.bytes(), blob, "a pull under the cap");
+    }
+    assert_eq!(
+        upstream.blob_gets(&held_digest),
+        1,
+        "the join shared the fill"
+    );
+    no_fill_running(&cistern).await;
+    let got = a.get_blob(REPO, &cold_digest).await.unwrap();
+    assert_same_bytes(&got, &cold, "under the cap again");
+}

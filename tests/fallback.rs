@@ -498,6 +498,83 @@ async fn rate_limits_and_404s_do_not_open_the_breaker() {
     assert_eq!(mirror.blob_gets(&served_digest), 1);
 }
 
+/// A mirror that sends a 200's headers and then cuts every blob body: the headers are no
+/// success, each cut is a failure, so the breaker opens; after the cool-down the probe's
+/// headers do not close it either, and its cut opens it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_cuts_every_blob_body_opens_its_breaker() {
+    let mirror = FakeRegistry::builder().start().await;
+    let origin = FakeRegistry::builder().start().await;
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = mirror_then_origin_builder(
+        UpstreamConfig {
+            breaker_failures: 2,
+            breaker_cooldown: SECOND,
+            ..at(&mirror.url())
+        },
+        at(&origin.url()),
+    )
+    .clock(&clock)
+    .start()
+    .await;
+    let client = cistern.client();
+    let mut seed = 300;
+    let mut pull = async |want: (usize, usize), why: &str| {
+        seed += 1;
+        let blob = blob_bytes(64 * KIB, seed);
+        let digest = mirror.add_blob(REPO, blob.clone());
+        mirror.on_blob(&digest, Fault::CutAfter(KIB as u64));
+        origin.add_blob(REPO, blob.clone());
+        assert_same_bytes(&client.get_blob(REPO, &digest).await.unwrap(), &blob, why);
+        assert_eq!(
+            (mirror.blob_gets(&digest), origin.blob_gets(&digest)),
+            want,
+            "(mirror, origin) GETs: {why}"
+        );
+    };
+
+    pull((1, 1), "first cut").await;
+    pull((1, 1), "second cut").await;
+    pull((0, 1), "two cuts opened the breaker").await;
+    clock.advance(SECOND);
+    pull((1, 1), "the probe, cut too").await;
+    pull((0, 1), "the probe's cut opened the breaker again").await;
+}
+
+/// The same for manifest bodies read whole: a body cut after its headers is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_cuts_every_manifest_body_opens_its_breaker() {
+    let mirror = FakeRegistry::builder().start().await;
+    let origin = FakeRegistry::builder().start().await;
+    let cistern = mirror_then_origin(
+        UpstreamConfig {
+            breaker_failures: 2,
+            breaker_cooldown: Duration::from_secs(3600),
+            ..at(&mirror.url())
+        },
+        at(&origin.url()),
+    )
+    .await;
+    let client = cistern.client();
+    for (seed, want) in [(61, (1, 1)), (62, (1, 1)), (63, (0, 1))] {
+        let manifest = image_manifest(seed);
+        let digest = mirror.add_manifest(REPO, None, OCI_MANIFEST, manifest.clone());
+        mirror.on_manifest(&digest, Fault::CutAfter(10));
+        origin.add_manifest(REPO, None, OCI_MANIFEST, manifest.clone());
+        let got = client.get_manifest(REPO, &digest).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+        assert_eq!(got.bytes(), &manifest);
+        assert_eq!(
+            (
+                mirror.count(http::Method::GET, Kind::Manifest, &digest),
+                origin.count(http::Method::GET, Kind::Manifest, &digest)
+            ),
+            want,
+            "(mirror, origin) GETs of manifest {seed}"
+        );
+    }
+}
+
 // === Mid-blob failover ===
 //
 // The mirror breaks off after exactly 1 MiB (`Fault::CutAfter`: full Content-Length, 1 MiB,

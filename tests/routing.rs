@@ -216,3 +216,66 @@ async fn an_unserved_registry_in_the_path_is_404_not_docker_hub() {
     assert!(hub.requests().is_empty(), "{}", hub.requests().len());
     assert!(ghcr.requests().is_empty(), "{}", ghcr.requests().len());
 }
+
+/// Fills are keyed by digest, but a 404 on one route says nothing about another: a pull that
+/// joined a fill started through docker.io, whose upstream does not have the blob, still gets
+/// it from ghcr.io's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_joined_another_routes_failed_fill_uses_its_own_route() {
+    let (blob, digest) = blob_and_digest(64 * KIB, 7);
+    let gate = Gate::new();
+    let hub = FakeRegistry::builder()
+        .on_blob(
+            &digest,
+            Fault::Status(404).and(Fault::GateAt(0, gate.clone())),
+        )
+        .start()
+        .await;
+    let ghcr = FakeRegistry::with_blob(REPO, &blob).await;
+    let cistern = TestCistern::builder()
+        .upstream("docker-hub", at(&hub.url()))
+        .upstream("ghcr", at(&ghcr.url()))
+        .route(default_route("docker.io", &["docker-hub"]))
+        .route(route("ghcr.io", &["ghcr"]))
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+
+    let through_hub = tokio::spawn({
+        let client = client.clone();
+        let route = blob_route(REPO, &digest);
+        async move { client.get(&route).await }
+    });
+    gate.wait_reached(1).await;
+    let through_ghcr = tokio::spawn({
+        let client = client.clone();
+        let route = format!("{}?ns=ghcr.io", blob_route(REPO, &digest));
+        async move { client.get(&route).await }
+    });
+    // The second pull has joined the held fill once it has counted its miss (it joins
+    // without awaiting anything in between).
+    bounded("the second pull to join the fill", async {
+        loop {
+            let stats = cistern.admin(http::Method::GET, "/admin/stats").await;
+            if stats.json()["blob_misses"] == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        ghcr.blob_gets(&digest),
+        0,
+        "the second pull joined, not fetched"
+    );
+    gate.open();
+
+    let got = through_hub.await.unwrap();
+    assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.body_text());
+    let got = through_ghcr.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK, "{}", got.body_text());
+    assert_same_bytes(got.bytes(), &blob, "the blob through ghcr.io");
+    assert_eq!((hub.blob_gets(&digest), ghcr.blob_gets(&digest)), (1, 1));
+}

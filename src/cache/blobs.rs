@@ -5,14 +5,28 @@
 //!   `TaskTracker` under a child of the cache's cancellation token (cancelled only at the end
 //!   of a shutdown's grace period). A client that disconnects drops its reader and nothing
 //!   else.
-//! - **At most one fill per digest.** The map is checked and updated under one lock, and the
-//!   disk is re-checked under it, so a fill that commits and leaves the map between a
-//!   caller's disk lookup and its map lookup is not fetched twice.
+//! - **At most one fill per digest.** The map is checked and updated under one lock. The disk
+//!   is looked at before, off the lock (no IO under it); a fill that committed and left the
+//!   map between that lookup and the lock is not fetched twice, because every departure from
+//!   the map moves a counter (`left`) under the lock: a caller that sees it moved since its
+//!   disk lookup looks again (after a few such rounds, under the lock, so churn cannot starve
+//!   it).
 //! - A fill leaves the map just before it publishes its final state (see `FillGuard`), so a
 //!   request that saw a fill fail and retries starts a fresh one.
+//! - **Starting a fill takes a slot of [`FillLimits`]** (per client address and in total),
+//!   held by the fill until it ends; over the cap the request gets 429. Cache hits and
+//!   joiners never take one.
+//! - **A joiner is not bound by another request's route.** A fill fetches through the route
+//!   and repository of the request that started it. A request that joined a fill started for
+//!   another route or repository, and saw it fail before any byte, opens again through its
+//!   own (a 404 on one route says nothing about another): still one fill per digest at a
+//!   time, as the failed fill has left the map.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -22,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use super::blocking;
 use super::evict::{ReadGuard, Usage};
 use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
+use super::fill_limit::FillLimits;
 use super::spill::{Cursor, Followers};
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
@@ -31,9 +46,12 @@ use crate::upstream::{Route, Walk, Want};
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
-    /// Running fills by digest. A std mutex: it is held only for map operations and a `stat`,
-    /// never across an await.
+    /// Running fills by digest. A std mutex: it is held only for map operations (and, rarely,
+    /// a `stat`: see `join_or_start`), never across an await.
     fills: Arc<Mutex<HashMap<Digest, RunningFill>>>,
+    /// How many fills have left the map, moved under its lock: a disk lookup made before the
+    /// lock still holds if this has not moved since.
+    left: Arc<AtomicU64>,
     /// Where fills run, so shutdown can wait for them.
     tracker: TaskTracker,
     /// Parent of every fill's token; cancelled when a shutdown's grace period runs out.
@@ -45,6 +63,8 @@ pub struct BlobCache {
     misses: std::sync::atomic::AtomicU64,
     /// What a fill passing through memory times its stalled readers on.
     clock: Clock,
+    /// The cap on fills started at once, per client address and in total.
+    limits: FillLimits,
 }
 
 /// A fill in the map: its progress, and its readers (each joins under the map's lock).
@@ -52,6 +72,15 @@ struct RunningFill {
     progress: watch::Receiver<FillState>,
     followers: Arc<Followers>,
     gate: Arc<CommitGate>,
+    /// Where it fetches from: its failure before any byte binds only requests for the same.
+    source: FillSource,
+}
+
+/// The route (by registry) and repository a fill fetches through.
+#[derive(Clone, PartialEq, Eq)]
+struct FillSource {
+    registry: String,
+    name: RepoName,
 }
 
 impl RunningFill {
@@ -134,9 +163,23 @@ async fn follow_until<T>(
 
 /// What a cache miss found once it held the fill map's lock.
 enum Joined {
-    Fill(watch::Receiver<FillState>, Cursor),
+    /// A fill to follow; `foreign`: one started for another route or repository.
+    Fill {
+        progress: watch::Receiver<FillState>,
+        cursor: Cursor,
+        foreign: bool,
+    },
     Committed(Arc<File>, u64),
+    /// A fill left the map since the caller's disk lookup: it may have committed the blob.
+    Recheck,
 }
+
+/// Rounds of disk lookups off the fill map's lock before one is made under it.
+const MAX_RECHECKS: usize = 3;
+
+/// How many times a request that joined foreign fills which failed opens again; its own fill
+/// ends the retries anyway, so this only bounds a run of other routes' failures.
+const FOREIGN_RETRIES: usize = 3;
 
 impl BlobCache {
     pub fn new(
@@ -145,11 +188,14 @@ impl BlobCache {
         tracker: TaskTracker,
         cancel: CancellationToken,
         clock: Clock,
+        limits: FillLimits,
     ) -> BlobCache {
         BlobCache {
+            limits,
             usage,
             store,
             fills: Arc::default(),
+            left: Arc::default(),
             tracker,
             cancel,
             hits: Default::default(),
@@ -176,43 +222,82 @@ impl BlobCache {
 
     /// The blob from the cache, or from a fill (joined or started) once the upstream has
     /// answered. Errors before any byte (404, 5xx, timeouts) are returned here, so the
-    /// client gets a proper status.
+    /// client gets a proper status. `client` (the request's address) is charged for a fill
+    /// this starts: over its cap, or over the total, this is a 429.
     pub async fn open(
         &self,
         route: &Arc<Route>,
         name: &RepoName,
         digest: &Digest,
+        client: Option<IpAddr>,
     ) -> Result<BlobSource> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(found) = self.open_cached(digest).await? {
-            self.hits.fetch_add(1, Relaxed);
-            return Ok(found);
-        }
-        self.misses.fetch_add(1, Relaxed);
-        let (mut progress, cursor) = match self.join_or_start(route, name, digest) {
-            Joined::Fill(progress, cursor) => (progress, cursor),
-            Joined::Committed(file, size) => {
-                // A hit after all, and read like one: eviction must wait for it.
-                return Ok(BlobSource::Cached {
-                    file,
-                    size,
-                    guard: self.usage.open(digest, size),
-                });
+        let mut counted = false;
+        let (mut retries, mut rechecks) = (0, 0);
+        loop {
+            // Read before the disk lookup: if no fill leaves the map after this, what the disk
+            // says now still holds when the map is locked.
+            let seen = self.left.load(SeqCst);
+            if let Some(found) = self.open_cached(digest).await? {
+                if !counted {
+                    self.hits.fetch_add(1, Relaxed);
+                }
+                return Ok(found);
             }
-        };
-        // Wait for the upstream's headers, so errors before any byte get a proper status.
-        let size = follow_until(&mut progress, |s| match s {
-            FillState::Connecting => None,
-            FillState::Receiving(p) | FillState::Verified(p) => Some(p.size),
-            FillState::Complete { size, .. } => Some(Some(*size)),
-            FillState::Failed(_) => None,
-        })
-        .await?;
-        Ok(BlobSource::Filling {
-            progress,
-            cursor,
-            size,
-        })
+            if !counted {
+                self.misses.fetch_add(1, Relaxed);
+                counted = true;
+            }
+            let seen = (rechecks < MAX_RECHECKS).then_some(seen);
+            let (mut progress, cursor, foreign) =
+                match self.join_or_start(route, name, digest, client, seen)? {
+                    Joined::Fill {
+                        progress,
+                        cursor,
+                        foreign,
+                    } => (progress, cursor, foreign),
+                    Joined::Recheck => {
+                        rechecks += 1;
+                        continue;
+                    }
+                    Joined::Committed(file, size) => {
+                        // A hit after all, and read like one: eviction must wait for it.
+                        return Ok(BlobSource::Cached {
+                            file,
+                            size,
+                            guard: self.usage.open(digest, size),
+                        });
+                    }
+                };
+            // Wait for the upstream's headers, so errors before any byte get a proper status.
+            let size = follow_until(&mut progress, |s| match s {
+                FillState::Connecting => None,
+                FillState::Receiving(p) | FillState::Verified(p) => Some(p.size),
+                FillState::Complete { size, .. } => Some(Some(*size)),
+                FillState::Failed(_) => None,
+            })
+            .await;
+            match size {
+                Ok(size) => {
+                    return Ok(BlobSource::Filling {
+                        progress,
+                        cursor,
+                        size,
+                    });
+                }
+                // Another route's upstreams failed (a 404 there, an outage): ours may have it.
+                // The failed fill has left the map, so this joins or starts a fresh one.
+                Err(e)
+                    if foreign
+                        && retries < FOREIGN_RETRIES
+                        && e.kind != ErrorKind::ShuttingDown =>
+                {
+                    retries += 1;
+                    tracing::debug!(%digest, %name, registry = %route.registry, error = %e, "a fill for another route failed; trying our own");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
@@ -243,23 +328,48 @@ impl BlobCache {
             .await
     }
 
-    /// Subscribes to the running fill for `digest`, starting one if there is none.
-    fn join_or_start(&self, route: &Arc<Route>, name: &RepoName, digest: &Digest) -> Joined {
+    /// Subscribes to the running fill for `digest`, starting one (charged to `client`) if
+    /// there is none. `seen`: the `left` count read before the caller found the blob missing
+    /// on disk (None: look at the disk here, under the lock).
+    fn join_or_start(
+        &self,
+        route: &Arc<Route>,
+        name: &RepoName,
+        digest: &Digest,
+        client: Option<IpAddr>,
+        seen: Option<u64>,
+    ) -> Result<Joined> {
+        let source = FillSource {
+            registry: route.registry.clone(),
+            name: name.clone(),
+        };
         let mut fills = self.fills.lock().expect("fill map poisoned");
         if let Some(running) = fills.get(digest) {
-            let (rx, cursor) = running.subscribe();
-            return Joined::Fill(rx, cursor);
+            let (progress, cursor) = running.subscribe();
+            return Ok(Joined::Fill {
+                progress,
+                cursor,
+                foreign: running.source != source,
+            });
         }
-        // A fill may have committed and left the map since our disk lookup. Checking again
-        // under the lock closes that window.
-        if let Ok(Some((file, size))) = self.store.open_blob(digest) {
-            return Joined::Committed(Arc::new(file), size);
+        // A fill may have committed and left the map since the caller's disk lookup: if any
+        // fill left since, look again (off the lock, or here after a few rounds).
+        match seen {
+            Some(seen) if self.left.load(SeqCst) == seen => {}
+            Some(_) => return Ok(Joined::Recheck),
+            None => {
+                if let Ok(Some((file, size))) = self.store.open_blob(digest) {
+                    return Ok(Joined::Committed(Arc::new(file), size));
+                }
+            }
         }
+        let slot = self.limits.try_start(client)?;
         let (tx, rx) = watch::channel(FillState::Connecting);
         let running = RunningFill {
             progress: rx,
             followers: Arc::default(),
             gate: Arc::default(),
+            source,
         };
         let (rx, cursor) = running.subscribe();
         let followers = running.followers.clone();
@@ -268,6 +378,7 @@ impl BlobCache {
         drop(fills);
 
         let map = self.fills.clone();
+        let left = self.left.clone();
         let key = digest.clone();
         let mine = rx.clone();
         let detach = Detach::new(Box::new(move || {
@@ -278,6 +389,7 @@ impl BlobCache {
                 .is_some_and(|f| f.progress.same_channel(&mine))
             {
                 fills.remove(&key);
+                left.fetch_add(1, SeqCst);
             }
         }));
         let guard = FillGuard::new(tx, followers.clone(), detach);
@@ -309,9 +421,16 @@ impl BlobCache {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%digest, %name, error = %e, "cache fill failed"),
             }
+            // The upstream download is over: the slot is free for the next one, before the fill
+            // leaves the map (so once `running_fills` says it has gone, so has its slot).
+            drop(slot);
             guard.finish(outcome);
         });
-        Joined::Fill(rx, cursor)
+        Ok(Joined::Fill {
+            progress: rx,
+            cursor,
+            foreign: false,
+        })
     }
 
     /// (blob GETs served from the cache, blob GETs that needed the upstream).

@@ -4,6 +4,7 @@ pub mod blobs;
 mod blocking;
 pub mod evict;
 pub mod fill;
+pub mod fill_limit;
 pub mod manifests;
 pub mod open;
 pub mod reader;

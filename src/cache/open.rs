@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::evict::{Budget, Usage};
+use super::fill_limit::FillLimits;
 use super::refs::RefIndex;
 use super::{BlobCache, ManifestCache};
 use crate::clock::Clock;
@@ -87,6 +88,7 @@ impl Cache {
                 tasks.fills,
                 tasks.cancel_fills,
                 clock.clone(),
+                FillLimits::new(config.cache.max_fills_per_client, config.cache.max_fills),
             ),
             manifests: ManifestCache::with_index(
                 store.clone(),

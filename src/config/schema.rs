@@ -190,6 +190,13 @@ pub struct CacheConfig {
     pub pins: Vec<String>,
     /// Deprecated alias of `pins` for digest globs (`sha256:abc*`); both lists apply.
     pub pinned_digests: Vec<String>,
+    /// Most blob downloads from the upstreams (cold fills) one client address may have
+    /// running at once; a request that would start one more gets 429 with `Retry-After`.
+    /// Cache hits and requests that join a running download are never capped. 0: no cap.
+    pub max_fills_per_client: usize,
+    /// Most blob downloads from the upstreams running at once, for all clients together;
+    /// over it, 429 with `Retry-After`. 0: no cap.
+    pub max_fills: usize,
 }
 
 /// A TTL for the tags matching a glob pattern (`*` any run of characters, `?` any one).
@@ -313,6 +320,8 @@ impl Default for CacheConfig {
             low_watermark: 0.85,
             pins: Vec::new(),
             pinned_digests: Vec::new(),
+            max_fills_per_client: 32,
+            max_fills: 256,
         }
     }
 }

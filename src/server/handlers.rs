@@ -165,7 +165,8 @@ impl App {
                         .get(RANGE)
                         .and_then(|v| v.to_str().ok())
                         .and_then(headers::parse_range);
-                    self.blob_get(&routed.route, &routed.name, &digest, range)
+                    let client = req.extensions().get::<Peer>().map(|p| p.0.ip());
+                    self.blob_get(&routed.route, &routed.name, &digest, range, client)
                         .await
                 }
             }
@@ -267,12 +268,13 @@ impl App {
         name: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Response<Body>> {
         let mut source = if self.offline {
             let cached = self.cache.blobs.open_cached(digest).await?;
             cached.ok_or_else(|| offline_blob_miss(digest))?
         } else {
-            self.cache.blobs.open(route, name, digest).await?
+            self.cache.blobs.open(route, name, digest, client).await?
         };
         if range.is_some() && source.size().is_none() {
             // A range needs the size, and this upstream sent none: wait for the fill to end.

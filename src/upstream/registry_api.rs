@@ -197,8 +197,7 @@ impl Upstream {
         let content_type = reply::content_type(resp.headers());
         let digest_header = reply::digest_header(resp.headers());
         let bytes = self
-            .transport
-            .read_body(resp, max_size, &what)
+            .read_answer(resp, max_size, &what)
             .await?
             .ok_or_else(|| too_large(max_size + 1))?;
         Ok(UpstreamManifest {
@@ -223,8 +222,7 @@ impl Upstream {
         }
         let headers = resp.headers().clone();
         let body = self
-            .transport
-            .read_body(resp, MAX_TAG_LIST, &what)
+            .read_answer(resp, MAX_TAG_LIST, &what)
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -269,6 +267,21 @@ impl Upstream {
 
     /// Turns a reply that is not the answer asked for into an error a client can act on
     /// ([`reply::classify`]). Only a 404's body is read, for its OCI error code.
+    /// Reads the body of a 2xx answer whole (`None`: over `max`). A body that breaks off or
+    /// stalls is a failure for the breaker, which the 2xx's headers did not count as a success.
+    async fn read_answer(
+        &self,
+        resp: reqwest::Response,
+        max: u64,
+        what: &str,
+    ) -> Result<Option<Bytes>> {
+        let read = self.transport.read_body(resp, max, what).await;
+        if let Err(e) = &read {
+            super::select::after_body(self, e);
+        }
+        read
+    }
+
     async fn status_error(&self, resp: reqwest::Response, object: Object, what: &str) -> Error {
         let status = resp.status();
         let retry_after = reply::retry_after(resp.headers());

@@ -17,7 +17,8 @@
 //!   goes to a request that really tries it. What an exchange tells the breaker is decided
 //!   here too: at response headers ([`after_headers`], called by the transport for every
 //!   request it sends) and for what only a walk sees, a body that breaks off or bytes that
-//!   fail their digest ([`Walk::record`], [`Walk::wrong_bytes`]).
+//!   fail their digest ([`Walk::record`], [`Walk::wrong_bytes`]). A 2xx is a success only
+//!   once its whole answer has arrived ([`Outcome::Answered`]), never at its headers.
 //! - **Resuming a blob mid-body.** After a body breaks off at byte K the next upstream is
 //!   asked from K ([`Walk::resume_at`]); every upstream must agree on the blob's size
 //!   ([`Walk::take_body`]); each is tried at most once per walk; bytes that fail the digest
@@ -151,8 +152,11 @@ impl<'a> Walk<'a> {
     }
 
     /// Takes the outcome of trying `upstream`; `Err` ends the walk with that error.
-    /// - `Answered`: the walk is over. (The breaker counted the success at the response's
-    ///   headers, in [`after_headers`].)
+    /// - `Answered`: the walk is over, and the breaker counts a success. Only now: a 2xx's
+    ///   headers prove nothing until its body has arrived whole (a mirror that sends headers
+    ///   and then cuts every body must open its breaker, and a half-open probe must not close
+    ///   it on headers alone), so callers record `Answered` only once the answer is complete
+    ///   (body read, or blob streamed to its end).
     /// - `NotFound`, `RateLimited`, `Unavailable`: listed for [`Walk::into_error`]; try the
     ///   next upstream. The breaker heard of connection errors, timeouts and 5xx at headers;
     ///   a 404, a 429, a 401/403 or a reply we cannot use is not a failure of the upstream.
@@ -160,7 +164,10 @@ impl<'a> Walk<'a> {
     /// - `Ours`: `Err`, at once: another upstream cannot fix our own failure.
     pub fn record(&mut self, upstream: &'a Upstream, outcome: Outcome) -> Result<()> {
         match outcome {
-            Outcome::Answered => Ok(()),
+            Outcome::Answered => {
+                upstream.record_success();
+                Ok(())
+            }
             Outcome::NotFound(e) | Outcome::RateLimited(e) | Outcome::Unavailable(e) => {
                 self.push(upstream, e);
                 Ok(())
@@ -302,8 +309,11 @@ impl<'a> Iterator for Walk<'a> {
 /// breaker. The transport calls this for every request it sends, so a retry after a token
 /// and the second request of a blob HEAD count too.
 ///
-/// Connection errors, timeouts and 5xx are failures; anything else (404 and 429 included)
-/// is an answer from a live upstream, and counts as one at its headers.
+/// Connection errors, timeouts and 5xx are failures. A 2xx counts for nothing yet: its body
+/// may still break off, so its success is counted when the walk records
+/// [`Outcome::Answered`] (and a broken body as a failure, in [`Walk::record`] or
+/// [`after_body`]). Anything else (404, 429, 401/403, a redirect) is a complete answer from a
+/// live upstream, and counts as a success at its headers.
 pub(super) fn after_headers(
     upstream: &Upstream,
     status: std::result::Result<StatusCode, &Error>,
@@ -321,7 +331,20 @@ pub(super) fn after_headers(
         Ok(status) if status.is_server_error() => {
             upstream.record_failure(&format!("{what}: answered {status}"));
         }
+        Ok(status) if status.is_success() => {}
         _ => upstream.record_success(),
+    }
+}
+
+/// What a body read whole (a manifest, a tag list) that failed tells `upstream`'s breaker: a
+/// body that broke off or stalled after a 2xx's headers is a failure of the upstream, as a
+/// blob body's cut is ([`Outcome::Cut`]). A body over our size limit is not.
+pub(super) fn after_body(upstream: &Upstream, e: &Error) {
+    if matches!(
+        e.kind,
+        ErrorKind::UpstreamUnavailable | ErrorKind::UpstreamTimeout
+    ) {
+        upstream.record_failure(e);
     }
 }
 

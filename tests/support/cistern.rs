@@ -296,6 +296,11 @@ impl TestCistern {
         Client::new(self.url())
     }
 
+    /// A client connecting from loopback address `ip` (127.0.0.x).
+    pub fn client_from(&self, ip: &str) -> Client {
+        Client::from_address(self.url(), ip.parse().expect("an IP address"))
+    }
+
     /// GETs a blob (which must succeed) and waits for its commit: a client gets its last byte
     /// before the fsync and rename, and a test that then looks at the disk, or counts the
     /// upstream's requests, must not race them.

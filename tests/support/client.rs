@@ -35,6 +35,21 @@ impl Client {
         }
     }
 
+    /// A client whose connections come from `local` (a loopback address such as
+    /// 127.0.0.2), for what cistern decides by client address.
+    pub fn from_address(base: impl Into<String>, local: std::net::IpAddr) -> Client {
+        super::init();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(local)
+            .build()
+            .expect("build reqwest client");
+        Client {
+            http,
+            base: base.into(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -1,5 +1,5 @@
-//! The eviction task: off the request path, it runs a pass whenever one is wanted and removes
-//! the chosen files on the blocking pool.
+//! The eviction task: off the request path, it runs a pass whenever one is wanted, choosing
+//! the victims and removing their files on the blocking pool.
 
 use std::sync::Arc;
 
@@ -16,24 +16,30 @@ pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationTok
             () = stop.cancelled() => return,
             () = usage.pass_wanted() => {}
         }
-        let victims = usage.take_victims();
-        if victims.is_empty() {
-            continue;
-        }
-        let freed: u64 = victims.iter().map(|(_, s)| s).sum();
-        let count = victims.len();
-        let store = store.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            for (digest, _) in &victims {
-                if let Err(e) = store.remove_blob(digest) {
-                    tracing::warn!(%digest, error = %e, "could not evict blob");
+        // Choosing victims walks the reference index for the pinned set (under its mutex) and
+        // copies the index: blocking work, so it runs on the blocking pool with the removals,
+        // never on an async worker that serves requests.
+        let pass = {
+            let (usage, store) = (usage.clone(), store.clone());
+            tokio::task::spawn_blocking(move || {
+                let victims = usage.take_victims();
+                for (digest, _) in &victims {
+                    if let Err(e) = store.remove_blob(digest) {
+                        tracing::warn!(%digest, error = %e, "could not evict blob");
+                    }
                 }
+                (victims.len(), victims.iter().map(|(_, s)| s).sum::<u64>())
+            })
+            .await
+        };
+        let (count, freed) = match pass {
+            Ok((0, _)) => continue,
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "eviction pass failed");
+                continue;
             }
-        })
-        .await;
-        if removed.is_err() {
-            tracing::error!("eviction task failed");
-        }
+        };
         // Counted as evicted even where a removal failed (logged above): the index let go of
         // them; a file left behind is found and indexed again at the next start.
         usage.count_evicted(count as u64, freed);
@@ -42,6 +48,52 @@ pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationTok
             freed,
             total = usage.total(),
             "evicted least recently used blobs"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::evict::Budget;
+    use crate::oci::Digest;
+
+    /// A pass blocked on the pins (the reference index's mutex, a slow disk) must leave the
+    /// runtime's workers free: on a one-thread runtime, other tasks still run meanwhile.
+    #[test]
+    fn a_pass_never_blocks_the_async_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let usage = Usage::new(Some(Budget { high: 10, low: 5 }));
+        usage.committed(&Digest::of(b"a"), 100); // over the budget: a pass is wanted
+        let held = usage.hold_pins();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runtime = {
+            let usage = usage.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let stop = CancellationToken::new();
+                    tokio::spawn(run(usage, store, stop.clone()));
+                    for _ in 0..10 {
+                        tokio::task::yield_now().await;
+                    }
+                    let _ = tx.send(());
+                    stop.cancel();
+                });
+            })
+        };
+        // A watchdog, not a timing: the runtime either gets on at once or never does.
+        let went_on = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        drop(held);
+        runtime.join().unwrap();
+        assert!(
+            went_on,
+            "the eviction pass blocked the runtime's only worker"
         );
     }
 }

@@ -199,6 +199,12 @@ impl Usage {
         all
     }
 
+    /// Holds the run-time pins' lock, as a pass that is slow to compute the pinned set would.
+    #[cfg(test)]
+    pub(super) fn hold_pins(&self) -> std::sync::MutexGuard<'_, Vec<Pin>> {
+        self.pins.lock().expect("pins poisoned")
+    }
+
     /// What the pins cover now: one walk of the reference index.
     pub fn pinned(&self) -> Pinned {
         let pins = self.all_pins();

@@ -30,7 +30,8 @@ pub enum Fault {
     WrongBytes,
     /// Send the body in small chunks at about this rate.
     Slow { bytes_per_sec: u64 },
-    /// Send this many bytes, then hold the rest of the body until the gate opens.
+    /// Send this many bytes, then hold the rest of the body until the gate opens. With an
+    /// answer in the same rule (`Status`, `RateLimited`, …) the whole answer is held.
     GateAt(u64, Gate),
     /// Answer HEAD without a `Content-Length` (as some upstreams do).
     HeadWithoutLength,

@@ -25,10 +25,12 @@
 //!   manifest was added while the pass chose.
 //! - Removing a blob never breaks a cached manifest: the blob is fetched again on demand.
 
+mod key;
 mod task;
 mod usage;
 mod victims;
 
+pub use key::BlobKey;
 pub use task::run;
 pub use usage::{Budget, ReadGuard, Usage};
 pub use victims::{Candidate, choose_victims};

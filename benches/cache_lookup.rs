@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use cistern::Config;
-use cistern::cache::evict::{Candidate, Usage, choose_victims};
+use cistern::cache::evict::{BlobKey, Candidate, Usage, choose_victims};
 use cistern::cache::refs::RefIndex;
 use cistern::cache::{BlobCache, ManifestCache};
 use cistern::oci::{Digest, Reference, RepoName};
@@ -205,7 +205,7 @@ fn bench_index(c: &mut Criterion) {
                     all.iter()
                         .enumerate()
                         .map(|(i, d)| Candidate {
-                            digest: Arc::new(d.clone()),
+                            digest: BlobKey::of(d),
                             size: 1 << 20,
                             last_access: now - Duration::from_secs((i * 7919 % n) as u64),
                             keep: i % 100 == 0,

@@ -1,22 +1,41 @@
-//! Start-up on a big cache: opening the data directory (lock, sweep of `tmp/`) and building
-//! the index of committed blobs from a scan of `blobs/` (`cache::evict::Usage::load`), which
-//! is what `cistern::run` does before it serves.
+//! Start-up on a big cache: how soon a restarted cistern serves a hit, how long the index of
+//! committed blobs takes to build, and how much memory it holds per blob.
 //!
 //! ```sh
 //! cargo bench --bench startup
+//! CISTERN_BENCH_BLOBS=1000000 CISTERN_BENCH_MANIFESTS=100000 \
+//!   CISTERN_BENCH_DIR=/var/tmp/cistern-1m cargo bench --bench startup
 //! ```
 //!
-//! - `startup/open_and_index/<n>`: `DiskStore::open` then `Usage::load` on a data directory of
-//!   `n` blobs (100,000 under `cargo bench`; 1,000 in the smoke test that `cargo test` runs),
-//!   with the directory entries and inodes in the page cache, as on a restart.
+//! - `startup/open_and_index/<n>`: `DiskStore::open` then `Usage::load` (the whole scan of
+//!   `blobs/`, as `Cache::open` runs it in the background) on a data directory of `n` blobs.
+//! - `startup/first_hit/<n>`: `Cache::open` (lock, sweep of `tmp/`, pins, the reference index
+//!   over the manifests, the blob scan started in the background) until
+//!   `BlobCache::open_cached` has the last blob open: what a restarted server needs before it
+//!   answers a hit. The scan is waited for after the clock stops, so each run starts alone.
+//! - Before the timed runs it prints one line, `startup: blobs=… first_hit=… loaded=…
+//!   index_bytes_per_blob=… rss_bytes_per_blob=…`: a single start measured end to end, the
+//!   index's own estimate of its size (`Usage::index_bytes`) and the growth of the process's
+//!   resident memory while `Usage::load` built the index (Linux; 0 elsewhere).
+//!
+//! Inputs: `CISTERN_BENCH_BLOBS` one-byte-ish blobs (default 100,000 under `cargo bench`,
+//! 1,000 in the smoke test that `cargo test --all-targets` runs) and
+//! `CISTERN_BENCH_MANIFESTS` manifests, each referencing one blob (default a tenth of the
+//! blobs). One-byte blobs still cost an inode each (about 4 GB of inodes for a million on
+//! ext4): with `CISTERN_BENCH_DIR` the directory is built there once and reused by later runs
+//! (a `ready` file marks it complete), instead of in a fresh temporary directory.
 //!
 //! A cold start after a reboot also reads the inodes from disk; drop the caches
 //! (`echo 3 > /proc/sys/vm/drop_caches`, as root) before a run to see that case.
 
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cistern::Config;
 use cistern::cache::evict::Usage;
+use cistern::cache::{Cache, FillTasks};
+use cistern::clock::Clock;
 use cistern::oci::Digest;
 use cistern::storage::DiskStore;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -27,23 +46,136 @@ fn smoke_test() -> bool {
     !std::env::args().any(|a| a == "--bench")
 }
 
-/// A data directory with `n` small blobs, laid out as the store lays them out, each named by
-/// the digest of its content (so `cistern verify` would accept them too).
-fn data_dir(n: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let blobs = dir.path().join("blobs");
-    for i in 0..n {
-        let content = (i as u64).to_le_bytes();
-        let path = blobs.join(Digest::of(&content).shard_path());
-        std::fs::create_dir_all(path.parent().expect("sharded")).expect("shard dir");
-        std::fs::write(&path, content).expect("write blob");
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// The content of blob `i`: 8 bytes, distinct for each `i`.
+fn blob(i: usize) -> [u8; 8] {
+    (i as u64).to_le_bytes()
+}
+
+/// A data directory with `blobs` small blobs and `manifests` manifests (manifest `j`
+/// references blob `j`), laid out as the store lays them out, each named by the digest of
+/// its content (so `cistern verify` would accept them too). Written directly, without the
+/// store's fsyncs, which would take hours for a million files.
+struct DataDir {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn data_dir(blobs: usize, manifests: usize) -> DataDir {
+    let (path, temp) = match std::env::var_os("CISTERN_BENCH_DIR") {
+        Some(p) => (PathBuf::from(p), None),
+        None => {
+            let t = tempfile::tempdir().expect("temp dir");
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let ready = path.join(format!("ready-{blobs}-{manifests}"));
+    if !ready.exists() {
+        fill(&path, blobs, manifests);
+        std::fs::write(&ready, b"").expect("mark the directory complete");
     }
-    dir
+    DataDir { path, _temp: temp }
+}
+
+fn fill(root: &Path, blobs: usize, manifests: usize) {
+    for i in 0..blobs {
+        let content = blob(i);
+        write_sharded(&root.join("blobs"), &Digest::of(&content), &content);
+    }
+    for j in 0..manifests.min(blobs) {
+        let layer = Digest::of(&blob(j));
+        let bytes = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{MANIFEST_TYPE}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{layer}","size":8}},"layers":[]}}"#
+        );
+        let mut file = format!("{MANIFEST_TYPE}\n").into_bytes();
+        file.extend_from_slice(bytes.as_bytes());
+        write_sharded(
+            &root.join("manifests"),
+            &Digest::of(bytes.as_bytes()),
+            &file,
+        );
+    }
+}
+
+fn write_sharded(under: &Path, digest: &Digest, content: &[u8]) {
+    let path = under.join(digest.shard_path());
+    let parent = path.parent().expect("sharded paths have a parent");
+    if !parent.is_dir() {
+        std::fs::create_dir_all(parent).expect("shard dir");
+    }
+    std::fs::write(&path, content).expect("write file");
+}
+
+/// The process's resident memory in bytes (Linux; 0 where `/proc` is missing).
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    }
+}
+
+/// One start: (time to the first hit, time until the blob index is loaded).
+async fn start_once(config: &Config, probe: &Digest) -> (Duration, Duration) {
+    let start = Instant::now();
+    let cache = Cache::open(config, Clock::system(), FillTasks::default())
+        .await
+        .expect("open the cache");
+    let hit = cache
+        .blobs
+        .open_cached(probe)
+        .await
+        .expect("look the blob up");
+    let first_hit = start.elapsed();
+    assert!(hit.is_some(), "the probe is cached");
+    drop(hit);
+    cache.usage.loaded().await;
+    let loaded = start.elapsed();
+    (first_hit, loaded)
 }
 
 fn bench_startup(c: &mut Criterion) {
-    let n = if smoke_test() { 1_000 } else { 100_000 };
-    let dir = data_dir(n);
+    let default = if smoke_test() { 1_000 } else { 100_000 };
+    let n = env_count("CISTERN_BENCH_BLOBS", default);
+    let manifests = env_count("CISTERN_BENCH_MANIFESTS", n / 10);
+    let dir = data_dir(n, manifests);
+    let config = config(&dir.path);
+    // The last blob written: no earlier than any other in the scan's order.
+    let probe = Digest::of(&blob(n.saturating_sub(1)));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+
+    // The index's memory first, while the process is fresh (memory freed by a start before
+    // would be reused and hide the growth), then one start measured end to end.
+    let before = rss_bytes();
+    let store = DiskStore::open(&dir.path).expect("open the store");
+    let usage = Usage::new(None);
+    usage.load(&store).expect("index the blobs");
+    let rss_growth = rss_bytes().saturating_sub(before);
+    let indexed = usage.len().max(1);
+    let index_bytes = usage.index_bytes();
+    drop((usage, store));
+    let (first_hit, loaded) = runtime.block_on(start_once(&config, &probe));
+    eprintln!(
+        "startup: blobs={n} manifests={manifests} first_hit={first_hit:?} loaded={loaded:?} \
+         index_bytes_per_blob={} rss_bytes_per_blob={}",
+        index_bytes / indexed,
+        rss_growth / indexed,
+    );
+
     let mut group = c.benchmark_group("startup");
     group
         .sample_size(10)
@@ -54,12 +186,22 @@ fn bench_startup(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let store = DiskStore::open(dir.path()).expect("open the store");
+                let store = DiskStore::open(&dir.path).expect("open the store");
                 let usage = Usage::new(None);
                 usage.load(&store).expect("index the blobs");
                 total += start.elapsed();
                 assert_eq!(usage.len(), n, "every blob indexed");
                 black_box((store, usage));
+            }
+            total
+        })
+    });
+    group.bench_with_input(BenchmarkId::new("first_hit", n), &n, |b, _| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (first_hit, _) = runtime.block_on(start_once(&config, &probe));
+                total += first_hit;
             }
             total
         })

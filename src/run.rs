@@ -191,8 +191,7 @@ impl Server {
             tls = tls.is_some(),
             routes = %describe_routes(&config),
             data_dir = %config.data_dir.display(),
-            cached_blobs = cache.usage.len(),
-            cached_bytes = cache.usage.total(),
+            blob_index = if cache.usage.is_loading() { "loading" } else { "loaded" },
             "cistern serving"
         );
         let admin_loop = admin.map(|(admin_listener, token)| {
@@ -227,6 +226,9 @@ impl Server {
         }
 
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining responses and fills");
+        // A start-up scan still running stops after its current shard; it holds the store
+        // (and the data directory's lock) until then.
+        cache.usage.stop_loading();
         stop_eviction.cancel();
         let _ = eviction.await;
         connections.close();
@@ -248,6 +250,7 @@ impl Server {
             connections.wait().await;
             fills.wait().await;
         }
+        cache.usage.loaded().await;
         tracing::info!("stopped");
         Ok(())
     }

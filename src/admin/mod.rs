@@ -43,9 +43,20 @@ impl Admin {
             Op::Pins => Ok(self.pins()),
             Op::Pin(p) => self.set_pin(p.clone(), true).await,
             Op::Unpin(p) => self.set_pin(p.clone(), false).await,
-            Op::PurgeBlob(d) => self.purge_blob(d).await,
-            Op::PurgeManifest(d) => self.purge_manifest(d).await,
-            Op::Purge(t) => self.purge(t).await,
+            // Purges wait for the start-up scan of the blobs (see cache::evict::usage): they
+            // answer with, and leave, an index that knows every blob.
+            Op::PurgeBlob(d) => {
+                self.cache.usage.loaded().await;
+                self.purge_blob(d).await
+            }
+            Op::PurgeManifest(d) => {
+                self.cache.usage.loaded().await;
+                self.purge_manifest(d).await
+            }
+            Op::Purge(t) => {
+                self.cache.usage.loaded().await;
+                self.purge(t).await
+            }
         }
     }
 
@@ -73,6 +84,10 @@ impl Admin {
             "manifests_indexed": manifests,
             "tags": tags,
             "links": links,
+            // Start-up: `blobs` and `blob_bytes` count what is indexed so far.
+            "blob_index_loading": c.usage.is_loading(),
+            "blobs_scanned": c.usage.scanned(),
+            "blob_index_bytes": c.usage.index_bytes(),
         })
     }
 

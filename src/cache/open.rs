@@ -39,8 +39,9 @@ pub struct FillTasks {
 }
 
 impl Cache {
-    /// Opens the cache at `config.data_dir` (taking its lock: one process per cache), indexes
-    /// the committed blobs and the stored manifests, tag records and links, and reads the pins
+    /// Opens the cache at `config.data_dir` (taking its lock: one process per cache), starts
+    /// indexing the committed blobs in the background (`usage.loaded()` says when that is
+    /// done), indexes the stored manifests, tag records and links, and reads the pins
     /// (`cache.pins` and `pins.json`). Blocking work runs on the blocking pool.
     pub async fn open(config: &Config, clock: Clock, tasks: FillTasks) -> anyhow::Result<Cache> {
         let data_dir = config.data_dir.clone();
@@ -59,13 +60,41 @@ impl Cache {
         let usage = Usage::with_clock(budget, clock.clone());
         usage.set_config_pins(config.cache.pin_patterns());
         {
+            let store = store.clone();
+            let pins = tokio::task::spawn_blocking(move || read_pins(&store))
+                .await?
+                .context("reading the pins")?;
+            usage.set_pins(pins);
+        }
+        // The blob index is built in the background, as the server serves (see
+        // cache::evict::usage for what waits for it: eviction and purges do, hits do not).
+        usage.begin_loading();
+        {
             let (usage, store) = (usage.clone(), store.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                usage.set_pins(read_pins(&store)?);
-                usage.load(&store)
-            })
-            .await?
-            .context("indexing the cached blobs")?;
+            let started = std::time::Instant::now();
+            tokio::task::spawn_blocking(move || {
+                let result = usage.scan(&store);
+                // The store (and with it the data directory's lock) is let go of before the
+                // index says it is loaded: a shutdown waits for that, and a restart in the
+                // same process then finds the lock free.
+                drop(store);
+                usage.finish_loading();
+                match result {
+                    Ok(()) => tracing::info!(
+                        blobs = usage.len(),
+                        bytes = usage.total(),
+                        index_bytes = usage.index_bytes(),
+                        elapsed = ?started.elapsed(),
+                        "blob index built"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        blobs = usage.len(),
+                        "indexing the cached blobs failed: blobs not scanned count against the \
+                         budget only once read"
+                    ),
+                }
+            });
         }
         // Which manifests each repository and tag names, and what each manifest references:
         // rebuilt from the files at every start (see cache::refs).

@@ -59,6 +59,33 @@ impl Digest {
         &self.hex
     }
 
+    /// The 32 bytes the hex spells: a compact key for indexes of many blobs.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        // `parse` and `finish` guarantee 64 lowercase hex characters, so every pair is two
+        // nibbles; the `_` arm is never taken.
+        fn nibble(c: u8) -> u8 {
+            match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                _ => 0,
+            }
+        }
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(self.hex.as_bytes().chunks_exact(2)) {
+            if let [hi, lo] = pair {
+                *byte = (nibble(*hi) << 4) | nibble(*lo);
+            }
+        }
+        out
+    }
+
+    /// The digest whose 32 bytes these are (the inverse of [`Digest::to_bytes`]).
+    pub fn from_bytes(bytes: [u8; 32]) -> Digest {
+        Digest {
+            hex: hex::encode(bytes),
+        }
+    }
+
     /// A relative path that shards by the first two hex characters, e.g.
     /// `sha256/ab/abcdef…`, so that no directory holds more than 1/256 of the cache.
     pub fn shard_path(&self) -> String {
@@ -134,6 +161,15 @@ mod tests {
         let d = Digest::parse(EMPTY).unwrap();
         assert_eq!(d.to_string(), EMPTY);
         assert_eq!(d.shard_path(), format!("sha256/e3/{}", &EMPTY[7..]));
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let d = Digest::parse(EMPTY).unwrap();
+        let b = d.to_bytes();
+        assert_eq!(b[0], 0xe3);
+        assert_eq!(b[31], 0x55);
+        assert_eq!(Digest::from_bytes(b), d);
     }
 
     #[test]

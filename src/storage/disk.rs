@@ -173,6 +173,52 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Every committed blob, one shard directory (`blobs/sha256/ab/`) at a time: `each` gets
+    /// a shard's (digest, size, last access) and returns false to stop the scan. Files that
+    /// are not named by a digest are skipped. For the start-up index: a batch per shard keeps
+    /// the scan's own memory to 1/256 of the cache, and lets the index take each batch in
+    /// under its lock briefly while the server already serves.
+    pub fn scan_blobs(
+        &self,
+        mut each: impl FnMut(Vec<(Digest, u64, std::time::SystemTime)>) -> bool,
+    ) -> io::Result<()> {
+        let shards = match fs::read_dir(self.blobs.join("sha256")) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            let mut batch = Vec::new();
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|n| Digest::parse(&format!("sha256:{n}")).ok())
+                else {
+                    continue;
+                };
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Removed (evicted, purged) since the directory was read.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if meta.is_file() {
+                    batch.push((digest, meta.len(), meta.modified()?));
+                }
+            }
+            if !each(batch) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Every stored manifest's digest. Files not named by a digest are skipped.
     pub fn list_manifests(&self) -> io::Result<Vec<Digest>> {
         Ok(files_below(&self.manifests.join("sha256"))?

@@ -7,10 +7,14 @@
 //! - `task`: the background task that runs a pass when asked and removes the files ([`run`]).
 //!
 //! The file system is the single source of truth. At start a scan of `blobs/` builds the
-//! index; a blob's last access is its file's mtime, set on every cache hit, so LRU order
-//! survives restarts without a second store to keep consistent with the files.
+//! index, in the background while the server already serves; a blob's last access is its
+//! file's mtime, set on every cache hit, so LRU order survives restarts without a second
+//! store to keep consistent with the files.
 //!
 //! Architecture invariants:
+//! - Eviction (and purges) wait until the start-up scan is merged; hits and fills do not. What
+//!   was recorded during the scan (commits, hits, readers, forgets) wins over what the scan
+//!   saw, so nothing is lost or counted twice (see `usage`).
 //! - Eviction runs off the request path, in its own task, and only when the blobs pass the
 //!   high watermark; it removes least recently used blobs until they are under the low one.
 //! - A blob with an open reader, a pinned blob, or a blob still being filled (not yet in the
@@ -25,10 +29,12 @@
 //!   manifest was added while the pass chose.
 //! - Removing a blob never breaks a cached manifest: the blob is fetched again on demand.
 
+mod key;
 mod task;
 mod usage;
 mod victims;
 
+pub use key::BlobKey;
 pub use task::run;
 pub use usage::{Budget, ReadGuard, Usage};
 pub use victims::{Candidate, choose_victims};

@@ -11,6 +11,13 @@ use crate::storage::DiskStore;
 /// Runs until `stop`: whenever the blobs pass the high watermark, removes the least recently
 /// used down to the low watermark.
 pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationToken) {
+    // No pass until the start-up scan is merged: an index without the blobs not yet scanned
+    // holds only the recently used ones (the ones LRU keeps) and too low a total. A wake-up
+    // asked for meanwhile is kept by `Notify`, and the scan's end asks again if need be.
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = usage.loaded() => {}
+    }
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

@@ -1,38 +1,117 @@
 //! The index of committed blobs (size, last access, open readers), the pins, and an eviction
 //! pass over them: copy the candidates out, choose outside the lock, take the victims out.
+//!
+//! Memory: the index holds every committed blob, so an entry is kept small: the digest's 32
+//! bytes as the key, the size and the last access (milliseconds), 48 bits each, as the value:
+//! 44 bytes in all, 51 to 103 bytes per blob with the hash table's free slots and control
+//! bytes (see [`Entry`], [`Usage::index_bytes`] and `benches/startup.rs`). Readers are counted in a side table that
+//! holds only the blobs being read.
+//!
+//! Start-up: the index is built by a scan of `blobs/` that runs while the server already
+//! serves ([`Usage::begin_loading`], [`Usage::load`]). What waits for what:
+//! - serving blobs waits for nothing: a hit opens the file by its digest, and `open` enters
+//!   the blob into the index (with its reader) if the scan has not reached it yet;
+//! - eviction waits for the scan's end ([`Usage::loaded`]): an index without the blobs not yet
+//!   scanned holds only the recently used ones, the very ones LRU must keep, and its total
+//!   is too low to say whether the budget is kept;
+//! - purges wait for it too (`admin::Admin`), so a purge answers with an index that knows
+//!   every blob;
+//! - the scan's batches are merged under the index's lock, and what happened while it ran
+//!   wins over what it saw: an entry already there (committed or opened during the scan) is
+//!   kept as it is, and a blob forgotten (purged) during the scan is not put back from a
+//!   stale directory listing. So nothing recorded during the scan is lost or counted twice.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
+use super::key::BlobKey;
 use super::victims::{Candidate, choose_victims};
 use crate::cache::refs::{Graph, Pinned, RefIndex};
+use crate::cache::spill::Followers;
 use crate::clock::Clock;
 use crate::oci::Digest;
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
 
-#[derive(Debug, Clone)]
+/// A committed blob's entry, 12 bytes with an alignment of 2, so that key and entry take 44
+/// bytes in the hash table: with its control byte and free slots (a table is 7/16 to 7/8
+/// full) that is 51 to 103 bytes per blob, 79 at 300,000 blobs and 94 at 1,000,000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
-    size: u64,
-    last_access: SystemTime,
-    readers: u32,
-    /// The readers still following the fill that committed this blob: they joined before the
-    /// commit, so they hold no `ReadGuard`, and must keep it from eviction all the same.
-    followers: Option<std::sync::Weak<crate::cache::spill::Followers>>,
+    /// The size in bytes, 48 bits (256 TiB; a larger blob would count as that much).
+    size: [u16; 3],
+    /// Last access, in milliseconds since the Unix epoch, 48 bits (until the year 10889).
+    /// Finer than the seconds nginx keeps: blobs pulled in the same second must still go in
+    /// the order they were used.
+    last_access: [u16; 3],
+}
+
+/// 48 bits in three u16s, and back.
+fn split48(v: u64) -> [u16; 3] {
+    [v as u16, (v >> 16) as u16, (v >> 32) as u16]
+}
+
+fn join48(parts: [u16; 3]) -> u64 {
+    let [a, b, c] = parts.map(u64::from);
+    a | (b << 16) | (c << 32)
 }
 
 impl Entry {
+    const MAX: u64 = (1 << 48) - 1;
+
+    fn new(size: u64, last_access: u64) -> Entry {
+        Entry {
+            size: split48(size.min(Entry::MAX)),
+            last_access: split48(last_access.min(Entry::MAX)),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        join48(self.size)
+    }
+
+    fn last_access(&self) -> u64 {
+        join48(self.last_access)
+    }
+
+    fn accessed(&mut self, at: u64) {
+        self.last_access = split48(at.min(Entry::MAX));
+    }
+}
+
+/// Milliseconds since the epoch (0 before it).
+fn stamp(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn unstamp(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Who reads a blob now. Only blobs with readers (or, until the next sweep, that had them)
+/// are in the side table.
+#[derive(Debug, Default)]
+struct Readers {
+    /// Open `ReadGuard`s.
+    open: u32,
+    /// The readers still following the fill that committed this blob: they joined before the
+    /// commit, so they hold no `ReadGuard`, and must keep it from eviction all the same.
+    followers: Option<Weak<Followers>>,
+}
+
+impl Readers {
     /// Is anyone reading this blob now?
     fn in_use(&self) -> bool {
-        self.readers > 0
+        self.open > 0
             || self
                 .followers
                 .as_ref()
-                .and_then(std::sync::Weak::upgrade)
+                .and_then(Weak::upgrade)
                 .is_some_and(|f| !f.is_empty())
     }
 }
@@ -61,33 +140,72 @@ pub struct Usage {
     over: Notify,
     /// Bytes a fill could not write because the disk was full: the next pass frees at least
     /// this much, budget or not.
-    room_wanted: std::sync::atomic::AtomicU64,
+    room_wanted: AtomicU64,
     /// Blobs and bytes removed by eviction since start.
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
     /// What access times are read from (the store stamps mtimes from the same clock).
     clock: Clock,
+    /// True once the start-up scan has been merged (or there was none to wait for).
+    loaded: watch::Sender<bool>,
+    /// Blobs the start-up scan has seen so far, for stats.
+    scanned: AtomicU64,
+    /// Set to end the start-up scan early (shutdown).
+    stop_loading: AtomicBool,
 }
 
 #[derive(Default)]
 struct Inner {
-    /// Keys are shared (`Arc`) so that a read guard and an eviction pass's copy of the
-    /// candidates take a reference instead of allocating a copy of each digest.
-    blobs: HashMap<Arc<Digest>, Entry>,
+    blobs: HashMap<BlobKey, Entry>,
     total: u64,
+    /// Readers of blobs being read now; see [`Readers`]. Entries whose readers have all gone
+    /// are removed when the last guard drops, or by a sweep (followers leave without telling).
+    readers: HashMap<BlobKey, Readers>,
+    /// The side table's size after its last sweep: the next sweep comes when it has doubled.
+    readers_swept: usize,
+    /// While the start-up scan runs: the blobs forgotten (purged) since it began, which its
+    /// batches must not put back. `None` once it has been merged.
+    loading: Option<HashSet<BlobKey>>,
+    /// While an eviction pass chooses: the blobs opened or committed since it copied the
+    /// candidates out, which it must not take.
+    touched: Option<HashSet<BlobKey>>,
+}
+
+impl Inner {
+    fn in_use(&self, key: &BlobKey) -> bool {
+        self.readers.get(key).is_some_and(Readers::in_use)
+    }
+
+    fn touch(&mut self, key: BlobKey) {
+        if let Some(t) = &mut self.touched {
+            t.insert(key);
+        }
+    }
+
+    /// Drops side-table entries nobody reads any more, once the table has doubled since the
+    /// last sweep (amortised O(1) per insertion).
+    fn sweep_readers(&mut self) {
+        if self.readers.len() >= 2 * self.readers_swept.max(32) {
+            self.readers.retain(|_, r| r.in_use());
+            self.readers_swept = self.readers.len();
+        }
+    }
 }
 
 /// Keeps a blob from eviction while a reader has it open.
 pub struct ReadGuard {
     usage: Arc<Usage>,
-    digest: Arc<Digest>,
+    key: BlobKey,
 }
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        let mut inner = self.usage.inner.lock().expect("usage poisoned");
-        if let Some(e) = inner.blobs.get_mut(&self.digest) {
-            e.readers = e.readers.saturating_sub(1);
+        let mut inner = self.usage.lock();
+        if let Some(r) = inner.readers.get_mut(&self.key) {
+            r.open = r.open.saturating_sub(1);
+            if !r.in_use() {
+                inner.readers.remove(&self.key);
+            }
         }
     }
 }
@@ -98,7 +216,8 @@ impl Usage {
         Usage::with_clock(budget, Clock::system())
     }
 
-    /// An empty index whose access times come from `clock` (the server's).
+    /// An empty index whose access times come from `clock` (the server's). It counts as
+    /// loaded until [`Usage::begin_loading`] is called.
     pub fn with_clock(budget: Option<Budget>, clock: Clock) -> Arc<Usage> {
         Arc::new(Usage {
             inner: Mutex::default(),
@@ -108,32 +227,130 @@ impl Usage {
             pins_generation: AtomicU64::new(0),
             index: OnceLock::new(),
             over: Notify::new(),
-            room_wanted: Default::default(),
+            room_wanted: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             clock,
+            loaded: watch::Sender::new(true),
+            scanned: AtomicU64::new(0),
+            stop_loading: AtomicBool::new(false),
         })
     }
 
-    /// Builds the index from what is on disk (blocking: call it on the blocking pool).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("usage poisoned")
+    }
+
+    /// Marks the index as being loaded: from now until [`Usage::load`] has merged the scan,
+    /// eviction waits and forgotten blobs are remembered. Call it before serving, then run
+    /// `load` in the background.
+    pub fn begin_loading(&self) {
+        let mut inner = self.lock();
+        if inner.loading.is_none() {
+            inner.loading = Some(HashSet::new());
+        }
+        self.loaded.send_replace(false);
+    }
+
+    /// Builds the index from what is on disk (blocking: call it on the blocking pool),
+    /// merging each shard's blobs as it is scanned; the index may be in use meanwhile (see
+    /// the module's comment). Ends the loading state even on an error, with what was scanned
+    /// until then (the caller logs it; blobs not scanned join as they are read).
     pub fn load(&self, store: &DiskStore) -> std::io::Result<()> {
-        let blobs = store.list_blobs()?;
-        let mut inner = self.inner.lock().expect("usage poisoned");
-        for (digest, size, last_access) in blobs {
-            inner.total += size;
-            inner.blobs.insert(
-                Arc::new(digest),
-                Entry {
-                    size,
-                    last_access,
-                    readers: 0,
-                    followers: None,
-                },
-            );
+        self.begin_loading();
+        let scanned = self.scan(store);
+        self.finish_loading();
+        scanned
+    }
+
+    /// The scan half of [`Usage::load`]: merges what `blobs/` holds into the index, shard by
+    /// shard, stopping early after [`Usage::stop_loading`]. The index stays in its loading
+    /// state until [`Usage::finish_loading`].
+    pub fn scan(&self, store: &DiskStore) -> std::io::Result<()> {
+        store.scan_blobs(|batch| {
+            self.merge_scanned(batch);
+            !self.stop_loading.load(Ordering::Relaxed)
+        })
+    }
+
+    /// Takes in one batch of the start-up scan: what was recorded since the scan began wins.
+    fn merge_scanned(&self, batch: Vec<(Digest, u64, SystemTime)>) {
+        let count = batch.len() as u64;
+        let keyed: Vec<(BlobKey, Entry)> = batch
+            .into_iter()
+            .map(|(d, size, at)| (BlobKey::of(&d), Entry::new(size, stamp(at))))
+            .collect();
+        let mut inner = self.lock();
+        let Inner {
+            blobs,
+            total,
+            loading,
+            ..
+        } = &mut *inner;
+        for (key, entry) in keyed {
+            if loading.as_ref().is_some_and(|f| f.contains(&key)) {
+                continue; // purged after the scan listed it
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = blobs.entry(key) {
+                *total += entry.size();
+                v.insert(entry);
+            } // else: committed or opened during the scan; that entry is newer
         }
         drop(inner);
+        self.scanned.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Ends the loading state and lets eviction run if the budget or a full disk asks.
+    pub fn finish_loading(&self) {
+        self.lock().loading = None;
+        self.loaded.send_replace(true);
+        if self.room_wanted.load(Ordering::Relaxed) > 0 {
+            self.over.notify_one();
+        }
         self.check();
-        Ok(())
+    }
+
+    /// Asks a running start-up scan to stop after its current shard (shutdown).
+    pub fn stop_loading(&self) {
+        self.stop_loading.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until the start-up scan has been merged (at once if there is none).
+    pub async fn loaded(&self) {
+        let mut rx = self.loaded.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Is the start-up scan still running?
+    pub fn is_loading(&self) -> bool {
+        !*self.loaded.borrow()
+    }
+
+    /// Blobs the start-up scan has seen so far.
+    pub fn scanned(&self) -> u64 {
+        self.scanned.load(Ordering::Relaxed)
+    }
+
+    /// About how many bytes of memory the index takes: its hash tables' slots (key and entry,
+    /// plus a control byte each) at their current capacity. For stats and the startup bench.
+    pub fn index_bytes(&self) -> usize {
+        fn table<K, V>(capacity: usize) -> usize {
+            // hashbrown keeps at most 7/8 of its slots full.
+            let slots = if capacity == 0 { 0 } else { capacity * 8 / 7 };
+            slots * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let inner = self.lock();
+        table::<BlobKey, Entry>(inner.blobs.capacity())
+            + table::<BlobKey, Readers>(inner.readers.capacity())
+            + inner
+                .loading
+                .as_ref()
+                .map_or(0, |s| table::<BlobKey, ()>(s.capacity()))
+            + inner
+                .touched
+                .as_ref()
+                .map_or(0, |s| table::<BlobKey, ()>(s.capacity()))
     }
 
     /// Gives repository and tag pins the reference index to reach blobs through.
@@ -221,11 +438,17 @@ impl Usage {
             + self.index.get().map_or(0, |i| i.generation())
     }
 
-    /// Takes a blob out of the index (it was purged).
+    /// Takes a blob out of the index (it was purged). Its readers stay counted until they
+    /// finish: if the blob is committed again meanwhile, they still read a copy of it.
     pub fn forget(&self, digest: &Digest) {
-        let mut inner = self.inner.lock().expect("usage poisoned");
-        if let Some(e) = inner.blobs.remove(digest) {
-            inner.total -= e.size;
+        let key = BlobKey::of(digest);
+        let mut inner = self.lock();
+        if let Some(e) = inner.blobs.remove(&key) {
+            inner.total -= e.size();
+        }
+        // A scan still running may have listed the file before it went.
+        if let Some(forgotten) = &mut inner.loading {
+            forgotten.insert(key);
         }
     }
 
@@ -237,13 +460,13 @@ impl Usage {
         )
     }
 
-    /// Total bytes of committed blobs.
+    /// Total bytes of committed blobs (while loading: of those indexed so far).
     pub fn total(&self) -> u64 {
-        self.inner.lock().expect("usage poisoned").total
+        self.lock().total
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("usage poisoned").blobs.len()
+        self.lock().blobs.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -260,71 +483,65 @@ impl Usage {
         &self,
         digest: &Digest,
         size: u64,
-        followers: Option<&Arc<crate::cache::spill::Followers>>,
+        followers: Option<&Arc<Followers>>,
     ) {
-        let mut inner = self.inner.lock().expect("usage poisoned");
-        let now = self.clock.wall_now();
-        let followers = followers.map(Arc::downgrade);
+        let key = BlobKey::of(digest);
+        let now = stamp(self.clock.wall_now());
+        let mut inner = self.lock();
         // The file is visible from its rename on, before this call: a hit in between has
         // already put the blob in the index with its reader, and that reader must stay
-        // counted. (So must one still reading a copy committed before a purge.)
-        let old_size = match inner.blobs.get_mut(digest) {
-            Some(e) => {
-                let old = e.size;
-                e.size = size;
-                e.last_access = now;
-                e.followers = followers;
-                old
+        // counted. (So must one still reading a copy committed before a purge.) The readers
+        // live in their own table, so replacing the entry keeps them.
+        let entry = Entry::new(size, now);
+        let old_size = inner.blobs.insert(key, entry).map_or(0, |e| e.size());
+        inner.total = inner.total - old_size + entry.size();
+        match followers {
+            Some(f) => {
+                inner.readers.entry(key).or_default().followers = Some(Arc::downgrade(f));
+                inner.sweep_readers();
             }
             None => {
-                let entry = Entry {
-                    size,
-                    last_access: now,
-                    readers: 0,
-                    followers,
-                };
-                inner.blobs.insert(Arc::new(digest.clone()), entry);
-                0
+                if let Some(r) = inner.readers.get_mut(&key) {
+                    r.followers = None;
+                    if !r.in_use() {
+                        inner.readers.remove(&key);
+                    }
+                }
             }
-        };
-        inner.total = inner.total - old_size + size;
+        }
+        inner.touch(key);
         drop(inner);
         self.check();
     }
 
     /// A reader opened a committed blob: it is used now, and must stay while read.
     pub fn open(self: &Arc<Self>, digest: &Digest, size: u64) -> ReadGuard {
-        let mut inner = self.inner.lock().expect("usage poisoned");
-        let now = self.clock.wall_now();
-        let (key, added) = match inner.blobs.get_key_value(digest) {
-            Some((key, _)) => (key.clone(), false),
-            // A blob committed by another process or missed by the scan joins the index here.
+        let key = BlobKey::of(digest);
+        let now = stamp(self.clock.wall_now());
+        let mut inner = self.lock();
+        // A blob committed by another process, missed by the scan or not yet reached by it
+        // joins the index here (the scan's batch then leaves this entry as it is).
+        let added = match inner.blobs.get_mut(&key) {
+            Some(e) => {
+                e.accessed(now);
+                false
+            }
             None => {
-                let key = Arc::new(digest.clone());
-                inner.blobs.insert(
-                    key.clone(),
-                    Entry {
-                        size,
-                        last_access: now,
-                        readers: 0,
-                        followers: None,
-                    },
-                );
-                inner.total += size;
-                (key, true)
+                let entry = Entry::new(size, now);
+                inner.blobs.insert(key, entry);
+                inner.total += entry.size();
+                true
             }
         };
-        if let Some(e) = inner.blobs.get_mut(digest) {
-            e.last_access = now;
-            e.readers += 1;
-        }
+        inner.readers.entry(key).or_default().open += 1;
+        inner.touch(key);
         drop(inner);
         if added {
             self.check();
         }
         ReadGuard {
             usage: self.clone(),
-            digest: key,
+            key,
         }
     }
 
@@ -332,8 +549,7 @@ impl Usage {
     /// until that much is free, even below the budget (or with none): a cache that cannot
     /// write is worse than a smaller one.
     pub fn disk_full(&self, needed: u64) {
-        self.room_wanted
-            .fetch_max(needed, std::sync::atomic::Ordering::Relaxed);
+        self.room_wanted.fetch_max(needed, Ordering::Relaxed);
         self.over.notify_one();
     }
 
@@ -358,15 +574,17 @@ impl Usage {
     }
 
     /// Picks blobs to remove and takes them out of the index (so no new reader is promised
-    /// them). The caller deletes the files.
+    /// them). The caller deletes the files. Nothing while the start-up scan runs (the
+    /// eviction task waits for it; this is the second line of that defence).
     ///
     /// The `Usage` lock is held only to copy the unread entries out and, at the end, to take
     /// the victims out; sorting and the pinned set happen outside it, so hits and commits are
     /// not stalled by a pass.
     pub(super) fn take_victims(&self) -> Vec<(Digest, u64)> {
-        let wanted = self
-            .room_wanted
-            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if self.is_loading() {
+            return Vec::new();
+        }
+        let wanted = self.room_wanted.swap(0, Ordering::Relaxed);
         let total = self.total();
         let over_budget = self
             .budget
@@ -383,13 +601,14 @@ impl Usage {
         let (candidates, total) = self.candidates();
         let victims = choose_victims(
             candidates.into_iter().map(|mut c| {
-                c.keep = pinned.contains(&c.digest);
+                c.keep = pinned.contains(&c.digest.digest());
                 c
             }),
             total,
             target,
         );
         if victims.is_empty() {
+            self.lock().touched = None;
             return Vec::new();
         }
         // Something was pinned, tagged or stored while we chose: look again (once per pass).
@@ -400,18 +619,20 @@ impl Usage {
     }
 
     /// The unread blobs (digest, size, last access) and the total. A copy made under the
-    /// lock: no sorting, no pins. (Public for `benches/cache_lookup.rs`, which measures how
-    /// long a pass holds the lock.)
+    /// lock: no sorting, no pins. From here until `take`, the blobs opened or committed are
+    /// remembered, so that `take` leaves them. (Public for `benches/cache_lookup.rs`, which
+    /// measures how long a pass holds the lock.)
     pub fn candidates(&self) -> (Vec<Candidate>, u64) {
-        let inner = self.inner.lock().expect("usage poisoned");
+        let mut inner = self.lock();
+        inner.touched = Some(HashSet::new());
         let candidates = inner
             .blobs
             .iter()
-            .filter(|(_, e)| !e.in_use())
-            .map(|(d, e)| Candidate {
-                digest: Arc::clone(d),
-                size: e.size,
-                last_access: e.last_access,
+            .filter(|(k, _)| !inner.in_use(k))
+            .map(|(k, e)| Candidate {
+                digest: *k,
+                size: e.size(),
+                last_access: unstamp(e.last_access()),
                 keep: false,
             })
             .collect();
@@ -421,19 +642,21 @@ impl Usage {
     /// Takes the chosen victims out of the index, except those pinned now and those whose
     /// entry changed since they were copied out (opened, read, re-committed).
     fn take(&self, victims: Vec<Candidate>, pinned: &Pinned) -> Vec<(Digest, u64)> {
-        let mut inner = self.inner.lock().expect("usage poisoned");
+        let mut inner = self.lock();
+        let touched = inner.touched.take().unwrap_or_default();
         let mut out = Vec::with_capacity(victims.len());
         for v in victims {
-            if pinned.contains(&v.digest) {
+            let digest = v.digest.digest();
+            if pinned.contains(&digest) || touched.contains(&v.digest) || inner.in_use(&v.digest) {
                 continue;
             }
             let unchanged = inner
                 .blobs
-                .get(&*v.digest)
-                .is_some_and(|e| !e.in_use() && e.last_access == v.last_access && e.size == v.size);
-            if unchanged && let Some(e) = inner.blobs.remove(&*v.digest) {
-                inner.total -= e.size;
-                out.push((Arc::unwrap_or_clone(v.digest), e.size));
+                .get(&v.digest)
+                .is_some_and(|e| unstamp(e.last_access()) == v.last_access && e.size() == v.size);
+            if unchanged && let Some(e) = inner.blobs.remove(&v.digest) {
+                inner.total -= e.size();
+                out.push((digest, e.size()));
             }
         }
         out
@@ -550,5 +773,90 @@ mod tests {
             victims.contains(&followed),
             "once its reader is gone, it may go: {victims:?}"
         );
+    }
+
+    /// A data directory whose blobs are `contents`, committed as the store commits them.
+    fn store_with(contents: &[&[u8]]) -> (tempfile::TempDir, DiskStore, Vec<Digest>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let digests = contents
+            .iter()
+            .map(|c| {
+                let d = Digest::of(c);
+                let path = dir.path().join("blobs").join(d.shard_path());
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, c).unwrap();
+                d
+            })
+            .collect();
+        (dir, store, digests)
+    }
+
+    #[test]
+    fn what_happens_during_the_scan_is_neither_lost_nor_counted_twice() {
+        let (_dir, store, d) = store_with(&[b"old", b"read", b"purged", b"recommitted"]);
+        let usage = Usage::new(Some(Budget { high: 1, low: 0 }));
+        usage.begin_loading();
+        assert!(usage.is_loading());
+        // While the scan has not reached them: a hit on one blob, a purge of another whose
+        // file the scan may still list, a commit of a blob the scan also finds, and one that
+        // only the commit knows.
+        let reading = usage.open(&d[1], 4);
+        usage.forget(&d[2]);
+        usage.committed(&d[3], 11);
+        let fresh = Digest::of(b"fresh");
+        usage.committed(&fresh, 5);
+        assert!(usage.take_victims().is_empty(), "no eviction while loading");
+        usage.scan(&store).unwrap();
+        assert!(usage.is_loading(), "loading until finished");
+        usage.finish_loading();
+        assert!(!usage.is_loading());
+        assert_eq!(usage.scanned(), 4);
+        // old (3) + read (4) + recommitted (its commit's size, 11) + fresh (5); not purged.
+        assert_eq!(usage.len(), 4);
+        assert_eq!(usage.total(), 3 + 4 + 11 + 5);
+        // The reader counted during the scan still keeps its blob.
+        let victims: Vec<Digest> = usage.take_victims().into_iter().map(|(d, _)| d).collect();
+        assert!(!victims.contains(&d[1]), "{victims:?}");
+        assert!(victims.contains(&d[0]), "{victims:?}");
+        drop(reading);
+        // Forgetting is remembered only while loading.
+        usage.forget(&d[0]);
+        usage.committed(&d[0], 3);
+        assert!(usage.len() >= 2);
+    }
+
+    #[tokio::test]
+    async fn loaded_waits_for_the_end_of_the_scan() {
+        let (_dir, store, _) = store_with(&[b"a"]);
+        let usage = Usage::new(None);
+        usage.loaded().await; // a fresh index counts as loaded
+        usage.begin_loading();
+        let waiter = tokio::spawn({
+            let usage = usage.clone();
+            async move { usage.loaded().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        usage.load(&store).unwrap();
+        waiter.await.unwrap();
+        assert_eq!(usage.len(), 1);
+    }
+
+    #[test]
+    fn an_entry_is_small() {
+        assert_eq!(std::mem::size_of::<(BlobKey, Entry)>(), 44);
+        let e = Entry::new(0x1234_5678_9abc, 0xfedc_ba98_7654);
+        assert_eq!(
+            (e.size(), e.last_access()),
+            (0x1234_5678_9abc, 0xfedc_ba98_7654)
+        );
+        let usage = Usage::new(None);
+        for i in 0u32..10_000 {
+            usage.committed(&Digest::of(&i.to_le_bytes()), 1);
+        }
+        let per_blob = usage.index_bytes() / usage.len();
+        // 10,000 entries in 16,384 slots of 45 bytes.
+        assert!(per_blob <= 100, "{per_blob} bytes per blob");
     }
 }

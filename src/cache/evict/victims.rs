@@ -1,15 +1,14 @@
 //! Which blobs an eviction pass removes. Pure: it sees copies of the index's entries, so it
 //! sorts without holding any lock.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::oci::Digest;
+use super::key::BlobKey;
 
 /// A blob eviction may consider.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    pub digest: Arc<Digest>,
+    pub digest: BlobKey,
     pub size: u64,
     pub last_access: SystemTime,
     /// Pinned or being read: never chosen.
@@ -44,11 +43,12 @@ pub fn choose_victims(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Digest;
     use std::time::Duration;
 
     fn cand(n: u8, size: u64, age_secs: u64, keep: bool) -> Candidate {
         Candidate {
-            digest: Arc::new(Digest::of(&[n])),
+            digest: BlobKey::of(&Digest::of(&[n])),
             size,
             last_access: SystemTime::UNIX_EPOCH + Duration::from_secs(1000 - age_secs),
             keep,
@@ -56,7 +56,7 @@ mod tests {
     }
 
     fn digests(v: &[Candidate]) -> Vec<Digest> {
-        v.iter().map(|c| (*c.digest).clone()).collect()
+        v.iter().map(|c| c.digest.digest()).collect()
     }
 
     #[test]

@@ -32,6 +32,26 @@ fn mirror_then_origin_builder(mirror: UpstreamConfig, origin: UpstreamConfig) ->
         .route(default_route("docker.io", &["mirror", "origin"]))
 }
 
+/// A mirror whose breaker opens after two failures and cools down for a second on a manual
+/// clock, then the origin: the breaker tests step the clock past the cool-down.
+async fn breaker_mirror_then_origin() -> (FakeRegistry, FakeRegistry, Clock, TestCistern) {
+    let mirror = FakeRegistry::builder().start().await;
+    let origin = FakeRegistry::builder().start().await;
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = mirror_then_origin_builder(
+        UpstreamConfig {
+            breaker_failures: 2,
+            breaker_cooldown: SECOND,
+            ..at(&mirror.url())
+        },
+        at(&origin.url()),
+    )
+    .clock(&clock)
+    .start()
+    .await;
+    (mirror, origin, clock, cistern)
+}
+
 /// The `Range` header of every GET of `digest`, oldest first (`None`: no Range).
 fn blob_get_ranges(upstream: &FakeRegistry, digest: &str) -> Vec<Option<String>> {
     upstream
@@ -392,20 +412,7 @@ async fn open_breaker_sends_requests_straight_to_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_cooldown_one_probe_finds_the_mirror_back() {
-    let mirror = FakeRegistry::builder().start().await;
-    let origin = FakeRegistry::builder().start().await;
-    let clock = Clock::manual(SystemTime::now());
-    let cistern = mirror_then_origin_builder(
-        UpstreamConfig {
-            breaker_failures: 2,
-            breaker_cooldown: SECOND,
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
-    .clock(&clock)
-    .start()
-    .await;
+    let (mirror, origin, clock, cistern) = breaker_mirror_then_origin().await;
     let client = cistern.client();
     let mut seed = 200;
     let mut blob_on_both = || {
@@ -503,20 +510,7 @@ async fn rate_limits_and_404s_do_not_open_the_breaker() {
 /// headers do not close it either, and its cut opens it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_that_cuts_every_blob_body_opens_its_breaker() {
-    let mirror = FakeRegistry::builder().start().await;
-    let origin = FakeRegistry::builder().start().await;
-    let clock = Clock::manual(SystemTime::now());
-    let cistern = mirror_then_origin_builder(
-        UpstreamConfig {
-            breaker_failures: 2,
-            breaker_cooldown: SECOND,
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
-    .clock(&clock)
-    .start()
-    .await;
+    let (mirror, origin, clock, cistern) = breaker_mirror_then_origin().await;
     let client = cistern.client();
     let mut seed = 300;
     let mut pull = async |want: (usize, usize), why: &str| {

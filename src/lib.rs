@@ -16,6 +16,7 @@
 //! - [`clock`]: the one clock every deadline and stamp is read from (manual in tests).
 //! - [`api`], [`oci`], [`policy`], [`error`] (pure): routes, header rules, OCI error bodies,
 //!   digests, names, references, media types; globs, pin patterns, the freshness policy.
+//! - [`sync`]: taking a mutex without a panic path, below everything that locks one.
 //!
 //! `docs/ARCHITECTURE.md` states the invariants.
 
@@ -30,6 +31,7 @@ pub mod policy;
 pub mod run;
 pub mod server;
 pub mod storage;
+pub mod sync;
 pub mod upstream;
 
 pub use config::Config;

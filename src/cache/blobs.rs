@@ -42,12 +42,14 @@ use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
+use crate::sync::Locked;
 use crate::upstream::{Route, Walk, Want};
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
     /// Running fills by digest. A std mutex: it is held only for map operations (and, rarely,
-    /// a `stat`: see `join_or_start`), never across an await.
+    /// a `stat`: see `join_or_start`), never across an await. Each section inserts or removes
+    /// one whole entry, so a poisoned lock (`Locked`) still guards a consistent map.
     fills: Arc<Mutex<HashMap<Digest, RunningFill>>>,
     /// How many fills have left the map, moved under its lock: a disk lookup made before the
     /// lock still holds if this has not moved since.
@@ -306,12 +308,7 @@ impl BlobCache {
         if let Some(found) = self.open_cached(digest).await? {
             return Ok(found.size().expect("cached blobs have a size"));
         }
-        let running = self
-            .fills
-            .lock()
-            .expect("fill map poisoned")
-            .get(digest)
-            .map(|f| f.progress.clone());
+        let running = self.fills.locked().get(digest).map(|f| f.progress.clone());
         if let Some(rx) = running {
             match &*rx.borrow() {
                 FillState::Receiving(p) | FillState::Verified(p) if p.size.is_some() => {
@@ -343,7 +340,7 @@ impl BlobCache {
             registry: route.registry.clone(),
             name: name.clone(),
         };
-        let mut fills = self.fills.lock().expect("fill map poisoned");
+        let mut fills = self.fills.locked();
         if let Some(running) = fills.get(digest) {
             let (progress, cursor) = running.subscribe();
             return Ok(Joined::Fill {
@@ -382,7 +379,7 @@ impl BlobCache {
         let key = digest.clone();
         let mine = rx.clone();
         let detach = Detach::new(Box::new(move || {
-            let mut fills = map.lock().expect("fill map poisoned");
+            let mut fills = map.locked();
             // Only this fill's own entry: after an early detach, a newer fill may hold the key.
             if fills
                 .get(&key)
@@ -453,8 +450,7 @@ impl BlobCache {
     pub async fn purged(&self, digest: &Digest) -> Result<()> {
         let committing = self
             .fills
-            .lock()
-            .expect("fill map poisoned")
+            .locked()
             .get(digest)
             .filter(|f| !f.gate.close())
             .map(|f| f.progress.clone());
@@ -475,6 +471,6 @@ impl BlobCache {
 
     /// Number of fills running now (for tests and stats).
     pub fn running_fills(&self) -> usize {
-        self.fills.lock().expect("fill map poisoned").len()
+        self.fills.locked().len()
     }
 }

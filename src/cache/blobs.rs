@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use super::blocking;
 use super::evict::{ReadGuard, Usage};
-use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
+use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState, Progress};
 use super::fill_limit::FillLimits;
 use super::spill::{Cursor, Followers};
 use crate::clock::Clock;
@@ -305,15 +305,19 @@ impl BlobCache {
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
     /// asked of the upstream without downloading (and without caching) the blob.
     pub async fn size(&self, route: &Route, name: &RepoName, digest: &Digest) -> Result<u64> {
-        if let Some(found) = self.open_cached(digest).await? {
-            return Ok(found.size().expect("cached blobs have a size"));
+        // `open_cached` finds only committed blobs, which have a size.
+        if let Some(size) = self.open_cached(digest).await?.and_then(|b| b.size()) {
+            return Ok(size);
         }
         let running = self.fills.locked().get(digest).map(|f| f.progress.clone());
         if let Some(rx) = running {
             match &*rx.borrow() {
-                FillState::Receiving(p) | FillState::Verified(p) if p.size.is_some() => {
-                    return Ok(p.size.expect("checked"));
-                }
+                FillState::Receiving(Progress {
+                    size: Some(size), ..
+                })
+                | FillState::Verified(Progress {
+                    size: Some(size), ..
+                }) => return Ok(*size),
                 FillState::Complete { size, .. } => return Ok(*size),
                 _ => {}
             }

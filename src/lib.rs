@@ -20,6 +20,19 @@
 //!
 //! `docs/ARCHITECTURE.md` states the invariants.
 
+// No panic reachable from input: outside tests, `unwrap`, `expect`, `panic!` and indexing or
+// slicing that can go out of range do not compile under `cargo clippy`. Use `?`, `.get()`,
+// `let .. else`. Each exception carries an `#[allow]` and a comment proving it cannot fail.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod admin;
 pub mod api;
 pub mod cache;

@@ -18,10 +18,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::sync::Locked;
+
 /// Where the server reads the time: the system clock, or a manual one that stands still until
 /// a test advances it. Copies share the time: advancing one advances all.
 #[derive(Clone, Default)]
 pub struct Clock {
+    /// Taken with `Locked`: only `advance` changes it, and an overflow there (the one panic
+    /// it can meet, a test moving a clock past what `SystemTime` holds) would leave its two
+    /// readings apart by the step, which only that test could notice.
     manual: Option<Arc<Mutex<Manual>>>,
 }
 
@@ -51,7 +56,7 @@ impl Clock {
     /// Wall-clock time, for stamps: when a tag answer was fetched, when a blob was last used.
     pub fn wall_now(&self) -> SystemTime {
         match &self.manual {
-            Some(m) => m.lock().expect("clock poisoned").wall,
+            Some(m) => m.locked().wall,
             None => SystemTime::now(),
         }
     }
@@ -59,19 +64,23 @@ impl Clock {
     /// Monotonic time, for deadlines and durations: breaker cool-downs, token lifetimes.
     pub fn monotonic_now(&self) -> Instant {
         match &self.manual {
-            Some(m) => m.lock().expect("clock poisoned").monotonic,
+            Some(m) => m.locked().monotonic,
             None => Instant::now(),
         }
     }
 
     /// Moves a manual clock's two readings forward by `by`; every copy of it moves. The system
-    /// clock cannot be moved.
+    /// clock cannot be moved: calling this on it is a test's mistake, and panics.
+    // The one exception to the lint in this file. Nothing in `src/` outside tests calls
+    // `advance`, so no request or file can reach the panic; a test that moves the system clock
+    // must fail loudly rather than run on real time.
+    #[allow(clippy::expect_used)]
     pub fn advance(&self, by: Duration) {
         let m = self
             .manual
             .as_ref()
             .expect("only a manual clock can be advanced");
-        let mut m = m.lock().expect("clock poisoned");
+        let mut m = m.locked();
         m.wall += by;
         m.monotonic += by;
     }

@@ -16,8 +16,22 @@
 //! - [`clock`]: the one clock every deadline and stamp is read from (manual in tests).
 //! - [`api`], [`oci`], [`policy`], [`error`] (pure): routes, header rules, OCI error bodies,
 //!   digests, names, references, media types; globs, pin patterns, the freshness policy.
+//! - [`sync`]: taking a mutex without a panic path, below everything that locks one.
 //!
 //! `docs/ARCHITECTURE.md` states the invariants.
+
+// No panic reachable from input: outside tests, `unwrap`, `expect`, `panic!` and indexing or
+// slicing that can go out of range do not compile under `cargo clippy`. Use `?`, `.get()`,
+// `let .. else`. Each exception carries an `#[allow]` and a comment proving it cannot fail.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 pub mod admin;
 pub mod api;
@@ -30,6 +44,7 @@ pub mod policy;
 pub mod run;
 pub mod server;
 pub mod storage;
+pub mod sync;
 pub mod upstream;
 
 pub use config::Config;

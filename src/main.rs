@@ -1,5 +1,16 @@
 //! The `cistern` binary: flags, config, logging, signals. Everything else is in the library.
 
+// As in the library (see `src/lib.rs`): no panic reachable from input outside tests.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. A module may refer to modules of its own layer and of those
 /// below; cycles inside a layer are caught by the cycle check.
 const LAYERS: &[(&str, &[&str])] = &[
+    // Lock helpers over `std::sync`: no IO, nothing else of the crate.
+    ("sync", &["sync"]),
     // No IO, no tokio types: grammars, protocol rules, errors, and the keep/expire policy.
     ("pure", &["error", "oci", "api", "policy"]),
     // The clock: the one place time is read from (system, or manual in tests). Above the

@@ -115,11 +115,13 @@ impl Admin {
             blocking(move || store.write_pins(&pins), "saving pins").await?;
             tracing::info!(%pin, pinned = on, "pins changed");
         }
-        let mut answer = serde_json::json!({ "pattern": pin.to_string(), "changed": changed });
+        let mut answer = serde_json::Map::new();
+        answer.insert("pattern".into(), pin.to_string().into());
+        answer.insert("changed".into(), changed.into());
         if let Some(d) = pin.exact_digest() {
-            answer["digest"] = serde_json::json!(d.to_string());
+            answer.insert("digest".into(), d.to_string().into());
         }
-        Ok(answer)
+        Ok(answer.into())
     }
 
     /// Removes one blob. A reader that has it open keeps reading; the next pull fetches it
@@ -267,7 +269,11 @@ impl Admin {
 
 /// The JSON answer to a purge of a repository or tag.
 fn purge_answer(target: &Target, report: &PurgeReport) -> serde_json::Value {
-    let mut v = serde_json::to_value(report).unwrap_or_default();
-    v["purged"] = serde_json::json!(target.to_string());
-    v
+    // A struct serializes to an object; were it ever not one, the answer keeps only `purged`.
+    let mut answer = match serde_json::to_value(report) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
+    };
+    answer.insert("purged".into(), target.to_string().into());
+    answer.into()
 }

@@ -35,19 +35,21 @@ use tokio_util::task::TaskTracker;
 
 use super::blocking;
 use super::evict::{ReadGuard, Usage};
-use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState};
+use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState, Progress};
 use super::fill_limit::FillLimits;
 use super::spill::{Cursor, Followers};
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, RepoName};
 use crate::storage::DiskStore;
+use crate::sync::Locked;
 use crate::upstream::{Route, Walk, Want};
 
 pub struct BlobCache {
     store: Arc<DiskStore>,
     /// Running fills by digest. A std mutex: it is held only for map operations (and, rarely,
-    /// a `stat`: see `join_or_start`), never across an await.
+    /// a `stat`: see `join_or_start`), never across an await. Each section inserts or removes
+    /// one whole entry, so a poisoned lock (`Locked`) still guards a consistent map.
     fills: Arc<Mutex<HashMap<Digest, RunningFill>>>,
     /// How many fills have left the map, moved under its lock: a disk lookup made before the
     /// lock still holds if this has not moved since.
@@ -303,20 +305,19 @@ impl BlobCache {
     /// The size of a blob for a HEAD: from the cache or a running fill if possible, else
     /// asked of the upstream without downloading (and without caching) the blob.
     pub async fn size(&self, route: &Route, name: &RepoName, digest: &Digest) -> Result<u64> {
-        if let Some(found) = self.open_cached(digest).await? {
-            return Ok(found.size().expect("cached blobs have a size"));
+        // `open_cached` finds only committed blobs, which have a size.
+        if let Some(size) = self.open_cached(digest).await?.and_then(|b| b.size()) {
+            return Ok(size);
         }
-        let running = self
-            .fills
-            .lock()
-            .expect("fill map poisoned")
-            .get(digest)
-            .map(|f| f.progress.clone());
+        let running = self.fills.locked().get(digest).map(|f| f.progress.clone());
         if let Some(rx) = running {
             match &*rx.borrow() {
-                FillState::Receiving(p) | FillState::Verified(p) if p.size.is_some() => {
-                    return Ok(p.size.expect("checked"));
-                }
+                FillState::Receiving(Progress {
+                    size: Some(size), ..
+                })
+                | FillState::Verified(Progress {
+                    size: Some(size), ..
+                }) => return Ok(*size),
                 FillState::Complete { size, .. } => return Ok(*size),
                 _ => {}
             }
@@ -343,7 +344,7 @@ impl BlobCache {
             registry: route.registry.clone(),
             name: name.clone(),
         };
-        let mut fills = self.fills.lock().expect("fill map poisoned");
+        let mut fills = self.fills.locked();
         if let Some(running) = fills.get(digest) {
             let (progress, cursor) = running.subscribe();
             return Ok(Joined::Fill {
@@ -382,7 +383,7 @@ impl BlobCache {
         let key = digest.clone();
         let mine = rx.clone();
         let detach = Detach::new(Box::new(move || {
-            let mut fills = map.lock().expect("fill map poisoned");
+            let mut fills = map.locked();
             // Only this fill's own entry: after an early detach, a newer fill may hold the key.
             if fills
                 .get(&key)
@@ -453,8 +454,7 @@ impl BlobCache {
     pub async fn purged(&self, digest: &Digest) -> Result<()> {
         let committing = self
             .fills
-            .lock()
-            .expect("fill map poisoned")
+            .locked()
             .get(digest)
             .filter(|f| !f.gate.close())
             .map(|f| f.progress.clone());
@@ -475,6 +475,6 @@ impl BlobCache {
 
     /// Number of fills running now (for tests and stats).
     pub fn running_fills(&self) -> usize {
-        self.fills.lock().expect("fill map poisoned").len()
+        self.fills.locked().len()
     }
 }

@@ -107,7 +107,10 @@ impl BlobReader {
                 return Some(Ok(self.hold_back_last(chunk)));
             }
             if self.verified {
-                let end = self.end.expect("known once verified");
+                // `observe` sets the end as it sees the blob verified.
+                let Some(end) = self.end else {
+                    return Some(Err(Error::internal("a verified blob has no end")));
+                };
                 if self.pos >= end {
                     return None;
                 }
@@ -122,10 +125,10 @@ impl BlobReader {
             {
                 return Some(Err(dropped()));
             }
-            let rx = self
-                .progress
-                .as_mut()
-                .expect("unverified readers follow a fill");
+            // Only `observe` stops following the fill, as it sees the blob verified.
+            let Some(rx) = self.progress.as_mut() else {
+                return Some(Err(Error::internal("an unverified reader follows no fill")));
+            };
             if rx.changed().await.is_err() {
                 return Some(Err(Error::internal("the cache fill vanished")));
             }
@@ -155,7 +158,7 @@ impl BlobReader {
                 .data
                 .as_ref()
                 .and_then(|d| d.size)
-                .expect("a verified blob has a size");
+                .ok_or_else(|| Error::internal("a verified blob has no size"))?;
             self.end.get_or_insert(size);
             self.progress = None;
         }
@@ -181,11 +184,18 @@ impl BlobReader {
     /// Reads the next chunk below `limit`, from the file or from the pass-through window, and
     /// moves the cursor past it.
     async fn read(&mut self, limit: u64) -> Result<Bytes> {
-        let data = self.data.as_ref().expect("a readable range has data");
+        // `limit` is above `pos` only once `observe` has seen data.
+        let data = self
+            .data
+            .as_ref()
+            .ok_or_else(|| Error::internal("a readable range has no data"))?;
         let len = ((limit - self.pos) as usize).min(CHUNK);
         let pos = self.pos;
         let buf = if pos < data.on_disk {
-            let file = data.file.clone().expect("bytes on disk have a file");
+            let file = data
+                .file
+                .clone()
+                .ok_or_else(|| Error::internal("bytes on disk have no file"))?;
             let len = len.min((data.on_disk - pos) as usize);
             // Bytes in the page cache (a warm blob, or one a fill just wrote) are copied right
             // here; only a read that would wait for the disk goes to the blocking pool.
@@ -236,7 +246,8 @@ fn read_cached_at(file: &File, len: usize, pos: u64) -> Option<Bytes> {
         return None;
     }
     let mut buf = BytesMut::with_capacity(len);
-    let spare = &mut buf.spare_capacity_mut()[..len];
+    // `buf` was made with room for `len` bytes: never `None`.
+    let spare = buf.spare_capacity_mut().get_mut(..len)?;
     let iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
         iov_len: spare.len(),
@@ -276,7 +287,11 @@ fn read_at(file: &File, len: usize, pos: u64) -> std::io::Result<Bytes> {
     let mut buf = BytesMut::with_capacity(len);
     let mut done = 0;
     while done < len {
-        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // `buf` has room for `len` bytes and holds `done`: never the error.
+        let spare = buf
+            .spare_capacity_mut()
+            .get_mut(..len - done)
+            .ok_or_else(|| std::io::Error::other("read buffer too small"))?;
         // SAFETY: `spare` is `len - done` writable bytes of `buf`'s capacity; pread writes at
         // most that many and reports how many, and only those are exposed by `set_len`.
         let n = unsafe {

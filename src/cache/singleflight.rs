@@ -9,7 +9,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::OnceCell;
 
+use crate::sync::Locked;
+
 pub struct SingleFlight<K, V> {
+    /// Each section does one map operation, so a poisoned lock (`Locked`) still guards a
+    /// whole map.
     running: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
 }
 
@@ -25,13 +29,12 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     pub async fn run<F: Future<Output = V>>(&self, key: &K, compute: F) -> V {
         let cell = self
             .running
-            .lock()
-            .expect("single-flight map poisoned")
+            .locked()
             .entry(key.clone())
             .or_default()
             .clone();
         let value = cell.get_or_init(|| compute).await.clone();
-        let mut running = self.running.lock().expect("single-flight map poisoned");
+        let mut running = self.running.locked();
         if running.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             running.remove(key);
         }

@@ -20,12 +20,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::clock::Clock;
+use crate::sync::Locked;
 
 /// At most this many bytes wait in memory ahead of the slowest follower.
 pub const WINDOW: u64 = 4 << 20;
@@ -46,6 +47,8 @@ const REPOLL: Duration = Duration::from_millis(200);
 /// The readers of one fill and how far each has got.
 #[derive(Default)]
 pub struct Followers {
+    /// Taken with `Locked`: each section reads the map or inserts or removes one cursor, so
+    /// a poisoned lock still guards a whole map.
     cursors: Mutex<HashMap<u64, Arc<AtomicU64>>>,
     moved: Condvar,
     next_id: AtomicU64,
@@ -85,10 +88,7 @@ impl Followers {
     pub fn join(self: &Arc<Self>) -> Cursor {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let at = Arc::new(AtomicU64::new(0));
-        self.cursors
-            .lock()
-            .expect("followers poisoned")
-            .insert(id, at.clone());
+        self.cursors.locked().insert(id, at.clone());
         Cursor {
             followers: self.clone(),
             id,
@@ -97,7 +97,7 @@ impl Followers {
     }
 
     pub fn len(&self) -> usize {
-        self.cursors.lock().expect("followers poisoned").len()
+        self.cursors.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -115,7 +115,7 @@ impl Followers {
 
     fn wake(&self) {
         if self.passing_through.load(Ordering::Acquire) {
-            let _held = self.cursors.lock().expect("followers poisoned");
+            let _held = self.cursors.locked();
             self.moved.notify_all();
         }
     }
@@ -148,23 +148,22 @@ impl Cursor {
 
 impl Drop for Cursor {
     fn drop(&mut self) {
-        self.followers
-            .cursors
-            .lock()
-            .expect("followers poisoned")
-            .remove(&self.id);
+        self.followers.cursors.locked().remove(&self.id);
         self.followers.moved.notify_all();
     }
 }
 
 /// The bytes of a pass-through fill that are not on disk: `[base, end)`, in arrival order.
 pub struct Spill {
+    /// Taken with `Locked`. `base` and `chunks` (and `end` and `chunks`) move together in
+    /// straight-line code with no panic path between them, so a poisoned lock still guards a
+    /// window whose offsets match its chunks.
     inner: Mutex<Window>,
 }
 
 impl std::fmt::Debug for Spill {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let w = self.inner.lock().expect("spill poisoned");
+        let w = self.inner.locked();
         f.debug_struct("Spill")
             .field("base", &w.base)
             .field("end", &w.end)
@@ -200,7 +199,7 @@ impl Spill {
     /// Up to `max` bytes at `pos`: `Ok(None)` if they have not arrived yet, `Err` if the
     /// window has already moved past `pos` (only a follower that was dropped can get there).
     pub fn read(&self, pos: u64, max: usize) -> Result<Option<Bytes>, Dropped> {
-        let w = self.inner.lock().expect("spill poisoned");
+        let w = self.inner.locked();
         if pos < w.base {
             return Err(Dropped);
         }
@@ -217,12 +216,14 @@ impl Spill {
             }
             off += len;
         }
-        unreachable!("pos is below the window's end")
+        // Not reached: the chunks cover `[base, end)` and `pos` is in it. Were it reached, the
+        // reader would report the bytes missing rather than the process panic.
+        Ok(None)
     }
 
     /// Offset one past the last byte in the window.
     pub fn end(&self) -> u64 {
-        self.inner.lock().expect("spill poisoned").end
+        self.inner.locked().end
     }
 
     /// Drops whole chunks that end at or below `offset`.
@@ -262,14 +263,14 @@ impl Spill {
         clock: &Clock,
     ) -> Result<(), PassError> {
         followers.passing_through.store(true, Ordering::Release);
-        let mut cursors = followers.cursors.lock().expect("followers poisoned");
+        let mut cursors = followers.cursors.locked();
         let mut last_move = (Followers::slowest(&cursors), clock.monotonic_now());
         loop {
             let Some(slowest) = Followers::slowest(&cursors) else {
                 return Err(PassError::NoFollowers);
             };
             {
-                let mut w = self.inner.lock().expect("spill poisoned");
+                let mut w = self.inner.locked();
                 Self::drop_below(&mut w, slowest);
                 let held = w.end - w.base;
                 if held == 0 || held + chunk.len() as u64 <= window {
@@ -302,7 +303,7 @@ impl Spill {
             cursors = followers
                 .moved
                 .wait_timeout(cursors, wait.min(repoll))
-                .expect("followers poisoned")
+                .unwrap_or_else(PoisonError::into_inner)
                 .0;
             #[cfg(test)]
             followers.writer_waiting.store(false, Ordering::Relaxed);

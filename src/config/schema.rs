@@ -1,7 +1,7 @@
 //! The config file's keys: their types, what each means, and its default.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// The embedded default configuration, also shipped as the documented `config.example.toml`
 /// (a test checks that the example parses to exactly these defaults).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5000);
 /// Relative to the working directory the server was started in.
 pub const DEFAULT_DATA_DIR: &str = "cistern-data";
 pub const DEFAULT_UPSTREAM: &str = "https://registry-1.docker.io";
@@ -227,9 +227,7 @@ pub struct LogConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses"),
+            listen: DEFAULT_LISTEN,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             shutdown_grace: Duration::from_secs(30),
             upstream: UpstreamConfig::default(),

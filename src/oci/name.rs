@@ -44,31 +44,31 @@ impl RepoName {
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, without a regex engine.
 fn is_path_component(c: &str) -> bool {
     let b = c.as_bytes();
-    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     let mut i = 0;
     loop {
         // A run of alphanumerics.
         let start = i;
-        while i < b.len() && alnum(b[i]) {
+        while b.get(i).is_some_and(alnum) {
             i += 1;
         }
         if i == start {
             return false;
         }
-        if i == b.len() {
+        let Some(&separator) = b.get(i) else {
             return true;
-        }
+        };
         // A separator: ".", "_", "__" or one or more "-".
-        match b[i] {
+        match separator {
             b'.' => i += 1,
             b'_' => {
                 i += 1;
-                if i < b.len() && b[i] == b'_' {
+                if b.get(i) == Some(&b'_') {
                     i += 1;
                 }
             }
             b'-' => {
-                while i < b.len() && b[i] == b'-' {
+                while b.get(i) == Some(&b'-') {
                     i += 1;
                 }
             }
@@ -114,8 +114,8 @@ pub fn check_registry(s: &str) -> Result<(), NameError> {
             && b.len() <= 63
             && b.iter()
                 .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'-')
-            && b[0] != b'-'
-            && b[b.len() - 1] != b'-'
+            && b.first() != Some(&b'-')
+            && b.last() != Some(&b'-')
     };
     if host.split('.').all(label_ok) {
         Ok(())
@@ -134,13 +134,16 @@ pub struct TagError(String);
 
 impl Tag {
     pub fn parse(s: &str) -> Result<Tag, TagError> {
-        let b = s.as_bytes();
-        let ok = !b.is_empty()
-            && b.len() <= 128
-            && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b[1..]
-                .iter()
-                .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'));
+        let ok = match s.as_bytes().split_first() {
+            Some((&first, rest)) => {
+                s.len() <= 128
+                    && (first.is_ascii_alphanumeric() || first == b'_')
+                    && rest
+                        .iter()
+                        .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
+            }
+            None => false,
+        };
         if ok {
             Ok(Tag(s.to_string()))
         } else {

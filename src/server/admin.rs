@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -64,12 +65,7 @@ impl AdminApi {
             }
             let families = self.admin.metrics(&self.app.routes.upstreams());
             let body = Bytes::from(metrics::render(&families));
-            return Ok(Response::builder()
-                .status(StatusCode::OK)
-                .header(http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)
-                .header(http::header::CONTENT_LENGTH, body.len())
-                .body(full(body))
-                .expect("valid response"));
+            return Ok(respond(StatusCode::OK, metrics::CONTENT_TYPE, body));
         }
         let Some(op) = Op::from_http(method, path, req.uri().query())? else {
             return Err(Error::new(
@@ -103,13 +99,20 @@ impl AdminApi {
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    let body = Bytes::from(value.to_string());
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .body(full(body))
-        .expect("valid response")
+    respond(status, "application/json", Bytes::from(value.to_string()))
+}
+
+/// A response with `body` of `content_type`. Built field by field rather than with `http`'s
+/// builder, so that it cannot fail: the length is a number, and the type a valid constant
+/// (`metrics::CONTENT_TYPE` or JSON's; `from_static` would reject another at its first use).
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CONTENT_LENGTH, length);
+    response
 }
 
 /// Compares secrets without an early exit that would leak how much of a guess was right.

@@ -139,15 +139,16 @@ impl App {
                 if let Some(gate) = &self.access {
                     gate.ping(user.as_deref())?;
                 }
-                Ok(with_api_version(Response::builder())
-                    .header(CONTENT_TYPE, media_types::JSON)
-                    .header(CONTENT_LENGTH, 2)
-                    .body(if head {
-                        empty()
-                    } else {
-                        full(Bytes::from_static(b"{}"))
-                    })
-                    .expect("valid response"))
+                built(
+                    with_api_version(Response::builder())
+                        .header(CONTENT_TYPE, media_types::JSON)
+                        .header(CONTENT_LENGTH, 2)
+                        .body(if head {
+                            empty()
+                        } else {
+                            full(Bytes::from_static(b"{}"))
+                        }),
+                )
             }
             ApiRoute::Manifest { name, reference } => {
                 let routed = resolve(&name)?;
@@ -193,8 +194,7 @@ impl App {
                 if let Some(link) = upstream_headers.get(LINK) {
                     b = b.header(LINK, link);
                 }
-                Ok(b.body(if head { empty() } else { full(body) })
-                    .expect("valid response"))
+                built(b.body(if head { empty() } else { full(body) }))
             }
         }
     }
@@ -237,8 +237,7 @@ impl App {
                 "111 cistern \"Revalidation Failed: every upstream failed, serving the last known tag\"",
             );
         }
-        Ok(b.body(body.map_or_else(empty, full))
-            .expect("valid response"))
+        built(b.body(body.map_or_else(empty, full)))
     }
 
     async fn blob_head(
@@ -249,17 +248,18 @@ impl App {
     ) -> Result<Response<Body>> {
         let size = if self.offline {
             let cached = self.cache.blobs.open_cached(digest).await?;
+            // A cached blob always has a size.
             cached
+                .and_then(|c| c.size())
                 .ok_or_else(|| offline_blob_miss(digest))?
-                .size()
-                .expect("cached blobs have a size")
         } else {
             self.cache.blobs.size(route, name, digest).await?
         };
-        Ok(blob_headers(Response::builder(), digest)
-            .header(CONTENT_LENGTH, size)
-            .body(empty())
-            .expect("valid response"))
+        built(
+            blob_headers(Response::builder(), digest)
+                .header(CONTENT_LENGTH, size)
+                .body(empty()),
+        )
     }
 
     async fn blob_get(
@@ -281,35 +281,34 @@ impl App {
             source = source.with_size().await?;
         }
         let builder = blob_headers(Response::builder(), digest);
-        let request = match (range, source.size()) {
+        let size = source.size();
+        let request = match (range, size) {
             (Some(r), Some(size)) => r.resolve(size),
             _ => RangeRequest::Full,
         };
-        match request {
-            RangeRequest::Unsatisfiable => {
-                let size = source.size().expect("resolved against a size");
-                Err(Error::new(
-                    ErrorKind::RangeNotSatisfiable { size },
-                    format!("range is outside blob {digest} of {size} bytes"),
-                ))
-            }
-            RangeRequest::Partial { start, end } => {
-                let size = source.size().expect("resolved against a size");
+        // Only a range resolved against a size is partial or unsatisfiable.
+        match (request, size) {
+            (RangeRequest::Unsatisfiable, Some(size)) => Err(Error::new(
+                ErrorKind::RangeNotSatisfiable { size },
+                format!("range is outside blob {digest} of {size} bytes"),
+            )),
+            (RangeRequest::Partial { start, end }, Some(size)) => {
                 let reader = BlobReader::new(source, start, Some(end));
-                Ok(builder
-                    .status(StatusCode::PARTIAL_CONTENT)
-                    .header(CONTENT_RANGE, content_range(start, end, size))
-                    .header(CONTENT_LENGTH, end - start)
-                    .body(stream_body(reader))
-                    .expect("valid response"))
+                built(
+                    builder
+                        .status(StatusCode::PARTIAL_CONTENT)
+                        .header(CONTENT_RANGE, content_range(start, end, size))
+                        .header(CONTENT_LENGTH, end - start)
+                        .body(stream_body(reader)),
+                )
             }
-            RangeRequest::Full => {
+            _ => {
                 let mut b = builder;
-                if let Some(size) = source.size() {
+                if let Some(size) = size {
                     b = b.header(CONTENT_LENGTH, size);
                 }
                 let reader = BlobReader::new(source, 0, None);
-                Ok(b.body(stream_body(reader)).expect("valid response"))
+                built(b.body(stream_body(reader)))
             }
         }
     }
@@ -332,6 +331,14 @@ fn blob_headers(b: http::response::Builder, digest: &Digest) -> http::response::
         .header(ACCEPT_RANGES, "bytes")
         .header("docker-content-digest", digest.to_string())
         .header(ETAG, format!("\"{digest}\""))
+}
+
+/// Finishes a response made with `http`'s builder, which fails only on a header value that is
+/// not one. Every value set with it here is a number, a constant, a digest, or a value already
+/// checked (`header_value`, an upstream's header): a failure would be a bug, and gets the
+/// client a 500 naming it rather than a reset connection.
+fn built(response: http::Result<Response<Body>>) -> Result<Response<Body>> {
+    response.map_err(|e| Error::internal(format!("building a response: {e}")))
 }
 
 fn header_value(s: &str) -> Result<HeaderValue> {
@@ -369,27 +376,89 @@ fn stream_body(reader: BlobReader) -> Body {
     StreamBody::new(s).boxed_unsync()
 }
 
+/// The response for an error. Built field by field rather than with `http`'s builder, so that
+/// it cannot fail: every header value is a number or a constant.
 pub fn error_response(e: &Error) -> Response<Body> {
     let (status, _) = errors::status_and_code(&e.kind);
     let body = errors::body(e);
-    let mut b = with_api_version(Response::builder().status(status))
-        .header(CONTENT_TYPE, media_types::JSON)
-        .header(CONTENT_LENGTH, body.len());
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(media_types::JSON));
+    h.insert(CONTENT_LENGTH, length);
     match &e.kind {
         ErrorKind::RangeNotSatisfiable { size } => {
-            b = b.header(CONTENT_RANGE, unsatisfied_range(*size));
+            // `bytes */<number>`: always a valid value.
+            if let Ok(v) = HeaderValue::try_from(unsatisfied_range(*size)) {
+                h.insert(CONTENT_RANGE, v);
+            }
         }
         ErrorKind::TooManyRequests {
             retry_after: Some(after),
         } => {
-            b = b.header(RETRY_AFTER, after.as_secs());
+            h.insert(RETRY_AFTER, HeaderValue::from(after.as_secs()));
         }
         // What makes Docker, containerd, podman and skopeo send the credentials they have
         // for this host.
         ErrorKind::Unauthorized => {
-            b = b.header(WWW_AUTHENTICATE, "Basic realm=\"cistern\"");
+            h.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"cistern\""),
+            );
         }
         _ => {}
     }
-    b.body(full(Bytes::from(body))).expect("valid response")
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn header(r: &Response<Body>, name: &str) -> Option<String> {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn error_responses_carry_their_status_and_headers() {
+        let e = Error::new(ErrorKind::RangeNotSatisfiable { size: 42 }, "range");
+        let r = error_response(&e);
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(header(&r, "content-range").as_deref(), Some("bytes */42"));
+        assert_eq!(
+            header(&r, "content-type").as_deref(),
+            Some(media_types::JSON)
+        );
+        assert_eq!(
+            header(&r, "content-length"),
+            Some(errors::body(&e).len().to_string())
+        );
+        assert_eq!(
+            header(&r, "docker-distribution-api-version").as_deref(),
+            Some("registry/2.0")
+        );
+
+        let e = Error::new(
+            ErrorKind::TooManyRequests {
+                retry_after: Some(Duration::from_secs(7)),
+            },
+            "slow down",
+        );
+        let r = error_response(&e);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(&r, "retry-after").as_deref(), Some("7"));
+
+        let r = error_response(&Error::new(ErrorKind::Unauthorized, "log in"));
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            header(&r, "www-authenticate").as_deref(),
+            Some("Basic realm=\"cistern\"")
+        );
+        assert_eq!(header(&r, "retry-after"), None);
+    }
 }

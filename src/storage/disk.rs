@@ -327,7 +327,7 @@ impl DiskStore {
         self.stamp_access(&partial.file, digest);
         partial.file.sync_all()?;
         let dest = self.blob_path(digest);
-        let dir = dest.parent().expect("blob paths have a parent");
+        let dir = parent_dir(&dest)?;
         self.create_dir_below_root(dir)?;
         fs::rename(&partial.path, &dest)?;
         partial.committed = true;
@@ -340,13 +340,18 @@ impl DiskStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Some(nl) = raw.iter().position(|&b| b == b'\n') else {
+        let Some((line, _)) = raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .and_then(|nl| raw.split_at_checked(nl))
+        else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("manifest file for {digest} has no media type line"),
             ));
         };
-        let media_type = String::from_utf8_lossy(&raw[..nl]).into_owned();
+        let media_type = String::from_utf8_lossy(line).into_owned();
+        let nl = line.len();
         let bytes = Bytes::from(raw).slice(nl + 1..);
         // Stored files were verified when written; a mismatch now means the disk changed
         // under us. Manifests are small, so checking on every read from disk is cheap.
@@ -376,12 +381,19 @@ impl DiskStore {
             f.sync_all()?;
         }
         let dest = self.manifest_path(digest);
-        let dir = dest.parent().expect("manifest paths have a parent");
+        let dir = parent_dir(&dest)?;
         self.create_dir_below_root(dir)?;
         fs::rename(&partial.path, &dest)?;
         partial.committed = true;
         sync_dir(dir)
     }
+}
+
+/// The directory a file of the store goes in. Every path the store builds is the root joined
+/// with more components, so the error is never returned.
+fn parent_dir(path: &Path) -> io::Result<&Path> {
+    path.parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no parent", path.display())))
 }
 
 /// What `DiskStore::verify` found.
@@ -427,7 +439,10 @@ impl DiskStore {
                         if n == 0 {
                             break;
                         }
-                        verifier.update(&buf[..n]);
+                        let read = buf
+                            .get(..n)
+                            .ok_or_else(|| io::Error::other("read past the end of the buffer"))?;
+                        verifier.update(read);
                         hashed += n as u64;
                     }
                     let len = verifier.len();

@@ -14,6 +14,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::Locked;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Closed { failures: u32 },
@@ -23,6 +25,8 @@ enum State {
 
 #[derive(Debug)]
 pub struct Breaker {
+    /// Each section reads the state and replaces it whole, so a poisoned lock (`Locked`) still
+    /// guards a valid one.
     state: Mutex<State>,
     threshold: u32,
     cooldown: Duration,
@@ -40,7 +44,7 @@ impl Breaker {
     /// May a request go to this upstream now? Closed: yes. Open: no until the cool-down
     /// ends, and then exactly one caller (the probe) gets a yes.
     pub fn admit(&self, now: Instant) -> bool {
-        let mut s = self.state.lock().expect("breaker poisoned");
+        let mut s = self.state.locked();
         match *s {
             State::Closed { .. } => true,
             State::Open { until } if now < until => false,
@@ -57,7 +61,7 @@ impl Breaker {
     }
 
     pub fn record_success(&self) {
-        let mut s = self.state.lock().expect("breaker poisoned");
+        let mut s = self.state.locked();
         if !matches!(*s, State::Closed { failures: 0 }) {
             if !matches!(*s, State::Closed { .. }) {
                 tracing::info!("upstream answered again: circuit closed");
@@ -68,7 +72,7 @@ impl Breaker {
 
     /// Records a failure; returns true if this opened the breaker.
     pub fn record_failure(&self, now: Instant) -> bool {
-        let mut s = self.state.lock().expect("breaker poisoned");
+        let mut s = self.state.locked();
         let open = match *s {
             State::Closed { failures } => failures + 1 >= self.threshold,
             // A failed probe, or a straggler from before the breaker opened.
@@ -89,7 +93,7 @@ impl Breaker {
 
     /// True while requests are being turned away (for status and logs).
     pub fn is_open(&self, now: Instant) -> bool {
-        match *self.state.lock().expect("breaker poisoned") {
+        match *self.state.locked() {
             State::Closed { .. } => false,
             State::Open { until } => now < until,
             State::HalfOpen { .. } => true,

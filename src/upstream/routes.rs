@@ -14,6 +14,7 @@ use crate::config::{Config, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 use crate::policy::freshness::Policy;
+use crate::sync::Locked;
 
 /// Most registries `proxy_any_registry` will make routes for; past it, requests for new ones
 /// are refused rather than growing without bound on client input.
@@ -43,6 +44,8 @@ pub struct Routes {
     by_registry: HashMap<String, Arc<Route>>,
     default: Option<Arc<Route>>,
     any_registry: bool,
+    /// Routes made on demand. Each section reads the map or inserts one finished route, so a
+    /// poisoned lock (`Locked`) still guards a whole map.
     dynamic: Mutex<HashMap<String, Arc<Route>>>,
     bad_sources: Arc<BadSources>,
     /// The server's clock, for the upstreams of routes made on demand.
@@ -118,7 +121,7 @@ impl Routes {
     /// the config and those of routes made on demand. The default route is also in
     /// `by_registry`, and a route's `tag_upstreams` are some of its `upstreams`.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        let dynamic = self.dynamic.lock().expect("route map poisoned");
+        let dynamic = self.dynamic.locked();
         let mut all: Vec<Arc<Upstream>> = Vec::new();
         for route in self.by_registry.values().chain(dynamic.values()) {
             for u in &route.upstreams {
@@ -175,7 +178,7 @@ impl Routes {
                 format!("{registry:?} is not a registry host name"),
             ));
         }
-        let mut dynamic = self.dynamic.lock().expect("route map poisoned");
+        let mut dynamic = self.dynamic.locked();
         if let Some(route) = dynamic.get(registry) {
             return Ok(route.clone());
         }

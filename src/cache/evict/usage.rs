@@ -36,6 +36,7 @@ use crate::clock::Clock;
 use crate::oci::Digest;
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
+use crate::sync::Locked;
 
 /// A committed blob's entry, 12 bytes with an alignment of 2, so that key and entry take 44
 /// bytes in the hash table: with its control byte and free slots (a table is 7/16 to 7/8
@@ -125,11 +126,19 @@ pub struct Budget {
 
 /// Committed blobs and their use, and the pins.
 pub struct Usage {
+    /// Taken with `Locked`. Sections that change `blobs` and `total` together do it in
+    /// straight-line code; a panic between the two (only an overflow of `total` in a build
+    /// with overflow checks could be one) would leave `total` off by one blob's size, so
+    /// eviction aims that much high or low until the next start rebuilds the index. Panicking
+    /// instead would fail every later hit and commit, and abort the process from
+    /// `ReadGuard::drop`.
     inner: Mutex<Inner>,
     budget: Option<Budget>,
     /// `cache.pins` (and the deprecated `cache.pinned_digests`).
     config_pins: Mutex<Vec<Pin>>,
-    /// Pins made at run time (admin API, `pins.json`), sorted, each once.
+    /// Pins made at run time (admin API, `pins.json`), sorted, each once. Both pin lists are
+    /// replaced whole or changed by one insert or removal at a searched place, so a poisoned
+    /// lock (`Locked`) still guards a sorted list.
     pins: Mutex<Vec<Pin>>,
     /// Moves whenever a pin is added or removed.
     pins_generation: AtomicU64,
@@ -238,7 +247,7 @@ impl Usage {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("usage poisoned")
+        self.inner.locked()
     }
 
     /// Marks the index as being loaded: from now until [`Usage::load`] has merged the scan,
@@ -360,7 +369,7 @@ impl Usage {
 
     /// Sets the pins from the config.
     pub fn set_config_pins(&self, pins: Vec<Pin>) {
-        *self.config_pins.lock().expect("pins poisoned") = pins;
+        *self.config_pins.locked() = pins;
         self.pins_generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -369,13 +378,13 @@ impl Usage {
         let mut list: Vec<Pin> = pins.into_iter().collect();
         list.sort();
         list.dedup();
-        *self.pins.lock().expect("pins poisoned") = list;
+        *self.pins.locked() = list;
         self.pins_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Adds a run-time pin; false if it was there already.
     pub fn pin(&self, pin: &Pin) -> bool {
-        let mut pins = self.pins.lock().expect("pins poisoned");
+        let mut pins = self.pins.locked();
         match pins.binary_search(pin) {
             Ok(_) => false,
             Err(at) => {
@@ -388,7 +397,7 @@ impl Usage {
 
     /// Removes a run-time pin; false if it was not there.
     pub fn unpin(&self, pin: &Pin) -> bool {
-        let mut pins = self.pins.lock().expect("pins poisoned");
+        let mut pins = self.pins.locked();
         match pins.binary_search(pin) {
             Ok(at) => {
                 pins.remove(at);
@@ -401,12 +410,12 @@ impl Usage {
 
     /// The run-time pins.
     pub fn pins(&self) -> Vec<Pin> {
-        self.pins.lock().expect("pins poisoned").clone()
+        self.pins.locked().clone()
     }
 
     /// The pins from the config.
     pub fn config_pins(&self) -> Vec<Pin> {
-        self.config_pins.lock().expect("pins poisoned").clone()
+        self.config_pins.locked().clone()
     }
 
     /// Config and run-time pins together.
@@ -419,7 +428,7 @@ impl Usage {
     /// Holds the run-time pins' lock, as a pass that is slow to compute the pinned set would.
     #[cfg(test)]
     pub(super) fn hold_pins(&self) -> std::sync::MutexGuard<'_, Vec<Pin>> {
-        self.pins.lock().expect("pins poisoned")
+        self.pins.locked()
     }
 
     /// What the pins cover now: one walk of the reference index.

@@ -213,12 +213,12 @@ async fn stream(
                 chunk.map_err(|e| failed(body_error(upstream, digest, *handed, &e)))?
             }
         };
+        let mut batch_len = first.len();
         let mut batch: Vec<Bytes> = vec![first];
         let mut ended = false;
         // A body error behind chunks that already arrived: those are handed over first, so
         // the next upstream resumes after them, not before.
         let mut broken = None;
-        let mut batch_len = batch[0].len();
         while batch_len < MAX_WRITE_BATCH {
             match body.next().now_or_never() {
                 Some(Some(Ok(chunk))) => {

@@ -163,10 +163,13 @@ impl Writer {
         if rest.is_empty() {
             return Ok(());
         }
-        let spill = self
-            .spill
-            .clone()
-            .expect("the disk failed, so there is a spill");
+        // The disk failed (or no file could be made), so `disk_failed` has set the spill.
+        let Some(spill) = self.spill.clone() else {
+            return Err(Error::internal(format!(
+                "blob {}: neither the disk nor a pass-through window takes its bytes",
+                self.digest
+            )));
+        };
         let len = rest.len() as u64;
         match spill.pass(
             &self.followers,
@@ -225,8 +228,8 @@ fn write_all_at(
     offset: u64,
 ) -> std::result::Result<(), (usize, io::Error)> {
     let mut done = 0;
-    while done < buf.len() {
-        match file.write_at(&buf[done..], offset + done as u64) {
+    while let Some(rest) = buf.get(done..).filter(|rest| !rest.is_empty()) {
+        match file.write_at(rest, offset + done as u64) {
             Ok(0) => {
                 return Err((
                     done,

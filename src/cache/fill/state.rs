@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::cache::spill::{Followers, Spill};
 use crate::error::{Error, Result};
+use crate::sync::Locked;
 
 /// Where a fill is. Cheap to clone (files and buffers are shared).
 #[derive(Clone, Debug)]
@@ -133,7 +134,8 @@ impl Drop for FillGuard {
 }
 
 /// Whether a fill may still commit its blob. A purge of the digest while the fill runs
-/// closes it, so the blob the purge removed does not reappear when the fill ends.
+/// closes it, so the blob the purge removed does not reappear when the fill ends. Each section
+/// replaces the state whole, so a poisoned lock (`Locked`) still guards a valid one.
 #[derive(Debug, Default)]
 pub struct CommitGate(std::sync::Mutex<Gate>);
 
@@ -150,7 +152,7 @@ enum Gate {
 impl CommitGate {
     /// The fill is about to commit: false if a purge closed the gate first.
     pub fn begin_commit(&self) -> bool {
-        let mut gate = self.0.lock().expect("commit gate poisoned");
+        let mut gate = self.0.locked();
         match *gate {
             Gate::Closed => false,
             Gate::Open | Gate::Committing => {
@@ -162,7 +164,7 @@ impl CommitGate {
 
     /// A purge: true if the fill will not commit; false if its commit has already begun.
     pub fn close(&self) -> bool {
-        let mut gate = self.0.lock().expect("commit gate poisoned");
+        let mut gate = self.0.locked();
         match *gate {
             Gate::Open | Gate::Closed => {
                 *gate = Gate::Closed;

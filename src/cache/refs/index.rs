@@ -10,6 +10,7 @@ use crate::oci::media_types::AcceptClass;
 use crate::oci::references::{self, References};
 use crate::policy::pins::Pin;
 use crate::storage::DiskStore;
+use crate::sync::Locked;
 
 /// A manifest's references, or none (with a warning) if it cannot be read.
 pub fn references_or_warn(digest: &Digest, bytes: &[u8]) -> References {
@@ -23,6 +24,10 @@ pub fn references_or_warn(digest: &Digest, bytes: &[u8]) -> References {
 /// added (so an eviction pass can tell that its pinned set may have grown).
 #[derive(Default)]
 pub struct RefIndex {
+    /// Taken with `Locked`. The graph is maps of owned values, each changed by one insert or
+    /// removal; only a purge's `apply` makes several, and a panic part-way through it would
+    /// leave some of the purged roots in the index: they keep their blobs until the next purge
+    /// or restart, which is what a purge that had not run would do.
     graph: Mutex<Graph>,
     generation: AtomicU64,
 }
@@ -72,7 +77,7 @@ impl RefIndex {
     }
 
     fn graph(&self) -> std::sync::MutexGuard<'_, Graph> {
-        self.graph.lock().expect("reference index poisoned")
+        self.graph.locked()
     }
 
     /// Moves whenever something was added to the index.

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::Url;
 
+use crate::sync::Locked;
+
 /// Token responses are tiny JSON documents; anything larger is not one.
 pub const MAX_TOKEN_RESPONSE: u64 = 64 * 1024;
 
@@ -45,13 +47,15 @@ pub struct TokenEndpoint {
 /// Cached tokens per (endpoint, scope), and the endpoint last seen.
 #[derive(Default)]
 pub struct TokenCache {
+    // Both locks (`Locked`): each section does one map operation or one assignment, so a
+    // poisoned lock still guards a whole map or value.
     tokens: Mutex<HashMap<(TokenEndpoint, String), (String, Instant)>>,
     endpoint: Mutex<Option<TokenEndpoint>>,
 }
 
 impl TokenCache {
     pub fn get(&self, endpoint: &TokenEndpoint, scope: &str, now: Instant) -> Option<String> {
-        let mut tokens = self.tokens.lock().expect("token cache poisoned");
+        let mut tokens = self.tokens.locked();
         let key = (endpoint.clone(), scope.to_string());
         match tokens.get(&key) {
             Some((token, expires)) if *expires > now => Some(token.clone()),
@@ -73,7 +77,7 @@ impl TokenCache {
         lifetime: Duration,
     ) {
         let expires = now + lifetime.min(LONGEST_KEPT);
-        let mut tokens = self.tokens.lock().expect("token cache poisoned");
+        let mut tokens = self.tokens.locked();
         // Bounded: expired entries go first; a registry with more live scopes than this is
         // far past anything a mirror sees.
         if tokens.len() >= 10_000 {
@@ -87,17 +91,16 @@ impl TokenCache {
 
     pub fn forget(&self, endpoint: &TokenEndpoint, scope: &str) {
         self.tokens
-            .lock()
-            .expect("token cache poisoned")
+            .locked()
             .remove(&(endpoint.clone(), scope.to_string()));
     }
 
     pub fn endpoint(&self) -> Option<TokenEndpoint> {
-        self.endpoint.lock().expect("token cache poisoned").clone()
+        self.endpoint.locked().clone()
     }
 
     pub fn set_endpoint(&self, endpoint: TokenEndpoint) {
-        *self.endpoint.lock().expect("token cache poisoned") = Some(endpoint);
+        *self.endpoint.locked() = Some(endpoint);
     }
 }
 

@@ -20,9 +20,9 @@
 //!
 //! `docs/ARCHITECTURE.md` states the invariants.
 
-// No panic reachable from input: outside tests, `unwrap`, `expect`, `panic!`, `unreachable!`, `todo!` and indexing or
-// slicing that can go out of range do not compile under `cargo clippy`. Use `?`, `.get()`,
-// `let .. else`. Each exception carries an `#[allow]` and a comment proving it cannot fail.
+// No panic reachable from input: outside tests, `unwrap`, `expect`, `panic!`, `unreachable!`,
+// `todo!` and indexing or slicing that can go out of range do not compile under `cargo clippy`.
+// Use `?`, `.get()`, `let .. else`. Each exception carries an `#[allow]` and a comment proving it cannot fail.
 #![cfg_attr(
     not(test),
     deny(

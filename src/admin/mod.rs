@@ -88,6 +88,11 @@ impl Admin {
             "blob_index_loading": c.usage.is_loading(),
             "blobs_scanned": c.usage.scanned(),
             "blob_index_bytes": c.usage.index_bytes(),
+            // The metadata budget (cache.max_metadata_size): manifests, tag records, links.
+            "metadata_bytes": c.metadata.total(),
+            "metadata_high_watermark": c.metadata.budget().high,
+            "metadata_evicted": c.metadata.evictions().0,
+            "metadata_evicted_bytes": c.metadata.evictions().1,
         })
     }
 

@@ -151,6 +151,15 @@ pub struct UpstreamConfig {
     pub token_realm_hosts: Vec<String>,
 }
 
+/// The default `cache.max_metadata_size`, 1 GiB. Real metadata is small: an image's manifests
+/// (an index and a few platform manifests) take 2 to 20 KiB, a tag record or a link under
+/// 1 KiB, so 1 GiB holds the manifests of some 50,000 to 500,000 images, more than any
+/// mirror's working set, while a client pulling every tag an upstream holds can fill at most
+/// that much disk, and the reference index in memory (which holds every stored manifest's
+/// references) stays bounded with it. It applies with or without `max_size`: metadata is
+/// not counted in the blob budget.
+pub const DEFAULT_MAX_METADATA_SIZE: ByteSize = ByteSize::gib(1);
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -182,6 +191,13 @@ pub struct CacheConfig {
     /// used are removed in the background until they are under `low_watermark`. Unset: no
     /// limit.
     pub max_size: Option<ByteSize>,
+    /// Disk budget for metadata: stored manifests, tag records and links. Kept like the blob
+    /// budget (same watermarks): past the high one, manifests no tag, link or pin reaches go
+    /// first (least recently used first), then the least recently used tag records and links
+    /// with the manifests only they reached. Always set, unlike `max_size`, because anonymous
+    /// clients can cause metadata (every tag and repository an upstream holds); see
+    /// [`DEFAULT_MAX_METADATA_SIZE`] for the default's reasoning.
+    pub max_metadata_size: ByteSize,
     pub high_watermark: f64,
     pub low_watermark: f64,
     /// What is never evicted (and kept by purges of other repositories): digests, or
@@ -316,6 +332,7 @@ impl Default for CacheConfig {
             negative_ttl: Duration::from_secs(30),
             tag_rules: Vec::new(),
             max_size: None,
+            max_metadata_size: DEFAULT_MAX_METADATA_SIZE,
             high_watermark: 0.95,
             low_watermark: 0.85,
             pins: Vec::new(),

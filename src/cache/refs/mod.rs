@@ -20,6 +20,7 @@
 //! - `index`: [`RefIndex`] wraps the graph in a lock, loads it from disk at start and keeps it
 //!   current.
 //! - `purge`: carries a purge plan out on disk ([`execute`]) and reports what went.
+//! - `trim`: what the metadata budget removes, in what order ([`Graph::plan_trim`]), pure.
 //!
 //! Purge invariants:
 //! - A purge removes the roots it names (tag records, links), then the manifests reachable
@@ -36,7 +37,9 @@
 mod graph;
 mod index;
 mod purge;
+mod trim;
 
 pub use graph::{Graph, Pinned, PurgePlan, RepoKey, Target};
 pub use index::{RefIndex, references_or_warn};
 pub use purge::{Amounts, PurgeReport, execute};
+pub use trim::{MetaItem, MetaKey, TrimGroup};

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metadata::{MetaUsage, remove_files};
 use super::usage::Usage;
-use crate::cache::refs::{MetaKey, RefIndex};
+use crate::cache::refs::RefIndex;
 use crate::storage::DiskStore;
 
 /// Runs until `stop`. `usage` gives the pins (config and run time).
@@ -57,9 +57,10 @@ pub async fn run_metadata(
     }
 }
 
-/// One pass (blocking): choose, remove the files (every group's root before any manifest, so
-/// a crash part-way leaves unreferenced manifests, never a root promising a missing one), then
-/// take them out of the reference index. Returns (entries, bytes) removed.
+/// One pass (blocking): choose, then for each group remove its files (the root before the
+/// manifests it freed, so a crash part-way leaves unreferenced manifests, never a root
+/// promising a missing one) and take it out of the reference index at once, so the index
+/// matches the disk after each removal. Returns (entries, bytes) removed.
 pub fn trim_once(
     meta: &MetaUsage,
     index: &RefIndex,
@@ -67,23 +68,17 @@ pub fn trim_once(
     store: &DiskStore,
 ) -> (u64, u64) {
     let groups = meta.take_victims(index, &usage.all_pins());
-    if groups.is_empty() {
-        return (0, 0);
-    }
-    let keys: Vec<&MetaKey> = groups.iter().flat_map(|g| g.keys.iter()).collect();
-    let (roots, manifests): (Vec<&MetaKey>, Vec<&MetaKey>) = keys
-        .iter()
-        .partition(|k| !matches!(k, MetaKey::Manifest(_)));
-    for key in roots.iter().chain(manifests.iter()) {
-        // A file left behind (logged) is counted again at the next start.
-        if let Err(e) = remove_files(store, key) {
-            tracing::warn!(?key, error = %e, "could not evict metadata");
+    let (mut count, mut bytes) = (0, 0);
+    for group in &groups {
+        for key in &group.keys {
+            // A file left behind (logged) is counted again at the next start.
+            if let Err(e) = remove_files(store, key) {
+                tracing::warn!(?key, error = %e, "could not evict metadata");
+            }
         }
+        index.trimmed(&group.keys);
+        count += group.keys.len() as u64;
+        bytes += group.bytes;
     }
-    let owned: Vec<MetaKey> = keys.into_iter().cloned().collect();
-    index.trimmed(&owned);
-    (
-        owned.len() as u64,
-        groups.iter().map(|g| g.bytes).sum::<u64>(),
-    )
+    (count, bytes)
 }

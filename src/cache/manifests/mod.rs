@@ -17,6 +17,10 @@
 //!   `storage::links`; see `links`).
 //! - A purge by repository or tag drops the purged tags' answers from memory too, so the next
 //!   pull asks the upstream.
+//! - The metadata budget (`cache::evict::MetaUsage`) hears of every manifest, tag record and
+//!   link written (with its bytes) and used, and of every purge; a manifest being read from
+//!   disk is held from it. Answers in memory are not touched by its removals: a removed tag
+//!   record or manifest is asked upstream again when memory no longer has it.
 
 use std::sync::Arc;
 

@@ -33,6 +33,14 @@
 //!   content, never a root that promises more than is there (and any miss is fetched again).
 //! - A purge removes the roots it names even if a repository or tag pin matches them (the pin
 //!   stays, and pins them again when next pulled); digest pins keep what they name.
+//!
+//! Metadata budget (`cache.max_metadata_size`, `trim`, carried out by `cache::evict`):
+//! - Manifests no root or pin reaches go first (least recently used first, an index before
+//!   the manifests it lists), then the least recently used roots (a tag's records together,
+//!   or a link), each with the manifests only it reached. Nothing a pin reaches or names, and
+//!   no manifest a request is reading, is chosen.
+//! - Files go root first, then the manifests it freed, and each group leaves the index as
+//!   soon as its files are gone, so the index matches the disk after every removal.
 
 mod graph;
 mod index;

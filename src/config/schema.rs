@@ -151,14 +151,16 @@ pub struct UpstreamConfig {
     pub token_realm_hosts: Vec<String>,
 }
 
-/// The default `cache.max_metadata_size`, 1 GiB. Real metadata is small: an image's manifests
-/// (an index and a few platform manifests) take 2 to 20 KiB, a tag record or a link under
-/// 1 KiB, so 1 GiB holds the manifests of some 50,000 to 500,000 images, more than any
-/// mirror's working set, while a client pulling every tag an upstream holds can fill at most
-/// that much disk, and the reference index in memory (which holds every stored manifest's
-/// references) stays bounded with it. It applies with or without `max_size`: metadata is
-/// not counted in the blob budget.
-pub const DEFAULT_MAX_METADATA_SIZE: ByteSize = ByteSize::gib(1);
+/// The default `cache.max_metadata_size`, 256 MiB. Real metadata is small: an image manifest
+/// takes 1 to 3 KiB, an index a few KiB, a tag record or a link under 1 KiB, so 256 MiB holds
+/// about 100,000 image manifests with their tags, the scale cistern is built for, more than a
+/// mirror's working set. It is not larger because memory follows it: the reference index and
+/// this budget's own index hold every counted manifest, tag and link, at about as many bytes
+/// as their files for manifests and up to three times as many for links (the smallest
+/// files), so a client pulling every tag and repository an upstream holds can cost at most
+/// this much disk and some hundreds of MiB of memory. It applies with or without `max_size`:
+/// metadata is not counted in the blob budget.
+pub const DEFAULT_MAX_METADATA_SIZE: ByteSize = ByteSize::mib(256);
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

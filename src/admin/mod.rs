@@ -225,6 +225,21 @@ impl Admin {
                 "Manifests recorded as pulled from a repository by digest.",
             )
             .value(links as f64),
+            Family::gauge(
+                "cistern_cache_metadata_bytes",
+                "Bytes of manifests, tag records and links on disk (the metadata budget's count).",
+            )
+            .value(c.metadata.total() as f64),
+            Family::gauge(
+                "cistern_cache_metadata_high_watermark_bytes",
+                "Where metadata eviction starts: cache.max_metadata_size times cache.high_watermark.",
+            )
+            .value(c.metadata.budget().high as f64),
+            Family::counter(
+                "cistern_evicted_metadata_total",
+                "Manifests, tags and links removed to keep the metadata under its budget.",
+            )
+            .value(c.metadata.evictions().0 as f64),
             pins,
         ];
         if let Some(max) = c.max_size {

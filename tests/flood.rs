@@ -208,7 +208,7 @@ async fn a_flood_of_state_stays_within_the_budgets_and_pulls_keep_working() {
     assert_eq!(first.status, 200);
     pull(&url, &image).await;
 
-    // The flood, 32 requests at a time; a normal pull runs in the middle of it.
+    // The flood, 32 requests at a time, and a normal pull while it runs.
     let during = tokio::spawn({
         let (url, image) = (url.clone(), image);
         async move {
@@ -216,7 +216,7 @@ async fn a_flood_of_state_stays_within_the_budgets_and_pulls_keep_working() {
             image
         }
     });
-    let statuses = futures_util::stream::iter(0..REQUESTS)
+    let answered = futures_util::stream::iter(0..REQUESTS)
         .map(|i| {
             let (request, allowed) = flood_request(&client, i, &shared_digest);
             let client = &client;
@@ -231,7 +231,7 @@ async fn a_flood_of_state_stays_within_the_budgets_and_pulls_keep_working() {
         .buffer_unordered(CONCURRENCY)
         .count()
         .await;
-    assert_eq!(statuses, REQUESTS);
+    assert_eq!(answered, REQUESTS);
     let image = bounded("the pull during the flood", during).await.unwrap();
 
     // The metadata is back within its budget once eviction has run (it runs after every write

@@ -177,6 +177,13 @@ impl Server {
             cache.store.clone(),
             stop_eviction.clone(),
         ));
+        let metadata_eviction = tokio::spawn(cache::evict::run_metadata(
+            cache.metadata.clone(),
+            cache.manifests.index().clone(),
+            cache.usage.clone(),
+            cache.store.clone(),
+            stop_eviction.clone(),
+        ));
         let app = Arc::new(App {
             cache: cache.clone(),
             access,
@@ -231,6 +238,7 @@ impl Server {
         cache.usage.stop_loading();
         stop_eviction.cancel();
         let _ = eviction.await;
+        let _ = metadata_eviction.await;
         connections.close();
         fills.close();
         let drained = tokio::time::timeout(config.shutdown_grace, async {
@@ -251,6 +259,7 @@ impl Server {
             fills.wait().await;
         }
         cache.usage.loaded().await;
+        cache.metadata.loaded().await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The disk budget: least recently used blobs are evicted online to stay under `max_size`,
 //! never one being read or pinned; evicted blobs come back on demand; LRU order survives a
-//! restart.
+//! restart. The metadata budget (`max_metadata_size`) removes unreferenced manifests first,
+//! never a pinned tag, and counts what a restart finds.
 
 mod support;
 
@@ -234,4 +235,140 @@ async fn a_tag_pattern_in_the_config_pins_its_images_only() {
         exists(&l1) && exists(&cfg1),
         "a pinned tag's blobs were evicted"
     );
+}
+
+/// Bytes of manifests, tag records and links in `data`: what `cache.max_metadata_size` counts.
+fn metadata_bytes_on_disk(data: &DataDir) -> u64 {
+    ["manifests", "tags", "links"]
+        .iter()
+        .flat_map(|sub| data.files(sub))
+        .map(|f| std::fs::metadata(data.path().join(f)).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Where the records of `registry/repository:tag` live (`storage::tags`).
+fn tag_dir(data: &DataDir, registry: &str, repository: &str, tag: &str) -> std::path::PathBuf {
+    let key = sha256_digest(format!("{registry}\0{repository}\0{tag}").as_bytes());
+    let hex = key.trim_start_matches("sha256:");
+    data.path().join("tags").join(&hex[..2]).join(hex)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_over_its_budget_loses_unreferenced_manifests_first_and_pins_never() {
+    const BUDGET: u64 = 64 * 1024;
+    let high = BUDGET * 95 / 100;
+    let (old, new, pinned) = (image_manifest(1), image_manifest(2), image_manifest(3));
+    let mut builder = FakeRegistry::builder()
+        .manifest(REPO, Some("1"), OCI_MANIFEST, old.clone())
+        .manifest("library/pinned", Some("1"), OCI_MANIFEST, pinned.clone());
+    let tags = 200;
+    for i in 0..tags {
+        builder = builder.manifest(
+            &format!("flood/t{i}"),
+            Some("latest"),
+            OCI_MANIFEST,
+            image_manifest(100 + i),
+        );
+    }
+    let upstream = builder.start().await;
+    let registry = upstream.addr().to_string();
+    let pin = format!("{registry}/library/pinned:*");
+    let clock = clock();
+    let cistern = TestCistern::builder()
+        .front(&upstream)
+        .clock(&clock)
+        .admin()
+        .config(move |c| {
+            c.cache.max_metadata_size = ByteSize::b(BUDGET);
+            c.cache.pins = vec![pin];
+        })
+        .start()
+        .await;
+    let get = |client: &Client, repo: String, reference: String| {
+        let request = client
+            .request(http::Method::GET, &manifest_route(&repo, &reference))
+            .header("accept", OCI_MANIFEST);
+        let client = client.clone();
+        async move {
+            let m = client.send(request).await;
+            assert_eq!(m.status, 200, "{repo}:{reference}: {}", m.body_text());
+        }
+    };
+    let client = cistern.client();
+    get(&client, "library/pinned".into(), "1".into()).await;
+    tick(&clock);
+    get(&client, REPO.into(), "1".into()).await;
+    tick(&clock);
+    // The tag moves upstream; once its answer expired, app:1 names the new manifest and the
+    // old one is referenced by nothing.
+    upstream.add_manifest(REPO, Some("1"), OCI_MANIFEST, new.clone());
+    clock.advance(Duration::from_secs(3600));
+    get(&client, REPO.into(), "1".into()).await;
+    tick(&clock);
+
+    // The count is made again at start: a restart must not forget what is on disk.
+    let cistern = cistern.restart().await;
+    let client = cistern.client();
+    let old_digest = sha256_digest(&old);
+    for i in 0..tags {
+        get(&client, format!("flood/t{i}"), "latest".into()).await;
+        tick(&clock);
+        if i == 20 {
+            // Both image manifests are now more recently used than the first tags: the old
+            // one (by digest, under a name the upstream does not hold, so no link) and the
+            // new one (through its tag).
+            get(&client, REPO.into(), "1".into()).await;
+            get(&client, "nowhere/app".into(), old_digest.clone()).await;
+            tick(&clock);
+            assert!(tag_dir(cistern.data(), &registry, "flood/t0", "latest").exists());
+        }
+        // Stop after the first pass (it counts what it removed once the files are gone): what
+        // it chose shows the order.
+        let stats = cistern
+            .admin(http::Method::GET, "/admin/stats")
+            .await
+            .json();
+        if stats["metadata_evicted"].as_u64() > Some(0) {
+            break;
+        }
+    }
+    let stats = cistern
+        .admin(http::Method::GET, "/admin/stats")
+        .await
+        .json();
+    assert!(
+        stats["metadata_evicted"].as_u64() > Some(0),
+        "the tags never filled the budget: {stats}"
+    );
+    let data = cistern.data();
+    // The count is the disk's (once a pass that a last write may have asked for is done).
+    let on_disk = retry_until("the metadata count to match the disk", || async {
+        let stats = cistern
+            .admin(http::Method::GET, "/admin/stats")
+            .await
+            .json();
+        let on_disk = metadata_bytes_on_disk(data);
+        (stats["metadata_bytes"].as_u64() == Some(on_disk)).then_some(on_disk)
+    })
+    .await;
+    assert!(on_disk <= high, "{on_disk} bytes of metadata");
+    assert!(
+        !data.manifest_path(&old_digest).exists(),
+        "the unreferenced manifest stayed though it went first"
+    );
+    assert!(
+        data.manifest_path(&sha256_digest(&new)).exists(),
+        "a tagged manifest used since went before older ones"
+    );
+    assert!(
+        !tag_dir(data, &registry, "flood/t0", "latest").exists(),
+        "the least recently used tag record stayed"
+    );
+    assert!(data.manifest_path(&sha256_digest(&pinned)).exists());
+    assert!(
+        tag_dir(data, &registry, "library/pinned", "1").exists(),
+        "a pinned tag's record was evicted"
+    );
+    // What went is fetched again when asked for.
+    get(&client, "flood/t0".into(), "latest".into()).await;
 }

@@ -88,6 +88,11 @@ impl Admin {
             "blob_index_loading": c.usage.is_loading(),
             "blobs_scanned": c.usage.scanned(),
             "blob_index_bytes": c.usage.index_bytes(),
+            // The metadata budget (cache.max_metadata_size): manifests, tag records, links.
+            "metadata_bytes": c.metadata.total(),
+            "metadata_high_watermark": c.metadata.budget().high,
+            "metadata_evicted": c.metadata.evictions().0,
+            "metadata_evicted_bytes": c.metadata.evictions().1,
         })
     }
 
@@ -222,6 +227,21 @@ impl Admin {
                 "Manifests recorded as pulled from a repository by digest.",
             )
             .value(links as f64),
+            Family::gauge(
+                "cistern_cache_metadata_bytes",
+                "Bytes of manifests, tag records and links on disk (the metadata budget's count).",
+            )
+            .value(c.metadata.total() as f64),
+            Family::gauge(
+                "cistern_cache_metadata_high_watermark_bytes",
+                "Where metadata eviction starts: cache.max_metadata_size times cache.high_watermark.",
+            )
+            .value(c.metadata.budget().high as f64),
+            Family::counter(
+                "cistern_evicted_metadata_total",
+                "Manifests, tags and links removed to keep the metadata under its budget.",
+            )
+            .value(c.metadata.evictions().0 as f64),
             pins,
         ];
         if let Some(max) = c.max_size {

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::evict::{Budget, Usage};
+use super::evict::{Budget, MetaUsage, Usage};
 use super::fill_limit::FillLimits;
 use super::refs::RefIndex;
 use super::{BlobCache, ManifestCache};
@@ -28,6 +28,8 @@ pub struct Cache {
     pub manifests: ManifestCache,
     /// `cache.max_size`, for stats.
     pub max_size: Option<u64>,
+    /// The metadata budget (`cache.max_metadata_size`): stored manifests, tag records, links.
+    pub metadata: Arc<MetaUsage>,
 }
 
 /// How fills run: on `fills`, cancelled only by `cancel_fills` (the end of a shutdown's grace
@@ -50,13 +52,14 @@ impl Cache {
             .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
         let store = Arc::new(store.with_clock(clock.clone()));
 
-        let budget = config.cache.max_size.map(|max| {
-            let max = max.as_u64() as f64;
+        let watermarks = |max: u64| {
+            let max = max as f64;
             Budget {
                 high: (max * config.cache.high_watermark) as u64,
                 low: (max * config.cache.low_watermark) as u64,
             }
-        });
+        };
+        let budget = config.cache.max_size.map(|max| watermarks(max.as_u64()));
         let usage = Usage::with_clock(budget, clock.clone());
         usage.set_config_pins(config.cache.pin_patterns());
         {
@@ -109,6 +112,11 @@ impl Cache {
         let (manifests, tags, links) = index.counts();
         tracing::info!(manifests, tags, links, elapsed = ?started.elapsed(), "reference index built");
         usage.attach_index(index.clone());
+        let metadata = MetaUsage::new(
+            watermarks(config.cache.max_metadata_size.as_u64()),
+            clock.clone(),
+        );
+        count_metadata(&metadata, &store);
 
         Ok(Cache {
             blobs: BlobCache::new(
@@ -124,13 +132,48 @@ impl Cache {
                 &config.cache,
                 config.offline,
                 index,
+                metadata.clone(),
                 clock,
             ),
             store,
             usage,
             max_size: config.cache.max_size.map(|m| m.as_u64()),
+            metadata,
         })
     }
+}
+
+/// Starts counting the stored manifests, tag records and links for the metadata budget, in
+/// the background (its eviction waits for the count; serving does not). Separate from the
+/// reference index's load: it only stats manifests and reads the small records.
+fn count_metadata(metadata: &Arc<MetaUsage>, store: &Arc<DiskStore>) {
+    metadata.begin_loading();
+    let (metadata, store) = (metadata.clone(), store.clone());
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = metadata.count(&store);
+        // As for the blob index: the store (and the data directory's lock) goes before the
+        // count says it is done, which is what a shutdown waits for.
+        drop(store);
+        metadata.finish_loading();
+        match result {
+            Ok(()) => {
+                let (manifests, tags, links) = metadata.counts();
+                tracing::info!(
+                    manifests,
+                    tags,
+                    links,
+                    bytes = metadata.total(),
+                    elapsed = ?started.elapsed(),
+                    "metadata counted"
+                );
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "counting the cached metadata failed: what was not counted joins as it is used"
+            ),
+        }
+    });
 }
 
 /// The run-time pins in `pins.json`. Digests, as written by earlier versions, are pins too;

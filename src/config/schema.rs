@@ -151,6 +151,17 @@ pub struct UpstreamConfig {
     pub token_realm_hosts: Vec<String>,
 }
 
+/// The default `cache.max_metadata_size`, 256 MiB. Real metadata is small: an image manifest
+/// takes 1 to 3 KiB, an index a few KiB, a tag record or a link under 1 KiB, so 256 MiB holds
+/// about 100,000 image manifests with their tags, the scale cistern is built for, more than a
+/// mirror's working set. It is not larger because memory follows it: the reference index and
+/// this budget's own index hold every counted manifest, tag and link, at about as many bytes
+/// as their files for manifests and up to three times as many for links (the smallest
+/// files), so a client pulling every tag and repository an upstream holds can cost at most
+/// this much disk and some hundreds of MiB of memory. It applies with or without `max_size`:
+/// metadata is not counted in the blob budget.
+pub const DEFAULT_MAX_METADATA_SIZE: ByteSize = ByteSize::mib(256);
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -182,6 +193,13 @@ pub struct CacheConfig {
     /// used are removed in the background until they are under `low_watermark`. Unset: no
     /// limit.
     pub max_size: Option<ByteSize>,
+    /// Disk budget for metadata: stored manifests, tag records and links. Kept like the blob
+    /// budget (same watermarks): past the high one, manifests no tag, link or pin reaches go
+    /// first (least recently used first), then the least recently used tag records and links
+    /// with the manifests only they reached. Always set, unlike `max_size`, because anonymous
+    /// clients can cause metadata (every tag and repository an upstream holds); see
+    /// [`DEFAULT_MAX_METADATA_SIZE`] for the default's reasoning.
+    pub max_metadata_size: ByteSize,
     pub high_watermark: f64,
     pub low_watermark: f64,
     /// What is never evicted (and kept by purges of other repositories): digests, or
@@ -314,6 +332,7 @@ impl Default for CacheConfig {
             negative_ttl: Duration::from_secs(30),
             tag_rules: Vec::new(),
             max_size: None,
+            max_metadata_size: DEFAULT_MAX_METADATA_SIZE,
             high_watermark: 0.95,
             low_watermark: 0.85,
             pins: Vec::new(),

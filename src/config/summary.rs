@@ -24,6 +24,8 @@ pub struct Summary {
     pub proxy_any_registry: bool,
     /// `cache.max_size` in bytes; `None`: unbounded.
     pub cache_max_size: Option<u64>,
+    /// `cache.max_metadata_size` in bytes (always bounded).
+    pub cache_max_metadata_size: u64,
     pub cache_watermarks: (f64, f64),
     pub pins: usize,
     pub routes: Vec<RouteSummary>,
@@ -91,6 +93,7 @@ impl Config {
             offline: self.offline,
             proxy_any_registry: self.proxy_any_registry,
             cache_max_size: self.cache.max_size.map(|s| s.as_u64()),
+            cache_max_metadata_size: self.cache.max_metadata_size.as_u64(),
             cache_watermarks: (self.cache.high_watermark, self.cache.low_watermark),
             pins: self.cache.pins.len() + self.cache.pinned_digests.len(),
             routes,
@@ -160,6 +163,11 @@ impl std::fmt::Display for Summary {
             )?,
             None => writeln!(f, "cache      unbounded; {} config pins", self.pins)?,
         }
+        writeln!(
+            f,
+            "metadata   {} of manifests, tag records and links",
+            bytesize::ByteSize::b(self.cache_max_metadata_size)
+        )?;
         if self.offline {
             writeln!(f, "offline    yes: no upstream is contacted")?;
         }

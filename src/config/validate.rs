@@ -226,6 +226,18 @@ impl Config {
                 "must be more than 0 (leave it out for no limit)".into(),
             );
         }
+        // Below this a budget cannot hold a few images' manifests and tags, and eviction would
+        // remove what a pull is about to need.
+        let min_metadata = bytesize::ByteSize::kib(64);
+        if self.cache.max_metadata_size < min_metadata {
+            return invalid(
+                "cache.max_metadata_size",
+                format!(
+                    "{} is too small to hold a working set of manifests and tags (at least {min_metadata})",
+                    self.cache.max_metadata_size
+                ),
+            );
+        }
         for (i, p) in self.cache.pins.iter().enumerate() {
             if let Err(e) = Pin::parse(p) {
                 return invalid(&format!("cache.pins[{i}]"), e);
@@ -359,6 +371,13 @@ mod tests {
     fn zero_timeout_is_named() {
         let e = error_of("[upstream]\nidle_timeout = \"0s\"\n");
         assert!(e.starts_with("upstream.idle_timeout:"), "{e}");
+    }
+
+    #[test]
+    fn a_metadata_budget_too_small_is_named() {
+        let e = error_of("[cache]\nmax_metadata_size = \"1KiB\"\n");
+        assert!(e.starts_with("cache.max_metadata_size:"), "{e}");
+        assert!(e.contains("64"), "{e}");
     }
 
     #[test]

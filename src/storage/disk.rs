@@ -124,7 +124,7 @@ impl DiskStore {
         self.blobs.join(digest.shard_path())
     }
 
-    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn manifest_path(&self, digest: &Digest) -> PathBuf {
         self.manifests.join(digest.shard_path())
     }
 
@@ -155,6 +155,16 @@ impl DiskStore {
     fn stamp_access(&self, file: &File, digest: &Digest) {
         if let Err(e) = file.set_modified(self.clock.wall_now()) {
             tracing::debug!(%digest, error = %e, "could not record blob access time");
+        }
+    }
+
+    /// Stamps a metadata file (manifest, tag record, link) with the store clock's now before
+    /// it is renamed into place: the metadata budget's index reads its mtime at start as the
+    /// last use, and compares it with times from the same clock. A failure only costs that
+    /// order's precision.
+    pub(crate) fn stamp_written(&self, file: &File) {
+        if let Err(e) = file.set_modified(self.clock.wall_now()) {
+            tracing::debug!(error = %e, "could not stamp a metadata file's time");
         }
     }
 
@@ -378,6 +388,7 @@ impl DiskStore {
             f.write_all(manifest.media_type.as_bytes())?;
             f.write_all(b"\n")?;
             f.write_all(&manifest.bytes)?;
+            self.stamp_written(f);
             f.sync_all()?;
         }
         let dest = self.manifest_path(digest);
@@ -505,7 +516,7 @@ pub(crate) fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
-fn file_size(path: &Path) -> io::Result<Option<u64>> {
+pub(crate) fn file_size(path: &Path) -> io::Result<Option<u64>> {
     match fs::metadata(path) {
         Ok(m) => Ok(Some(m.len())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

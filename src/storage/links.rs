@@ -34,7 +34,8 @@ impl DiskStore {
         self.root().join("links").join(&hex[..2]).join(hex)
     }
 
-    pub fn write_link(&self, registry: &str, repository: &str, digest: &Digest) -> io::Result<()> {
+    /// Writes the link; returns its size, for the metadata budget.
+    pub fn write_link(&self, registry: &str, repository: &str, digest: &Digest) -> io::Result<u64> {
         let dir = self.link_dir(registry, repository);
         self.create_dir_below_root(&dir)?;
         let record = LinkRecord {
@@ -45,7 +46,9 @@ impl DiskStore {
         let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
         let partial = self.create_partial(&Digest::of(&bytes))?;
         (&*partial.file).write_all(&bytes)?;
-        partial.persist_to(&dir.join(format!("{}.json", digest.hex())))
+        self.stamp_written(&partial.file);
+        partial.persist_to(&dir.join(format!("{}.json", digest.hex())))?;
+        Ok(bytes.len() as u64)
     }
 
     pub fn remove_link(&self, registry: &str, repository: &str, digest: &Digest) -> io::Result<()> {

@@ -2,7 +2,9 @@
 
 pub mod disk;
 pub mod links;
+pub mod metadata;
 pub mod tags;
 
 pub use disk::{DiskStore, PartialBlob, StoredManifest, VerifyReport};
-pub use tags::TagRecord;
+pub use metadata::{MetaFile, MetaFileInfo};
+pub use tags::{TagRecord, Written};

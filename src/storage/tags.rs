@@ -29,6 +29,14 @@ use serde::{Deserialize, Serialize};
 use super::disk::DiskStore;
 use crate::oci::Digest;
 
+/// What writing a record did to the bytes on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub size: u64,
+    /// The size of the record it replaced; 0 if it was new.
+    pub replaced: u64,
+}
+
 /// What a tag resolved to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
@@ -122,7 +130,9 @@ impl DiskStore {
         }
     }
 
-    pub fn write_tag(&self, record: &TagRecord) -> io::Result<()> {
+    /// Writes (or replaces) the record for its Accept set. Returns the record's size and the
+    /// size of the record it replaced (0 if none), for the metadata budget.
+    pub fn write_tag(&self, record: &TagRecord) -> io::Result<Written> {
         let dir = self.tag_dir(&record.registry, &record.repository, &record.tag);
         self.create_dir_below_root(&dir)?;
         let dest = dir.join(format!(
@@ -132,7 +142,13 @@ impl DiskStore {
         let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
         let partial = self.create_partial(&Digest::of(&bytes))?;
         (&*partial.file).write_all(&bytes)?;
-        partial.persist_to(&dest)
+        self.stamp_written(&partial.file);
+        let replaced = super::disk::file_size(&dest)?.unwrap_or(0);
+        partial.persist_to(&dest)?;
+        Ok(Written {
+            size: bytes.len() as u64,
+            replaced,
+        })
     }
 }
 

@@ -38,13 +38,26 @@ impl ChildCistern {
         log: Option<PathBuf>,
         command: impl FnOnce(&Path) -> Command,
     ) -> ChildCistern {
+        ChildCistern::start_with(upstream, data, "", log, command).await
+    }
+
+    /// [`ChildCistern::start`] with `extra` (TOML tables, e.g. `"[cache]\nmax_size = ..."`)
+    /// appended to the config file.
+    pub async fn start_with(
+        upstream: &str,
+        data: &Path,
+        extra: &str,
+        log: Option<PathBuf>,
+        command: impl FnOnce(&Path) -> Command,
+    ) -> ChildCistern {
         let port = free_port();
         let config = data
             .parent()
             .expect("a data directory inside a temporary root")
             .join(format!("cistern-{port}.toml"));
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        std::fs::write(&config, config_text(listen, data, Some(upstream))).expect("write config");
+        let text = config_text(listen, data, Some(upstream)) + extra;
+        std::fs::write(&config, text).expect("write config");
         let mut command = command(&config);
         command.stdin(Stdio::null()).stdout(Stdio::null());
         match &log {
@@ -63,6 +76,18 @@ impl ChildCistern {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The child's resident memory now (`VmRSS` in `/proc/<pid>/status`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read the child's /proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line in kB");
+        kib * 1024
     }
 
     async fn wait_ready(&mut self) {

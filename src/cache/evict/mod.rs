@@ -5,6 +5,9 @@
 //! - `usage`: the index of committed blobs and the pins ([`Usage`]), and the pass that copies
 //!   candidates out of it, chooses, and takes the victims out.
 //! - `task`: the background task that runs a pass when asked and removes the files ([`run`]).
+//! - `metadata`, `meta_task`: the metadata budget (`cache.max_metadata_size`): the index of
+//!   stored manifests, tag records and links ([`MetaUsage`]) and its task ([`run_metadata`]);
+//!   what goes in what order is `cache::refs::trim`'s decision.
 //!
 //! The file system is the single source of truth. At start a scan of `blobs/` builds the
 //! index, in the background while the server already serves; a blob's last access is its
@@ -30,11 +33,15 @@
 //! - Removing a blob never breaks a cached manifest: the blob is fetched again on demand.
 
 mod key;
+mod meta_task;
+mod metadata;
 mod task;
 mod usage;
 mod victims;
 
 pub use key::BlobKey;
+pub use meta_task::{run_metadata, trim_once};
+pub use metadata::{MetaReadGuard, MetaUsage};
 pub use task::run;
 pub use usage::{Budget, ReadGuard, Usage};
 pub use victims::{Candidate, choose_victims};

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::Inner;
 use crate::cache::blocking;
-use crate::cache::refs::RepoKey;
+use crate::cache::refs::{MetaKey, RepoKey};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::upstream::{Route, Walk, Want};
 
@@ -87,14 +87,22 @@ impl Inner {
             return;
         }
         let store = self.store.clone();
-        let d = digest.clone();
-        if let Err(e) = blocking(
-            move || store.write_link(&key.registry, &key.repository, &d),
+        let (d, k) = (digest.clone(), key.clone());
+        match blocking(
+            move || store.write_link(&k.registry, &k.repository, &d),
             "linking a manifest to its repository",
         )
         .await
         {
-            tracing::warn!(%name, %digest, error = %e, "could not record the manifest's repository");
+            Ok(size) => {
+                self.meta
+                    .written(MetaKey::Link(key, digest.clone()), size, 0);
+                // A pass choosing now must not take the manifest it names.
+                self.meta.used(&MetaKey::Manifest(digest.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(%name, %digest, error = %e, "could not record the manifest's repository")
+            }
         }
     }
 

@@ -17,13 +17,18 @@
 //!   `storage::links`; see `links`).
 //! - A purge by repository or tag drops the purged tags' answers from memory too, so the next
 //!   pull asks the upstream.
+//! - The metadata budget (`cache::evict::MetaUsage`) hears of every manifest, tag record and
+//!   link written (with its bytes) and used, and of every purge; a manifest being read from
+//!   disk is held from it. Answers in memory are not touched by its removals: a removed tag
+//!   record or manifest is asked upstream again when memory no longer has it.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::blocking;
-use super::refs::{self, PurgePlan, PurgeReport, RefIndex, Target};
+use super::evict::{Budget, MetaUsage};
+use super::refs::{self, MetaKey, PurgePlan, PurgeReport, RefIndex, RepoKey, Target};
 use super::singleflight::SingleFlight;
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -88,21 +93,40 @@ struct Inner {
     clock: Clock,
     /// Running confirmations that a repository holds a manifest served from the cache.
     link_checks: LinkChecks,
+    /// The metadata budget: hears of every manifest, tag record and link written or used.
+    meta: Arc<MetaUsage>,
 }
 
 impl ManifestCache {
-    /// A manifest cache with an empty reference index (benchmarks, tests).
+    /// A manifest cache with an empty reference index and metadata budget (benchmarks,
+    /// tests).
     pub fn new(store: Arc<DiskStore>, config: &CacheConfig, offline: bool) -> Self {
-        Self::with_index(store, config, offline, Arc::default(), Clock::system())
+        let max = config.max_metadata_size.as_u64();
+        let meta = MetaUsage::new(
+            Budget {
+                high: max,
+                low: max,
+            },
+            Clock::system(),
+        );
+        Self::with_index(
+            store,
+            config,
+            offline,
+            Arc::default(),
+            meta,
+            Clock::system(),
+        )
     }
 
-    /// A manifest cache that keeps `index` (built by `RefIndex::load`) current, and dates tag
-    /// answers by `clock`.
+    /// A manifest cache that keeps `index` (built by `RefIndex::load`) and `meta` (the
+    /// metadata budget) current, and dates tag answers by `clock`.
     pub fn with_index(
         store: Arc<DiskStore>,
         config: &CacheConfig,
         offline: bool,
         index: Arc<RefIndex>,
+        meta: Arc<MetaUsage>,
         clock: Clock,
     ) -> Self {
         let by_digest = moka::future::Cache::builder()
@@ -126,6 +150,7 @@ impl ManifestCache {
                 purging: tokio::sync::Mutex::new(()),
                 clock,
                 link_checks: LinkChecks::default(),
+                meta,
             }),
         }
     }
@@ -141,6 +166,7 @@ impl ManifestCache {
         let d = digest.clone();
         blocking(move || store.remove_manifest(&d), "removing a manifest").await?;
         self.inner.index.manifest_purged(digest);
+        self.inner.meta.forget(&MetaKey::Manifest(digest.clone()));
         Ok(())
     }
 
@@ -171,7 +197,14 @@ impl ManifestCache {
         let report = blocking(move || refs::execute(&store, &p), "purging").await;
         // Whatever was removed before a failure is gone from disk: forget it either way.
         inner.index.apply(&plan);
+        for (key, tag) in &plan.tags {
+            inner.meta.forget(&MetaKey::Tag(key.clone(), tag.clone()));
+        }
+        for (key, d) in &plan.links {
+            inner.meta.forget(&MetaKey::Link(key.clone(), d.clone()));
+        }
         for d in &plan.remove_manifests {
+            inner.meta.forget(&MetaKey::Manifest(d.clone()));
             inner.by_digest.invalidate(d).await;
         }
         inner.forget_tags(target).await;
@@ -204,6 +237,7 @@ impl ManifestCache {
         let m = inner
             .by_digest(route, name, &digest, accept, by_digest)
             .await?;
+        inner.used(route, name, &digest, by_digest);
         if by_digest {
             inner.link_if_confirmed(route, name, &digest, accept);
         }
@@ -224,6 +258,7 @@ impl ManifestCache {
         match reference {
             Reference::Digest(d) => {
                 let info = inner.by_digest(route, name, d, accept, true).await?.info();
+                inner.used(route, name, d, true);
                 inner.link_if_confirmed(route, name, d, accept);
                 Ok(info)
             }
@@ -233,6 +268,19 @@ impl ManifestCache {
 }
 
 impl Inner {
+    /// A manifest was served (by digest under `name`, or through a tag): it, and the link that
+    /// names it in `name`, are the most recently used metadata now.
+    fn used(&self, route: &Route, name: &RepoName, digest: &Digest, by_digest: bool) {
+        self.meta.used(&MetaKey::Manifest(digest.clone()));
+        if by_digest {
+            let repo = RepoKey {
+                registry: route.registry.clone(),
+                repository: name.to_string(),
+            };
+            self.meta.used(&MetaKey::Link(repo, digest.clone()));
+        }
+    }
+
     /// The manifest, from memory, disk or upstream. `link`: the client asked for it by digest
     /// in `name`, so a fetch from upstream links it to that repository (`links`).
     async fn by_digest(
@@ -255,6 +303,8 @@ impl Inner {
     /// The manifest from disk, if cached there. A damaged file counts as absent (it is
     /// refetched and overwritten), never as content or a fatal error.
     async fn read_from_disk(&self, digest: &Digest) -> Option<Manifest> {
+        // The metadata budget leaves a manifest alone while it is read.
+        let _reading = self.meta.reading(digest);
         let store = self.store.clone();
         let d = digest.clone();
         match blocking(move || store.read_manifest(&d), "reading a cached manifest").await {
@@ -342,7 +392,13 @@ impl Inner {
         )
         .await
         {
-            Ok(()) => self.index.manifest_stored(&digest, &bytes),
+            Ok(()) => {
+                // The file: the media type line and the bytes.
+                let size = (media_type.len() + 1 + bytes.len()) as u64;
+                self.meta
+                    .written(MetaKey::Manifest(digest.clone()), size, 0);
+                self.index.manifest_stored(&digest, &bytes);
+            }
             Err(e) => tracing::warn!(%digest, error = %e, "could not cache manifest"),
         }
         Arc::new(Manifest {

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use super::{Inner, ManifestInfo, offline_miss};
 use crate::cache::blocking;
-use crate::cache::refs::{RepoKey, Target};
+use crate::cache::refs::{MetaKey, RepoKey, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, Tag, media_types};
 use crate::policy::freshness::Freshness;
@@ -63,6 +63,13 @@ impl Inner {
             tag: tag.clone(),
             accept: media_types::AcceptClass::of(accept).key(),
         };
+        self.meta.used(&MetaKey::Tag(
+            RepoKey {
+                registry: key.registry.clone(),
+                repository: key.name.to_string(),
+            },
+            key.tag.to_string(),
+        ));
         let known = self.remembered(&key).await;
         if self.offline {
             return self.resolve_offline(&key, known, accept).await;
@@ -208,15 +215,25 @@ impl Inner {
                         let store = self.store.clone();
                         match blocking(move || store.write_tag(&record), "recording a tag").await
                         {
-                            Ok(()) => self.index.tag_recorded(
-                                RepoKey {
+                            Ok(written) => {
+                                let repo = RepoKey {
                                     registry: key.registry.clone(),
                                     repository: key.name.to_string(),
-                                },
-                                key.tag.as_str(),
-                                &key.accept,
-                                &info.digest,
-                            ),
+                                };
+                                self.meta.written(
+                                    MetaKey::Tag(repo.clone(), key.tag.to_string()),
+                                    written.size,
+                                    written.replaced,
+                                );
+                                // A pass choosing now must not take the manifest it names.
+                                self.meta.used(&MetaKey::Manifest(info.digest.clone()));
+                                self.index.tag_recorded(
+                                    repo,
+                                    key.tag.as_str(),
+                                    &key.accept,
+                                    &info.digest,
+                                );
+                            }
                             Err(e) => {
                                 tracing::warn!(%name, %tag, error = %e, "could not record tag on disk")
                             }

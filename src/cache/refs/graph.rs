@@ -39,18 +39,18 @@ impl std::fmt::Display for Target {
 }
 
 #[derive(Debug, Default, Clone)]
-struct Roots {
+pub(super) struct Roots {
     /// tag → Accept class key → digest (one tag may name different manifests per class).
-    tags: BTreeMap<String, BTreeMap<String, Digest>>,
+    pub(super) tags: BTreeMap<String, BTreeMap<String, Digest>>,
     /// Manifests pulled by digest that no tag reached at the time.
-    links: BTreeSet<Digest>,
+    pub(super) links: BTreeSet<Digest>,
 }
 
-/// The reference graph. Pure.
+/// The reference graph. Pure. (`trim` plans the metadata budget's removals on it.)
 #[derive(Debug, Default, Clone)]
 pub struct Graph {
-    manifests: HashMap<Digest, References>,
-    repos: BTreeMap<RepoKey, Roots>,
+    pub(super) manifests: HashMap<Digest, References>,
+    pub(super) repos: BTreeMap<RepoKey, Roots>,
 }
 
 /// What is pinned: blobs and manifests reached from pins, and digest globs checked one by one.
@@ -164,7 +164,7 @@ impl Graph {
 
     /// Every manifest digest reachable from `starts` (the starts included, whether or not
     /// they are stored).
-    fn closure(&self, starts: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
+    pub(super) fn closure(&self, starts: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
         let mut seen = HashSet::new();
         let mut stack: Vec<Digest> = starts.into_iter().collect();
         while let Some(d) = stack.pop() {

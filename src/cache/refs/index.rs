@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::graph::{Graph, Pinned, PurgePlan, RepoKey, Target};
+use super::trim::{MetaItem, MetaKey, TrimGroup};
 use crate::oci::Digest;
 use crate::oci::media_types::AcceptClass;
 use crate::oci::references::{self, References};
@@ -135,6 +136,23 @@ impl RefIndex {
 
     pub fn apply(&self, plan: &PurgePlan) {
         self.graph().apply(plan);
+    }
+
+    /// What the metadata budget removes to get from `total` to `target` (see `trim`). Runs
+    /// under the index's lock: call it on the blocking pool.
+    pub fn plan_trim(
+        &self,
+        items: &[MetaItem],
+        pins: &[Pin],
+        total: u64,
+        target: u64,
+    ) -> Vec<TrimGroup> {
+        self.graph().plan_trim(items, pins, total, target)
+    }
+
+    /// Takes what the metadata budget removed from disk out of the index.
+    pub fn trimmed(&self, keys: &[MetaKey]) {
+        self.graph().remove_trimmed(keys);
     }
 
     /// (manifests, tags, links) in the index, for stats.

@@ -20,6 +20,7 @@
 //! - `index`: [`RefIndex`] wraps the graph in a lock, loads it from disk at start and keeps it
 //!   current.
 //! - `purge`: carries a purge plan out on disk ([`execute`]) and reports what went.
+//! - `trim`: what the metadata budget removes, in what order ([`Graph::plan_trim`]), pure.
 //!
 //! Purge invariants:
 //! - A purge removes the roots it names (tag records, links), then the manifests reachable
@@ -32,11 +33,21 @@
 //!   content, never a root that promises more than is there (and any miss is fetched again).
 //! - A purge removes the roots it names even if a repository or tag pin matches them (the pin
 //!   stays, and pins them again when next pulled); digest pins keep what they name.
+//!
+//! Metadata budget (`cache.max_metadata_size`, `trim`, carried out by `cache::evict`):
+//! - Manifests no root or pin reaches go first (least recently used first, an index before
+//!   the manifests it lists), then the least recently used roots (a tag's records together,
+//!   or a link), each with the manifests only it reached. Nothing a pin reaches or names, and
+//!   no manifest a request is reading, is chosen.
+//! - Files go root first, then the manifests it freed, and each group leaves the index as
+//!   soon as its files are gone, so the index matches the disk after every removal.
 
 mod graph;
 mod index;
 mod purge;
+mod trim;
 
 pub use graph::{Graph, Pinned, PurgePlan, RepoKey, Target};
 pub use index::{RefIndex, references_or_warn};
 pub use purge::{Amounts, PurgeReport, execute};
+pub use trim::{MetaItem, MetaKey, TrimGroup};

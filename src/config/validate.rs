@@ -2,6 +2,7 @@
 //! key (`routes[1].upstreams`, `cache.pins[0]`, `upstream.url`).
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use super::{Config, ConfigError, UpstreamConfig};
 use crate::policy::access::Pattern as AccessPattern;
@@ -263,6 +264,13 @@ fn invalid(field: &str, message: String) -> Result<(), ConfigError> {
     })
 }
 
+/// The longest `breaker_cooldown`: a day.
+const MAX_BREAKER_COOLDOWN: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most `max_concurrent_requests`: far above what any upstream or socket table takes,
+/// and far below what a request-slot semaphore can hold.
+const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
+
 fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
     let invalid = |key: &str, message: String| {
         Err(ConfigError::Invalid {
@@ -285,8 +293,27 @@ fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError>
     if u.max_concurrent_requests == 0 {
         return invalid("max_concurrent_requests", "must be at least 1".into());
     }
+    if u.max_concurrent_requests > MAX_CONCURRENT_REQUESTS {
+        return invalid(
+            "max_concurrent_requests",
+            format!(
+                "{} is more than the most allowed, {MAX_CONCURRENT_REQUESTS}",
+                u.max_concurrent_requests
+            ),
+        );
+    }
     if u.breaker_failures == 0 {
         return invalid("breaker_failures", "must be at least 1".into());
+    }
+    if u.breaker_cooldown > MAX_BREAKER_COOLDOWN {
+        return invalid(
+            "breaker_cooldown",
+            format!(
+                "{:?} is longer than the most allowed, {:?} (a longer one would keep an \
+                 upstream that is back skipped for good)",
+                u.breaker_cooldown, MAX_BREAKER_COOLDOWN
+            ),
+        );
     }
     if u.password.is_some() && u.password_file.is_some() {
         return invalid(
@@ -359,6 +386,37 @@ mod tests {
     fn zero_timeout_is_named() {
         let e = error_of("[upstream]\nidle_timeout = \"0s\"\n");
         assert!(e.starts_with("upstream.idle_timeout:"), "{e}");
+    }
+
+    /// Values that passed before and then panicked (a request-slot semaphore too large) or
+    /// were absurd (a cool-down of centuries, which used to overflow the breaker's deadline).
+    #[test]
+    fn upstream_upper_bounds_are_named() {
+        for (line, want) in [
+            ("breaker_cooldown = \"2d\"", "upstream.breaker_cooldown:"),
+            (
+                "breaker_cooldown = \"500000000years\"",
+                "upstream.breaker_cooldown:",
+            ),
+            (
+                "max_concurrent_requests = 1000001",
+                "upstream.max_concurrent_requests:",
+            ),
+            (
+                "max_concurrent_requests = 9223372036854775807",
+                "upstream.max_concurrent_requests:",
+            ),
+        ] {
+            let e = error_of(&format!("[upstream]\n{line}\n"));
+            assert!(e.starts_with(want), "{line}: {e}");
+        }
+        for line in [
+            "breaker_cooldown = \"1d\"",
+            "max_concurrent_requests = 1000000",
+        ] {
+            let text = format!("[upstream]\n{line}\n");
+            assert!(crate::Config::from_toml(&text).is_ok(), "{line}");
+        }
     }
 
     #[test]

@@ -62,10 +62,12 @@ impl Config {
             .iter()
             .map(|r| ResolvedRoute {
                 registry: crate::api::registry::canonical_registry(&r.registry),
+                // `validate` has checked that every name is defined; a config that skipped
+                // it loses the undefined ones here rather than panicking.
                 upstreams: r
                     .upstreams
                     .iter()
-                    .map(|n| (n.clone(), self.upstreams[n].clone()))
+                    .filter_map(|n| Some((n.clone(), self.upstreams.get(n)?.clone())))
                     .collect(),
                 tags_from: r.tags_from.clone().unwrap_or_else(|| r.upstreams.clone()),
                 default: r.default,

@@ -228,9 +228,8 @@ pub struct LogConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses"),
+            // DEFAULT_LISTEN as a value (`default_listen_is_the_constant` checks they agree).
+            listen: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 5000)),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             shutdown_grace: Duration::from_secs(30),
             upstream: UpstreamConfig::default(),
@@ -343,6 +342,11 @@ mod tests {
     #[test]
     fn empty_file_is_the_default() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn default_listen_is_the_constant() {
+        assert_eq!(Config::default().listen.to_string(), DEFAULT_LISTEN);
     }
 
     #[test]

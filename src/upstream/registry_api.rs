@@ -58,7 +58,7 @@ impl Upstream {
         from: u64,
     ) -> Result<BlobResponse> {
         let what = format!("GET blob {digest} of {name}");
-        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"));
+        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"))?;
         let (resp, permit) = self
             .send(
                 name,
@@ -109,7 +109,7 @@ impl Upstream {
     /// one-byte range GET whose `Content-Range` names the total.
     pub async fn blob_size(&self, name: &RepoName, digest: &Digest) -> Result<u64> {
         let what = format!("HEAD blob {digest} of {name}");
-        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"));
+        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"))?;
         let (resp, permit) = self
             .send(name, &|| self.transport.http().head(url.clone()), &what)
             .await?;
@@ -210,7 +210,7 @@ impl Upstream {
     /// `tags/list`, passed through: body and headers (for `Link`).
     pub async fn get_tags(&self, name: &RepoName, query: &str) -> Result<(Bytes, HeaderMap)> {
         let what = format!("GET tags of {name}");
-        let mut url = self.transport.url(&format!("v2/{name}/tags/list"));
+        let mut url = self.transport.url(&format!("v2/{name}/tags/list"))?;
         if !query.is_empty() {
             url.set_query(Some(query));
         }
@@ -246,7 +246,7 @@ impl Upstream {
         let what = format!("{method} manifest {name}:{reference}");
         let url = self
             .transport
-            .url(&format!("v2/{name}/manifests/{reference}"));
+            .url(&format!("v2/{name}/manifests/{reference}"))?;
         let (resp, permit) = self
             .send(
                 name,

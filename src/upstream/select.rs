@@ -349,11 +349,11 @@ pub(super) fn after_body(upstream: &Upstream, e: &Error) {
 }
 
 fn summarize(failures: Vec<Error>, what: &str) -> Error {
-    if failures.is_empty() {
+    let Some(first) = failures.first() else {
         return Error::internal(format!("{what}: the route has no upstreams"));
-    }
+    };
     if failures.iter().all(is_not_found) {
-        let mut e = failures[0].clone();
+        let mut e = first.clone();
         if failures.len() > 1 {
             e.message = format!("{what}: not found on any upstream ({})", join(&failures));
         }

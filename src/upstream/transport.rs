@@ -45,7 +45,7 @@ pub fn base_url(table: &str, config: &UpstreamConfig) -> anyhow::Result<Url> {
     // `docker.io` is the name people use; the API lives on registry-1.docker.io.
     if matches!(base.host_str(), Some("docker.io" | "index.docker.io")) {
         base.set_host(Some("registry-1.docker.io"))
-            .expect("a known host name is valid");
+            .map_err(|e| anyhow::anyhow!("{table}.url: {:?}: {e}", config.url))?;
     }
     Ok(base)
 }
@@ -105,11 +105,15 @@ impl Transport {
         self.idle_timeout
     }
 
-    /// `tail` (`v2/...`) below the base URL.
-    pub fn url(&self, tail: &str) -> Url {
-        self.base
-            .join(tail)
-            .expect("paths built from validated names and digests join")
+    /// `tail` (`v2/...`, built from names and references the grammars checked) below the
+    /// base URL.
+    pub fn url(&self, tail: &str) -> Result<Url> {
+        self.base.join(tail).map_err(|e| {
+            Error::internal(format!(
+                "upstream {}: {tail:?} below {}: {e}",
+                self.name, self.base
+            ))
+        })
     }
 
     /// Waits, under `header_timeout`, for one of the upstream's request slots.

@@ -367,7 +367,8 @@ fn validate_upstream_url(url: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::testing::{TWO_ROUTES, error_of};
+    use crate::config::Config;
+    use crate::config::testing::{TWO_ROUTES, error_of, extremes};
 
     #[test]
     fn bad_url_is_named() {
@@ -415,47 +416,23 @@ mod tests {
             "max_concurrent_requests = 1000000",
         ] {
             let text = format!("[upstream]\n{line}\n");
-            assert!(crate::Config::from_toml(&text).is_ok(), "{line}");
+            assert!(Config::from_toml(&text).is_ok(), "{line}");
         }
     }
 
-    /// The largest value of every size and duration a config may hold is accepted or named,
-    /// and using it (the summary, freshness, building the routes and their upstreams, the
-    /// breaker) panics nowhere.
+    /// The largest value of every size and duration a config may hold is accepted, and using
+    /// it (the summary, freshness) panics nowhere. (`upstream::routes` builds routes from it.)
     #[test]
     fn extreme_values_never_panic() {
         use std::time::Duration;
 
-        const FOREVER: &str = "\"500000000000years\"";
-        let text = format!(
-            "shutdown_grace = {FOREVER}\nproxy_any_registry = true\n\
-             [upstream]\nurl = \"http://127.0.0.1:1\"\n\
-             connect_timeout = {FOREVER}\nheader_timeout = {FOREVER}\nidle_timeout = {FOREVER}\n\
-             max_concurrent_requests = 1000000\nbreaker_failures = 4294967295\n\
-             breaker_cooldown = \"1d\"\n\
-             [cache]\ntag_ttl = {FOREVER}\nstale_while_revalidate = {FOREVER}\n\
-             stale_if_error = {FOREVER}\nnegative_ttl = {FOREVER}\n\
-             tag_rules = [{{ pattern = \"x\", ttl = {FOREVER} }}]\n\
-             max_manifest_size = \"18446744073709551615\"\n\
-             manifest_memory = \"99999999999EiB\"\nmax_size = \"18446744073709551615\"\n\
-             max_fills = 9223372036854775807\nmax_fills_per_client = 9223372036854775807\n"
-        );
-        let c = crate::Config::from_toml(&text).unwrap();
+        let c = Config::from_toml(&extremes()).unwrap();
         assert!(!c.summary().to_string().is_empty());
         let freshness = c.cache.freshness();
         for age in [Duration::ZERO, Duration::MAX / 2, Duration::MAX] {
             freshness.classify("x", age);
             freshness.classify("y", age);
             freshness.negative_is_fresh(age);
-        }
-        let clock = crate::clock::Clock::system();
-        let routes = crate::upstream::Routes::from_config(&c, &clock).unwrap();
-        for u in routes.upstreams() {
-            for _ in 0..3 {
-                u.record_failure(&"down");
-            }
-            assert!(u.admit());
-            assert!(!u.stats().circuit_open);
         }
     }
 

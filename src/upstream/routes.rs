@@ -174,3 +174,27 @@ fn unserved(registry: &str) -> Error {
         format!("registry {registry:?} is not served by this mirror (no route for it)"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::extremes;
+
+    /// Routes and upstreams build from the largest settings a config may hold (timeouts of
+    /// centuries, the most request slots), and their breakers count failures without
+    /// overflowing.
+    #[test]
+    fn extreme_settings_build_working_routes() {
+        let config = Config::from_toml(&extremes()).unwrap();
+        let routes = Routes::from_config(&config, &Clock::system()).unwrap();
+        let all = routes.upstreams();
+        assert_eq!(all.len(), 1);
+        for u in all {
+            for _ in 0..3 {
+                u.record_failure(&"down");
+            }
+            assert!(u.admit(), "4294967295 failures open the breaker, not 3");
+            assert!(!u.stats().circuit_open);
+        }
+    }
+}

@@ -290,7 +290,7 @@ fn refused_without_asking_upstream(
 struct SkopeoClient<'a> {
     skopeo: &'a Skopeo,
     host: String,
-    dir: &'a Path,
+    dir: PathBuf,
 }
 
 impl SkopeoClient<'_> {
@@ -333,20 +333,20 @@ impl Client for SkopeoClient<'_> {
 
 /// podman: `pull docker.io/REPO:TAG` with cistern as the docker.io mirror, each pull into
 /// fresh storage; `--authfile` to log in. The digest is `podman image inspect`'s.
-struct PodmanClient<'a> {
-    conf: &'a Path,
-    dir: &'a Path,
+struct PodmanClient {
+    conf: PathBuf,
+    dir: PathBuf,
     host: String,
 }
 
-impl Client for PodmanClient<'_> {
+impl Client for PodmanClient {
     fn pull(&self, seeded: &Seeded, login: Option<(&str, &str)>) -> Result<String, String> {
         let name = format!(
             "{}-{}",
             seeded.repo.replace('/', "_"),
             login.map_or("anonymous", |l| l.0)
         );
-        let podman = Podman::new(&self.dir.join(&name), self.conf);
+        let podman = Podman::new(&self.dir.join(&name), &self.conf);
         let mut extra = vec![];
         let authfile = self.dir.join(format!("{name}-auth.json"));
         if let Some(login) = login {
@@ -417,29 +417,90 @@ fn run_parts(parts: &[(&str, &dyn Fn())]) {
     assert!(failed.is_empty(), "failed for: {}", failed.join(", "));
 }
 
-/// The registry seeded with [`REPOS`], the htpasswd file, and the skopeo that seeded it.
-struct Setup {
-    registry: Registry,
-    skopeo: Skopeo,
-    /// One per [`REPOS`] entry, in order.
-    seeded: Vec<Seeded>,
-    htpasswd: PathBuf,
-}
-
 const REPOS: [&str; 4] = ["library/open", "team/skopeo", "team/podman", "team/ctr"];
 
-fn setup(work: &e2e::Workdir) -> Setup {
+/// What both tests begin with: the registry seeded with [`REPOS`], the skopeo that seeded
+/// it, the htpasswd file, and the "mixed" cistern (module docs).
+struct Mixed {
+    work: e2e::Workdir,
+    registry: Registry,
+    skopeo: Skopeo,
+    /// `library/open`, which the literal anonymous pattern opens.
+    open: Seeded,
+    /// `team/skopeo`, `team/podman` and `team/ctr`: one per client.
+    team: [Seeded; 3],
+    htpasswd: PathBuf,
+    cistern: Cistern,
+}
+
+/// [`e2e::begin`] (`None`: a tool is missing and the test skips), then [`Mixed`].
+fn begin_mixed(test: &str, tools: &[&str], short: &str) -> Option<Mixed> {
+    let work = e2e::begin(test, tools, false, short)?;
     let registry = Registry::start(&work.sub("registry"));
     let skopeo = Skopeo::new(&work.sub("skopeo"));
     let rctx = || e2e::logs(&[&registry], None);
     let seeded = fixtures::seed_small(&work.sub("images"), &skopeo, registry.addr, &REPOS, &rctx);
+    let Ok([open, team_skopeo, team_podman, team_ctr]) = <[Seeded; 4]>::try_from(seeded) else {
+        unreachable!("one image per repository")
+    };
     let htpasswd = work.path.join("htpasswd");
     write_htpasswd(&htpasswd);
-    Setup {
+    let cistern = start_cistern(&work, "cistern-mixed", &registry, &htpasswd, MIXED);
+    Some(Mixed {
+        work,
         registry,
         skopeo,
-        seeded,
+        open,
+        team: [team_skopeo, team_podman, team_ctr],
         htpasswd,
+        cistern,
+    })
+}
+
+/// A cistern (state under `work/<dir>`) with the module docs' config and `anonymous`.
+fn start_cistern(
+    work: &e2e::Workdir,
+    dir: &str,
+    registry: &Registry,
+    htpasswd: &Path,
+    anonymous: &[&str],
+) -> Cistern {
+    Cistern::start_routes(&work.sub(dir), &config(registry.addr, htpasswd, anonymous))
+}
+
+impl Mixed {
+    /// Another cistern in front of the same registry, with other `anonymous` patterns.
+    fn another_cistern(&self, dir: &str, anonymous: &[&str]) -> Cistern {
+        start_cistern(&self.work, dir, &self.registry, &self.htpasswd, anonymous)
+    }
+
+    /// The logs of the registry and `cistern`, for failure messages.
+    fn logs(&self, cistern: &Cistern) -> String {
+        logs(&self.registry, cistern)
+    }
+
+    /// skopeo pulling from `cistern` into `work/skopeo-pulls`.
+    fn skopeo_client(&self, cistern: &Cistern) -> SkopeoClient<'_> {
+        SkopeoClient {
+            skopeo: &self.skopeo,
+            host: cistern.host(),
+            dir: self.work.sub("skopeo-pulls"),
+        }
+    }
+
+    /// podman with `cistern` as its docker.io mirror (configured in `work/<conf>`), pulling
+    /// into `work/podman`.
+    fn podman_client(&self, cistern: &Cistern, conf: &str, dead_port: u16) -> PodmanClient {
+        PodmanClient {
+            conf: podman::registries_conf(
+                &self.work.sub(conf),
+                "docker.io",
+                &cistern.host(),
+                dead_port,
+            ),
+            dir: self.work.sub("podman"),
+            host: cistern.host(),
+        }
     }
 }
 
@@ -460,38 +521,26 @@ fn check_no_secret_logged(cistern: &Cistern) {
 #[test]
 fn clients_log_in_to_pull_through_a_credentialed_route() {
     const TEST: &str = "clients_log_in_to_pull_through_a_credentialed_route";
-    let Some(work) = e2e::begin(TEST, e2e::SKOPEO_TOOLS, false, "access") else {
+    let Some(m) = begin_mixed(TEST, e2e::SKOPEO_TOOLS, "access") else {
         return;
     };
-    let Setup {
-        registry,
-        skopeo,
-        seeded,
-        htpasswd,
-    } = setup(&work);
-    let [open, team_skopeo, team_podman, team_ctr] = &seeded[..] else {
-        unreachable!("one image per repository")
-    };
-    let mixed = Cistern::start_routes(
-        &work.sub("cistern-mixed"),
-        &config(registry.addr, &htpasswd, MIXED),
-    );
-    let login_only = Cistern::start_routes(
-        &work.sub("cistern-login-only"),
-        &config(registry.addr, &htpasswd, &[]),
-    );
-    let mctx = || logs(&registry, &mixed);
-    let lctx = || logs(&registry, &login_only);
+    let [team_skopeo, team_podman, team_ctr] = &m.team;
+    let mixed = &m.cistern;
+    let login_only = m.another_cistern("cistern-login-only", &[]);
+    let mctx = || m.logs(mixed);
+    let lctx = || m.logs(&login_only);
     let dead_port = daemon::free_port();
 
     let skopeo_part = || {
-        let dir = work.sub("skopeo-pulls");
-        let on_mixed = SkopeoClient {
-            skopeo: &skopeo,
-            host: mixed.host(),
-            dir: &dir,
-        };
-        check_anonymous("skopeo", &on_mixed, open, team_skopeo, &registry, &mctx);
+        let on_mixed = m.skopeo_client(mixed);
+        check_anonymous(
+            "skopeo",
+            &on_mixed,
+            &m.open,
+            team_skopeo,
+            &m.registry,
+            &mctx,
+        );
         // The same repository through the route without credentials: `*` opens it.
         let plain = format!(
             "{}/plain.test/{}:{}",
@@ -506,63 +555,46 @@ fn clients_log_in_to_pull_through_a_credentialed_route() {
                 mctx()
             ),
         }
-        let on_login_only = SkopeoClient {
-            host: login_only.host(),
-            ..on_mixed
-        };
-        check_logins("skopeo", &on_login_only, team_skopeo, &registry, &lctx);
+        let on_login_only = m.skopeo_client(&login_only);
+        check_logins("skopeo", &on_login_only, team_skopeo, &m.registry, &lctx);
     };
     let podman_part = || {
         if !e2e::prerequisites(&format!("{TEST} (podman)"), &["podman"], false) {
             return;
         }
-        let dir = work.sub("podman");
-        let conf_mixed = podman::registries_conf(
-            &work.sub("podman-conf-mixed"),
-            "docker.io",
-            &mixed.host(),
-            dead_port,
+        let on_mixed = m.podman_client(mixed, "podman-conf-mixed", dead_port);
+        check_anonymous(
+            "podman",
+            &on_mixed,
+            &m.open,
+            team_podman,
+            &m.registry,
+            &mctx,
         );
-        let on_mixed = PodmanClient {
-            conf: &conf_mixed,
-            dir: &dir,
-            host: mixed.host(),
-        };
-        check_anonymous("podman", &on_mixed, open, team_podman, &registry, &mctx);
-        let conf_login_only = podman::registries_conf(
-            &work.sub("podman-conf-login-only"),
-            "docker.io",
-            &login_only.host(),
-            dead_port,
-        );
-        let on_login_only = PodmanClient {
-            conf: &conf_login_only,
-            dir: &dir,
-            host: login_only.host(),
-        };
-        check_logins("podman", &on_login_only, team_podman, &registry, &lctx);
+        let on_login_only = m.podman_client(&login_only, "podman-conf-login-only", dead_port);
+        check_logins("podman", &on_login_only, team_podman, &m.registry, &lctx);
     };
     let ctr_part = || {
         if !e2e::prerequisites(&format!("{TEST} (ctr)"), &["containerd", "ctr"], true) {
             return;
         }
-        let containerd = Containerd::start(&work.path.join("containerd"));
+        let containerd = Containerd::start(&m.work.path.join("containerd"));
         let client = CtrClient {
             containerd: &containerd,
-            dir: &work.sub("ctr"),
+            dir: &m.work.sub("ctr"),
             host: mixed.host(),
             dead_port,
         };
         let ctx = || format!("{}\n{}", mctx(), containerd.daemon.tail(30));
-        check_anonymous("ctr", &client, open, team_ctr, &registry, &ctx);
-        check_logins("ctr", &client, team_ctr, &registry, &ctx);
+        check_anonymous("ctr", &client, &m.open, team_ctr, &m.registry, &ctx);
+        check_logins("ctr", &client, team_ctr, &m.registry, &ctx);
     };
     run_parts(&[
         ("skopeo", &skopeo_part),
         ("podman", &podman_part),
         ("ctr", &ctr_part),
     ]);
-    check_no_secret_logged(&mixed);
+    check_no_secret_logged(mixed);
     check_no_secret_logged(&login_only);
 }
 
@@ -576,52 +608,22 @@ fn clients_log_in_to_pull_through_a_credentialed_route() {
 #[test]
 fn containers_image_clients_log_in_where_anonymous_clients_may_pull_too() {
     const TEST: &str = "containers_image_clients_log_in_where_anonymous_clients_may_pull_too";
-    let Some(work) = e2e::begin(
-        TEST,
-        &["skopeo", "docker-registry", "podman"],
-        false,
-        "access-mixed",
-    ) else {
+    let tools = ["skopeo", "docker-registry", "podman"];
+    let Some(m) = begin_mixed(TEST, &tools, "access-mixed") else {
         return;
     };
-    let Setup {
-        registry,
-        skopeo,
-        seeded,
-        htpasswd,
-    } = setup(&work);
-    let [open, team_skopeo, team_podman, _] = &seeded[..] else {
-        unreachable!("one image per repository")
-    };
-    let mixed = Cistern::start_routes(
-        &work.sub("cistern"),
-        &config(registry.addr, &htpasswd, MIXED),
-    );
-    let ctx = || logs(&registry, &mixed);
+    let [team_skopeo, team_podman, _] = &m.team;
+    let ctx = || m.logs(&m.cistern);
     let skopeo_part = || {
-        let client = SkopeoClient {
-            skopeo: &skopeo,
-            host: mixed.host(),
-            dir: &work.sub("skopeo-pulls"),
-        };
-        check_anonymous("skopeo", &client, open, team_skopeo, &registry, &ctx);
-        check_logins("skopeo", &client, team_skopeo, &registry, &ctx);
+        let client = m.skopeo_client(&m.cistern);
+        check_anonymous("skopeo", &client, &m.open, team_skopeo, &m.registry, &ctx);
+        check_logins("skopeo", &client, team_skopeo, &m.registry, &ctx);
     };
     let podman_part = || {
-        let conf = podman::registries_conf(
-            &work.sub("podman-conf"),
-            "docker.io",
-            &mixed.host(),
-            daemon::free_port(),
-        );
-        let client = PodmanClient {
-            conf: &conf,
-            dir: &work.sub("podman"),
-            host: mixed.host(),
-        };
-        check_anonymous("podman", &client, open, team_podman, &registry, &ctx);
-        check_logins("podman", &client, team_podman, &registry, &ctx);
+        let client = m.podman_client(&m.cistern, "podman-conf", daemon::free_port());
+        check_anonymous("podman", &client, &m.open, team_podman, &m.registry, &ctx);
+        check_logins("podman", &client, team_podman, &m.registry, &ctx);
     };
     run_parts(&[("skopeo", &skopeo_part), ("podman", &podman_part)]);
-    check_no_secret_logged(&mixed);
+    check_no_secret_logged(&m.cistern);
 }

@@ -24,6 +24,18 @@ async fn mirror_then_origin(mirror: UpstreamConfig, origin: UpstreamConfig) -> T
     mirror_then_origin_builder(mirror, origin).start().await
 }
 
+/// [`mirror_then_origin`] of two fake registries, with the mirror's settings changed by
+/// `tweak`.
+async fn mirror_then_origin_with(
+    mirror: &FakeRegistry,
+    origin: &FakeRegistry,
+    tweak: impl FnOnce(&mut UpstreamConfig),
+) -> TestCistern {
+    let mut settings = at(&mirror.url());
+    tweak(&mut settings);
+    mirror_then_origin(settings, at(&origin.url())).await
+}
+
 /// [`mirror_then_origin`], not started yet.
 fn mirror_then_origin_builder(mirror: UpstreamConfig, origin: UpstreamConfig) -> CisternBuilder {
     TestCistern::builder()
@@ -117,14 +129,7 @@ async fn mirror_that_never_answers_falls_back_after_header_timeout() {
     let (blob, digest) = blob_and_digest(256 * KIB, 4);
     let mirror = FakeRegistry::silent().await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            header_timeout: SECOND,
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
-    .await;
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| m.header_timeout = SECOND).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
     assert_same_bytes(&got, &blob, "blob after the silent mirror");
@@ -155,14 +160,10 @@ async fn mirror_with_no_free_request_slot_is_passed_over() {
         .start()
         .await;
     let origin = FakeRegistry::with_blob(REPO, &wanted).await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            max_concurrent_requests: 1,
-            header_timeout: SECOND,
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| {
+        m.max_concurrent_requests = 1;
+        m.header_timeout = SECOND;
+    })
     .await;
     let client = cistern.client();
 
@@ -382,15 +383,11 @@ async fn without_tags_from_the_first_upstream_answers_tags() {
 async fn open_breaker_sends_requests_straight_to_origin() {
     let mirror = FakeRegistry::silent().await;
     let origin = FakeRegistry::builder().start().await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            header_timeout: SECOND,
-            breaker_failures: 2,
-            breaker_cooldown: Duration::from_secs(3600),
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| {
+        m.header_timeout = SECOND;
+        m.breaker_failures = 2;
+        m.breaker_cooldown = Duration::from_secs(3600);
+    })
     .await;
     let client = cistern.client();
 
@@ -481,14 +478,10 @@ async fn rate_limits_and_404s_do_not_open_the_breaker() {
         .blob(REPO, missing.clone())
         .start()
         .await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            breaker_failures: 1,
-            breaker_cooldown: Duration::from_secs(3600),
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| {
+        m.breaker_failures = 1;
+        m.breaker_cooldown = Duration::from_secs(3600);
+    })
     .await;
     let client = cistern.client();
 
@@ -540,14 +533,10 @@ async fn a_mirror_that_cuts_every_blob_body_opens_its_breaker() {
 async fn a_mirror_that_cuts_every_manifest_body_opens_its_breaker() {
     let mirror = FakeRegistry::builder().start().await;
     let origin = FakeRegistry::builder().start().await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            breaker_failures: 2,
-            breaker_cooldown: Duration::from_secs(3600),
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| {
+        m.breaker_failures = 2;
+        m.breaker_cooldown = Duration::from_secs(3600);
+    })
     .await;
     let client = cistern.client();
     for (seed, want) in [(61, (1, 1)), (62, (1, 1)), (63, (0, 1))] {
@@ -607,14 +596,7 @@ async fn blob_stalled_by_the_mirror_resumes_from_origin() {
     let (blob, digest) = four_mib(31);
     let mirror = FakeRegistry::with_faulty_blob(REPO, &blob, Fault::StallAfter(MIB as u64)).await;
     let origin = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = mirror_then_origin(
-        UpstreamConfig {
-            idle_timeout: SECOND,
-            ..at(&mirror.url())
-        },
-        at(&origin.url()),
-    )
-    .await;
+    let cistern = mirror_then_origin_with(&mirror, &origin, |m| m.idle_timeout = SECOND).await;
 
     let got = cistern.client().get_blob(REPO, &digest).await.unwrap();
     assert_same_bytes(&got, &blob, "one GET across a stall");

@@ -279,3 +279,70 @@ async fn a_pull_that_joined_another_routes_failed_fill_uses_its_own_route() {
     assert_same_bytes(got.bytes(), &blob, "the blob through ghcr.io");
     assert_eq!((hub.blob_gets(&digest), ghcr.blob_gets(&digest)), (1, 1));
 }
+
+/// `proxy_any_registry` keeps at most `MAX_ON_DEMAND_ROUTES` routes for registries no route
+/// names, dropping the least recently used: one registry more than that is proxied like the
+/// rest (it used to get 404 "too many registries" for good), the configured route is never
+/// dropped, and a dropped registry is proxied again when asked. The registries are loopback
+/// ports nobody listens on, so each answer is a 502 naming the upstream that was tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_any_registry_serves_more_registries_than_it_keeps() {
+    use ::cistern::upstream::on_demand::MAX_ON_DEMAND_ROUTES;
+
+    let (blob, digest) = blob_and_digest(64 * KIB, 8);
+    let hub = FakeRegistry::with_blob(REPO, &blob).await;
+    let cistern = TestCistern::builder()
+        .upstream("docker-hub", at(&hub.url()))
+        .route(default_route("docker.io", &["docker-hub"]))
+        .config(|c| c.proxy_any_registry = true)
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+    let registries = closed_loopback_hosts(MAX_ON_DEMAND_ROUTES + 1).await;
+
+    let proxied = |registry: String| {
+        let client = client.clone();
+        async move {
+            let got = client
+                .get(&format!("/v2/{REPO}/manifests/1?ns={registry}"))
+                .await;
+            assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{registry}");
+            assert!(
+                got.body_text().contains(&registry),
+                "{registry} was not tried: {}",
+                got.body_text()
+            );
+        }
+    };
+    for registry in &registries {
+        proxied(registry.clone()).await;
+    }
+    // The first was dropped to make room for the last; asking again makes it afresh.
+    proxied(registries[0].clone()).await;
+
+    let got = client.get(&blob_route(REPO, &digest)).await;
+    assert_eq!(got.status, StatusCode::OK, "the configured route");
+    let metrics = cistern
+        .admin(http::Method::GET, "/metrics")
+        .await
+        .body_text();
+    let listed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("cistern_upstream_requests_total{"))
+        .collect();
+    assert_eq!(listed.len(), MAX_ON_DEMAND_ROUTES + 1, "{listed:?}");
+    assert!(listed.iter().any(|l| l.contains("docker-hub")));
+}
+
+/// `n` distinct `127.0.0.1:<port>` with nobody listening (all bound at once, then closed).
+async fn closed_loopback_hosts(n: usize) -> Vec<String> {
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(tokio::net::TcpListener::bind((HOME, 0)).await.unwrap());
+    }
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}

@@ -31,7 +31,7 @@ pub use summary::{AccessSummary, RouteSummary, SET, Summary, UpstreamSummary};
 
 /// Configs and helpers the tests of several of these files share.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use super::Config;
 
     pub const TWO_ROUTES: &str = r#"
@@ -50,6 +50,25 @@ mod testing {
         registry = "ghcr.io"
         upstreams = ["ghcr"]
     "#;
+
+    /// A valid config with the largest value of every size and duration (near
+    /// `Duration::MAX`: two of them added overflow) and of every count validate allows.
+    pub fn extremes() -> String {
+        const FOREVER: &str = "\"500000000000years\"";
+        format!(
+            "shutdown_grace = {FOREVER}\nproxy_any_registry = true\n\
+             [upstream]\nurl = \"http://127.0.0.1:1\"\n\
+             connect_timeout = {FOREVER}\nheader_timeout = {FOREVER}\nidle_timeout = {FOREVER}\n\
+             max_concurrent_requests = 1000000\nbreaker_failures = 4294967295\n\
+             breaker_cooldown = \"1d\"\n\
+             [cache]\ntag_ttl = {FOREVER}\nstale_while_revalidate = {FOREVER}\n\
+             stale_if_error = {FOREVER}\nnegative_ttl = {FOREVER}\n\
+             tag_rules = [{{ pattern = \"x\", ttl = {FOREVER} }}]\n\
+             max_manifest_size = \"18446744073709551615\"\n\
+             manifest_memory = \"99999999999EiB\"\nmax_size = \"18446744073709551615\"\n\
+             max_fills = 9223372036854775807\nmax_fills_per_client = 9223372036854775807\n"
+        )
+    }
 
     /// The message `text` is rejected with.
     pub fn error_of(text: &str) -> String {

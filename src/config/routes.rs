@@ -62,8 +62,8 @@ impl Config {
             .iter()
             .map(|r| ResolvedRoute {
                 registry: crate::api::registry::canonical_registry(&r.registry),
-                // Validation refuses a route that names an undefined upstream; were one let
-                // through, it would only lose that upstream.
+                // `validate` has checked that every name is defined; a config that skipped
+                // it loses the undefined ones here rather than panicking.
                 upstreams: r
                     .upstreams
                     .iter()

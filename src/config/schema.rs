@@ -34,7 +34,8 @@ pub struct Config {
     /// Registry name → ordered upstreams. When empty, `upstream` is the one route.
     pub routes: Vec<RouteConfig>,
     /// A request for a registry no route names: `false` answers 404 (containerd then tries its
-    /// next host); `true` proxies it to `https://<registry>` with default settings.
+    /// next host); `true` proxies it to `https://<registry>` with default settings, keeping
+    /// the routes of the most recently used `upstream::on_demand::MAX_ON_DEMAND_ROUTES`.
     pub proxy_any_registry: bool,
     /// Never contact an upstream: serve only what is cached (tags as last seen, any age).
     /// For air-gapped sites running a cache filled ahead of time.

@@ -2,6 +2,7 @@
 //! key (`routes[1].upstreams`, `cache.pins[0]`, `upstream.url`).
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use super::{Config, ConfigError, UpstreamConfig};
 use crate::policy::access::Pattern as AccessPattern;
@@ -275,6 +276,13 @@ fn invalid(field: &str, message: String) -> Result<(), ConfigError> {
     })
 }
 
+/// The longest `breaker_cooldown`: a day.
+const MAX_BREAKER_COOLDOWN: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most `max_concurrent_requests`: far above what any upstream or socket table takes,
+/// and far below what a request-slot semaphore can hold.
+const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
+
 fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
     let invalid = |key: &str, message: String| {
         Err(ConfigError::Invalid {
@@ -297,8 +305,27 @@ fn validate_upstream(field: &str, u: &UpstreamConfig) -> Result<(), ConfigError>
     if u.max_concurrent_requests == 0 {
         return invalid("max_concurrent_requests", "must be at least 1".into());
     }
+    if u.max_concurrent_requests > MAX_CONCURRENT_REQUESTS {
+        return invalid(
+            "max_concurrent_requests",
+            format!(
+                "{} is more than the most allowed, {MAX_CONCURRENT_REQUESTS}",
+                u.max_concurrent_requests
+            ),
+        );
+    }
     if u.breaker_failures == 0 {
         return invalid("breaker_failures", "must be at least 1".into());
+    }
+    if u.breaker_cooldown > MAX_BREAKER_COOLDOWN {
+        return invalid(
+            "breaker_cooldown",
+            format!(
+                "{:?} is longer than the most allowed, {:?} (a longer one would keep an \
+                 upstream that is back skipped for good)",
+                u.breaker_cooldown, MAX_BREAKER_COOLDOWN
+            ),
+        );
     }
     if u.password.is_some() && u.password_file.is_some() {
         return invalid(
@@ -352,7 +379,8 @@ fn validate_upstream_url(url: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::testing::{TWO_ROUTES, error_of};
+    use crate::config::Config;
+    use crate::config::testing::{TWO_ROUTES, error_of, extremes};
 
     #[test]
     fn bad_url_is_named() {
@@ -371,6 +399,53 @@ mod tests {
     fn zero_timeout_is_named() {
         let e = error_of("[upstream]\nidle_timeout = \"0s\"\n");
         assert!(e.starts_with("upstream.idle_timeout:"), "{e}");
+    }
+
+    /// Values that passed before and then panicked (a request-slot semaphore too large) or
+    /// were absurd (a cool-down of centuries, which used to overflow the breaker's deadline).
+    #[test]
+    fn upstream_upper_bounds_are_named() {
+        for (line, want) in [
+            ("breaker_cooldown = \"2d\"", "upstream.breaker_cooldown:"),
+            (
+                "breaker_cooldown = \"500000000years\"",
+                "upstream.breaker_cooldown:",
+            ),
+            (
+                "max_concurrent_requests = 1000001",
+                "upstream.max_concurrent_requests:",
+            ),
+            (
+                "max_concurrent_requests = 9223372036854775807",
+                "upstream.max_concurrent_requests:",
+            ),
+        ] {
+            let e = error_of(&format!("[upstream]\n{line}\n"));
+            assert!(e.starts_with(want), "{line}: {e}");
+        }
+        for line in [
+            "breaker_cooldown = \"1d\"",
+            "max_concurrent_requests = 1000000",
+        ] {
+            let text = format!("[upstream]\n{line}\n");
+            assert!(Config::from_toml(&text).is_ok(), "{line}");
+        }
+    }
+
+    /// The largest value of every size and duration a config may hold is accepted, and using
+    /// it (the summary, freshness) panics nowhere. (`upstream::routes` builds routes from it.)
+    #[test]
+    fn extreme_values_never_panic() {
+        use std::time::Duration;
+
+        let c = Config::from_toml(&extremes()).unwrap();
+        assert!(!c.summary().to_string().is_empty());
+        let freshness = c.cache.freshness();
+        for age in [Duration::ZERO, Duration::MAX / 2, Duration::MAX] {
+            freshness.classify("x", age);
+            freshness.classify("y", age);
+            freshness.negative_is_fresh(age);
+        }
     }
 
     #[test]

@@ -61,11 +61,13 @@ impl Policy {
     /// How to treat a positive answer for `tag` that is `age` old.
     pub fn classify(&self, tag: &str, age: Duration) -> Freshness {
         let ttl = self.ttl(tag);
+        // Saturating: a TTL and a grace period from the config may each be near
+        // `Duration::MAX`, and their sum is then "forever", not a panic.
         if age < ttl {
             Freshness::Fresh
-        } else if age < ttl + self.stale_while_revalidate {
+        } else if age < ttl.saturating_add(self.stale_while_revalidate) {
             Freshness::StaleRevalidate
-        } else if age < ttl + self.stale_if_error {
+        } else if age < ttl.saturating_add(self.stale_if_error) {
             Freshness::StaleIfError
         } else {
             Freshness::Expired
@@ -136,5 +138,35 @@ mod tests {
         };
         assert_eq!(p.classify("x", MIN), Freshness::Expired);
         assert!(!p.negative_is_fresh(Duration::ZERO));
+    }
+
+    /// A TTL and a grace period that overflow a `Duration` together (absurd config values)
+    /// used to panic the pull that classified the tag.
+    #[test]
+    fn huge_windows_saturate() {
+        let p = Policy {
+            default_ttl: Duration::MAX / 2 + MIN,
+            rules: Vec::new(),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::MAX,
+            negative_ttl: Duration::MAX,
+        };
+        assert_eq!(p.classify("x", MIN), Freshness::Fresh);
+        assert_eq!(
+            p.classify("x", Duration::MAX / 2 + MIN),
+            Freshness::StaleIfError
+        );
+        assert_eq!(
+            p.classify("x", Duration::MAX - MIN),
+            Freshness::StaleIfError
+        );
+        let p = Policy {
+            stale_while_revalidate: Duration::MAX,
+            ..p
+        };
+        assert_eq!(
+            p.classify("x", Duration::MAX - MIN),
+            Freshness::StaleRevalidate
+        );
     }
 }

@@ -9,7 +9,9 @@
 //! What counts as a failure is the caller's call: transport errors, timeouts and 5xx do;
 //! a 404 or a 429 is an answer from a live upstream and does not.
 //!
-//! Time is passed in, so the state machine is tested without clocks or sleeps.
+//! Time is passed in, so the state machine is tested without clocks or sleeps. Deadlines are
+//! never computed: the breaker keeps when a state began and compares the time elapsed since
+//! with the cool-down, so no cool-down, however long, can overflow an `Instant`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use crate::sync::Locked;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Closed { failures: u32 },
-    Open { until: Instant },
+    Open { since: Instant },
     HalfOpen { probe_started: Instant },
 }
 
@@ -47,12 +49,12 @@ impl Breaker {
         let mut s = self.state.locked();
         match *s {
             State::Closed { .. } => true,
-            State::Open { until } if now < until => false,
+            State::Open { since } if self.cooling(since, now) => false,
             State::Open { .. } => {
                 *s = State::HalfOpen { probe_started: now };
                 true
             }
-            State::HalfOpen { probe_started } if now < probe_started + self.cooldown => false,
+            State::HalfOpen { probe_started } if self.cooling(probe_started, now) => false,
             State::HalfOpen { .. } => {
                 *s = State::HalfOpen { probe_started: now };
                 true
@@ -74,28 +76,32 @@ impl Breaker {
     pub fn record_failure(&self, now: Instant) -> bool {
         let mut s = self.state.locked();
         let open = match *s {
-            State::Closed { failures } => failures + 1 >= self.threshold,
+            State::Closed { failures } => failures.saturating_add(1) >= self.threshold,
             // A failed probe, or a straggler from before the breaker opened.
             State::HalfOpen { .. } => true,
             State::Open { .. } => false,
         };
         *s = match *s {
-            _ if open => State::Open {
-                until: now + self.cooldown,
-            },
+            _ if open => State::Open { since: now },
             State::Closed { failures } => State::Closed {
-                failures: failures + 1,
+                failures: failures.saturating_add(1),
             },
             other => other,
         };
         open
     }
 
+    /// Is a cool-down that began at `since` still running at `now`? (A `now` before `since`,
+    /// from a caller that read the clock before another, counts as no time passed.)
+    fn cooling(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) < self.cooldown
+    }
+
     /// True while requests are being turned away (for status and logs).
     pub fn is_open(&self, now: Instant) -> bool {
         match *self.state.locked() {
             State::Closed { .. } => false,
-            State::Open { until } => now < until,
+            State::Open { since } => self.cooling(since, now),
             State::HalfOpen { .. } => true,
         }
     }
@@ -146,6 +152,28 @@ mod tests {
         assert!(b.record_failure(later));
         assert!(!b.admit(later + COOL / 2));
         assert!(b.admit(later + COOL));
+    }
+
+    /// A cool-down no `Instant` can be moved by (an absurd `breaker_cooldown`) used to panic
+    /// the request that opened the breaker; now the upstream just stays skipped.
+    #[test]
+    fn an_endless_cooldown_does_not_overflow() {
+        let b = Breaker::new(1, Duration::MAX);
+        let t = Instant::now();
+        assert!(b.record_failure(t));
+        let much_later = t + Duration::from_secs(100 * 365 * 24 * 3600);
+        assert!(!b.admit(much_later));
+        assert!(b.is_open(much_later));
+        assert!(!b.record_failure(much_later), "already open");
+    }
+
+    #[test]
+    fn an_earlier_now_counts_as_no_time_passed() {
+        let b = Breaker::new(1, COOL);
+        let t = Instant::now() + COOL;
+        b.record_failure(t);
+        assert!(!b.admit(t - COOL / 2), "a caller that read the clock first");
+        assert!(b.admit(t + COOL));
     }
 
     #[test]

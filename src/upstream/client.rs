@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::auth::{Authenticator, Credentials, RealmPolicy};
 use super::breaker::Breaker;
-use super::transport::{MakeRequest, Transport, base_url};
+use super::transport::{MakeRequest, Transport, base_url, http_client};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::Result;
@@ -79,12 +79,25 @@ impl Upstream {
         config: &UpstreamConfig,
         clock: Clock,
     ) -> anyhow::Result<Upstream> {
+        let http = http_client(key, config)?;
+        Upstream::with_http(name, key, config, clock, http)
+    }
+
+    /// [`Upstream::configured`], sending through `http`, which [`http_client`] built for
+    /// settings equal to `config`'s connect timeout and CA file (a clone shares its pool).
+    pub(super) fn with_http(
+        name: &str,
+        key: &str,
+        config: &UpstreamConfig,
+        clock: Clock,
+        http: reqwest::Client,
+    ) -> anyhow::Result<Upstream> {
         let base = base_url(key, config)?;
         let credentials = Credentials::from_config(key, config)?;
         let realms = RealmPolicy::new(&base, &config.token_realm_hosts);
         Ok(Upstream {
             name: name.to_string(),
-            transport: Transport::new(name, key, base, config)?,
+            transport: Transport::new(name, base, config, http),
             auth: Authenticator::new(credentials, realms, clock.clone()),
             breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
             clock,

@@ -5,12 +5,14 @@
 //! An `Upstream` is split by concern: `client` (the handle: breaker, counters, `send`),
 //! `transport` (reqwest client, timeouts, request slots), `auth` (credentials, token flow,
 //! realm allow-list), `registry_api` (the registry calls) and `reply` (what a reply means,
-//! pure).
+//! pure). `routes` maps registries to routes; `on_demand` makes and keeps the routes of
+//! registries the config does not name (`proxy_any_registry`).
 
 pub mod auth;
 pub mod bad_sources;
 pub mod breaker;
 pub mod client;
+pub mod on_demand;
 mod registry_api;
 mod reply;
 pub mod routes;

@@ -1,24 +1,21 @@
 //! The routing table: registry name → an ordered list of upstreams.
 //!
 //! Built once from the config. With `proxy_any_registry`, routes for registries the config
-//! does not name are made on demand (`https://<registry>`, default settings) and kept.
+//! does not name are made on demand (`on_demand`: `https://<registry>`, default settings, the
+//! most recently used few kept).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::bad_sources::BadSources;
 use super::client::Upstream;
+use super::on_demand::OnDemand;
 use crate::api::registry::{self, Target};
 use crate::clock::Clock;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 use crate::policy::freshness::Policy;
-use crate::sync::Locked;
-
-/// Most registries `proxy_any_registry` will make routes for; past it, requests for new ones
-/// are refused rather than growing without bound on client input.
-const MAX_DYNAMIC_ROUTES: usize = 256;
 
 /// One registry and the upstreams that serve it.
 pub struct Route {
@@ -39,17 +36,10 @@ pub struct Route {
 }
 
 pub struct Routes {
-    /// Freshness for routes made on demand (`proxy_any_registry`): the `[cache]` settings.
-    default_freshness: Policy,
     by_registry: HashMap<String, Arc<Route>>,
     default: Option<Arc<Route>>,
-    any_registry: bool,
-    /// Routes made on demand. Each section reads the map or inserts one finished route, so a
-    /// poisoned lock (`Locked`) still guards a whole map.
-    dynamic: Mutex<HashMap<String, Arc<Route>>>,
-    bad_sources: Arc<BadSources>,
-    /// The server's clock, for the upstreams of routes made on demand.
-    clock: Clock,
+    /// With `proxy_any_registry`: the routes made for registries no route names.
+    on_demand: Option<OnDemand>,
 }
 
 /// A request's route, and the repository name as that registry knows it.
@@ -106,14 +96,19 @@ impl Routes {
             }
             by_registry.insert(r.registry, route);
         }
+        let on_demand = if config.proxy_any_registry {
+            Some(OnDemand::new(
+                config.cache.freshness(),
+                bad_sources,
+                clock.clone(),
+            )?)
+        } else {
+            None
+        };
         Ok(Routes {
-            default_freshness: config.cache.freshness(),
             by_registry,
             default,
-            any_registry: config.proxy_any_registry,
-            dynamic: Mutex::default(),
-            bad_sources,
-            clock: clock.clone(),
+            on_demand,
         })
     }
 
@@ -121,9 +116,9 @@ impl Routes {
     /// the config and those of routes made on demand. The default route is also in
     /// `by_registry`, and a route's `tag_upstreams` are some of its `upstreams`.
     pub fn upstreams(&self) -> Vec<Arc<Upstream>> {
-        let dynamic = self.dynamic.locked();
+        let on_demand = self.on_demand.as_ref().map(OnDemand::routes);
         let mut all: Vec<Arc<Upstream>> = Vec::new();
-        for route in self.by_registry.values().chain(dynamic.values()) {
+        for route in self.by_registry.values().chain(on_demand.iter().flatten()) {
             for u in &route.upstreams {
                 if !all.iter().any(|seen| Arc::ptr_eq(seen, u)) {
                     all.push(u.clone());
@@ -140,7 +135,7 @@ impl Routes {
             ns,
             name,
             |r| self.by_registry.contains_key(r),
-            self.any_registry,
+            self.on_demand.is_some(),
         );
         let route = match registry {
             None => {
@@ -161,77 +156,15 @@ impl Routes {
                 }
                 route
             }
-            Some(r) => match self.by_registry.get(&r) {
-                Some(route) => route.clone(),
-                None if self.any_registry => self.dynamic_route(&r)?,
-                None => return Err(unserved(&r)),
+            Some(r) => match (self.by_registry.get(&r), &self.on_demand) {
+                (Some(route), _) => route.clone(),
+                (None, Some(on_demand)) => on_demand.route(&r)?,
+                (None, None) => return Err(unserved(&r)),
             },
         };
         let name = registry::upstream_name(&route.registry, &name)?;
         Ok(Routed { route, name })
     }
-
-    fn dynamic_route(&self, registry: &str) -> Result<Arc<Route>> {
-        if !is_host_port(registry) {
-            return Err(Error::new(
-                ErrorKind::NameInvalid,
-                format!("{registry:?} is not a registry host name"),
-            ));
-        }
-        let mut dynamic = self.dynamic.locked();
-        if let Some(route) = dynamic.get(registry) {
-            return Ok(route.clone());
-        }
-        if dynamic.len() >= MAX_DYNAMIC_ROUTES {
-            return Err(Error::new(
-                ErrorKind::NameUnknown,
-                format!("registry {registry:?}: too many registries proxied on demand"),
-            ));
-        }
-        let upstream = Upstream::with_clock(
-            registry,
-            &UpstreamConfig::new(format!("https://{registry}")),
-            self.clock.clone(),
-        )
-        .map_err(|e| Error::new(ErrorKind::NameInvalid, e.to_string()))?;
-        let upstream = Arc::new(upstream);
-        let route = Arc::new(Route {
-            registry: registry.to_string(),
-            upstreams: vec![upstream.clone()],
-            tag_upstreams: vec![upstream],
-            freshness: self.default_freshness.clone(),
-            bad_sources: self.bad_sources.clone(),
-            credentialed: false,
-        });
-        tracing::info!(
-            registry,
-            "proxying a registry on demand (proxy_any_registry)"
-        );
-        dynamic.insert(registry.to_string(), route.clone());
-        Ok(route)
-    }
-}
-
-/// `host` or `host:port`, with a DNS-style host: the only registry names accepted from
-/// clients.
-fn is_host_port(s: &str) -> bool {
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (s, None),
-    };
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
-    host_ok && port_ok
 }
 
 /// The answer for a registry this mirror has no route for.
@@ -245,30 +178,23 @@ fn unserved(registry: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::testing::extremes;
 
+    /// Routes and upstreams build from the largest settings a config may hold (timeouts of
+    /// centuries, the most request slots), and their breakers count failures without
+    /// overflowing.
     #[test]
-    fn host_port_names() {
-        for ok in [
-            "ghcr.io",
-            "quay.io",
-            "localhost:5000",
-            "registry.example.com:443",
-        ] {
-            assert!(is_host_port(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "a/b",
-            "a..b",
-            "-a.io",
-            "a.io:0",
-            "a.io:99999",
-            "a.io:x",
-            "a b",
-            "ex%2e.io",
-            "[::1]",
-        ] {
-            assert!(!is_host_port(bad), "{bad}");
+    fn extreme_settings_build_working_routes() {
+        let config = Config::from_toml(&extremes()).unwrap();
+        let routes = Routes::from_config(&config, &Clock::system()).unwrap();
+        let all = routes.upstreams();
+        assert_eq!(all.len(), 1);
+        for u in all {
+            for _ in 0..3 {
+                u.record_failure(&"down");
+            }
+            assert!(u.admit(), "4294967295 failures open the breaker, not 3");
+            assert!(!u.stats().circuit_open);
         }
     }
 }

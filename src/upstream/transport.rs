@@ -50,42 +50,47 @@ pub fn base_url(table: &str, config: &UpstreamConfig) -> anyhow::Result<Url> {
     Ok(base)
 }
 
+/// The HTTP client for an upstream configured at `table`: its connect timeout and extra CA
+/// certificates. Building one loads the TLS roots, which is costly: upstreams made on demand
+/// share one (`on_demand`), as they all have the default settings.
+/// Reads `ca_file` now, so a missing file is a start-up error naming the key.
+pub fn http_client(table: &str, config: &UpstreamConfig) -> anyhow::Result<reqwest::Client> {
+    install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(config.connect_timeout)
+        // Registries answer blob GETs with already-compressed layers; never ask for
+        // transfer compression, which would make Content-Length meaningless.
+        .no_gzip();
+    if let Some(ca) = &config.ca_file {
+        let field = format!("{table}.ca_file");
+        let pem =
+            std::fs::read(ca).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("{field}: {}: not PEM certificates: {e}", ca.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("{table}: building the HTTP client: {e}"))
+}
+
 impl Transport {
-    /// The transport of upstream `name` (configured at `table`) at `base` (see [`base_url`]).
-    /// Reads `ca_file` now, so a missing file is a start-up error naming the key.
-    pub fn new(
-        name: &str,
-        table: &str,
-        base: Url,
-        config: &UpstreamConfig,
-    ) -> anyhow::Result<Transport> {
-        install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .connect_timeout(config.connect_timeout)
-            // Registries answer blob GETs with already-compressed layers; never ask for
-            // transfer compression, which would make Content-Length meaningless.
-            .no_gzip();
-        if let Some(ca) = &config.ca_file {
-            let field = format!("{table}.ca_file");
-            let pem =
-                std::fs::read(ca).map_err(|e| anyhow::anyhow!("{field}: {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                anyhow::anyhow!("{field}: {}: not PEM certificates: {e}", ca.display())
-            })?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| anyhow::anyhow!("{table}: building the HTTP client: {e}"))?;
-        Ok(Transport {
+    /// The transport of upstream `name` at `base` (see [`base_url`]), sending through `http`
+    /// (see [`http_client`]; a clone shares its connection pool).
+    pub fn new(name: &str, base: Url, config: &UpstreamConfig, http: reqwest::Client) -> Transport {
+        Transport {
             name: name.to_string(),
             http,
             base,
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
-            slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
-        })
+            // `validate` keeps the setting far below the limit, and so does this for a
+            // config that was never validated: `Semaphore::new` panics above it.
+            slots: Arc::new(Semaphore::new(
+                config.max_concurrent_requests.min(Semaphore::MAX_PERMITS),
+            )),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -100,13 +105,13 @@ impl Transport {
         self.idle_timeout
     }
 
-    /// `tail` (`v2/...`) below the base URL. `tail` is a relative path built from validated
-    /// names, references and digests, which always joins; the error names the path if not.
+    /// `tail` (`v2/...`, built from names and references the grammars checked) below the
+    /// base URL.
     pub fn url(&self, tail: &str) -> Result<Url> {
         self.base.join(tail).map_err(|e| {
             Error::internal(format!(
-                "upstream {}: cannot make a URL of {tail:?}: {e}",
-                self.name
+                "upstream {}: {tail:?} below {}: {e}",
+                self.name, self.base
             ))
         })
     }

@@ -1,4 +1,5 @@
-//! Child processes with Drop guards, free ports, bounded waits and a minimal HTTP/1.1 client.
+//! Child processes with Drop guards, free ports, bounded waits and a minimal HTTP/1.1 client
+//! (over `tests/support/http1.rs`, the one raw response parser).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -253,22 +254,15 @@ pub fn stdout_lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
-/// A response from [`http_get`].
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
+// The one raw HTTP/1.1 parser, shared with the in-process harness (which alone uses its
+// lenient half). A test crate with both harnesses (`e2e_fallback`) loads the file twice, as
+// two modules of the same std-only code.
+#[path = "../support/http1.rs"]
+#[allow(dead_code, clippy::duplicate_mod)]
+mod http1;
 
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+/// A response from [`http_get`].
+pub use http1::RawResponse as Response;
 
 /// A plain HTTP/1.1 request on loopback (`Connection: close`, body read to EOF, chunked
 /// bodies decoded). Used for readiness probes and to read manifests straight from the
@@ -282,43 +276,16 @@ pub fn http_request(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
+    s.write_all(&http1::request(
+        method,
+        path.as_bytes(),
+        &addr.to_string(),
+        headers,
+    ))?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked && method != "HEAD" {
-        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
-    }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    http1::parse(&raw, method == "HEAD")
+        .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidData, m.why))
 }
 
 pub fn http_get(
@@ -327,24 +294,6 @@ pub fn http_get(
     headers: &[(&str, &str)],
 ) -> std::io::Result<Response> {
     http_request("GET", addr, path, headers)
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_str = std::str::from_utf8(&data[..eol]).ok()?;
-        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        if data.len() < size + 2 {
-            return None;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
 }
 
 /// True once `GET /v2/` on `addr` answers 200 (the ping every client sends first).

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::bounded;
+use super::{HOME, bounded, http1};
 
 // === impl Client ===
 
@@ -334,22 +334,9 @@ pub fn oci_error_code(body: &[u8]) -> String {
 
 // === Raw HTTP ===
 
-/// A response read off a raw socket. `status` is 0 if the server closed without answering.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
+pub use super::http1::RawResponse;
 
 impl RawResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
     /// Asserts an OCI error response: `status`, and an error body whose first code is `code`.
     /// `what` names the request in the failure message.
     #[track_caller]
@@ -369,16 +356,12 @@ impl RawResponse {
 pub async fn raw_request(addr: SocketAddr, method: &str, target: &[u8]) -> RawResponse {
     bounded("a raw response", async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let mut request = Vec::new();
-        request.extend_from_slice(method.as_bytes());
-        request.push(b' ');
-        request.extend_from_slice(target);
-        request.extend_from_slice(b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        let request = http1::request(method, target, HOME, &[]);
         stream.write_all(&request).await.expect("write request");
         let mut raw = Vec::new();
         // A reset after the response is fine; what arrived before it counts.
         let _ = stream.read_to_end(&mut raw).await;
-        parse_raw(&raw, method == "HEAD")
+        http1::parse_lenient(&raw, method == "HEAD")
     })
     .await
 }
@@ -401,12 +384,8 @@ impl HeldResponse {
                 .set_recv_buffer_size(64 * 1024)
                 .expect("set SO_RCVBUF");
             let mut stream = socket.connect(addr).await.expect("connect");
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-            stream
-                .write_all(request.as_bytes())
-                .await
-                .expect("write request");
+            let request = http1::request("GET", path.as_bytes(), HOME, &[]);
+            stream.write_all(&request).await.expect("write request");
             let mut held = HeldResponse {
                 stream,
                 raw: Vec::new(),
@@ -423,74 +402,15 @@ impl HeldResponse {
     }
 
     fn body_len(&self) -> usize {
-        self.raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(0, |split| self.raw.len() - split - 4)
+        http1::head_end(&self.raw).map_or(0, |split| self.raw.len() - split - 4)
     }
 
     /// Reads the rest of the response.
     pub async fn finish(mut self) -> RawResponse {
         bounded("the rest of a held response", async {
             let _ = self.stream.read_to_end(&mut self.raw).await;
-            parse_raw(&self.raw, false)
+            http1::parse_lenient(&self.raw, false)
         })
         .await
     }
-}
-
-fn parse_raw(raw: &[u8], head: bool) -> RawResponse {
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return RawResponse {
-            status: 0,
-            headers: Vec::new(),
-            body: raw.to_vec(),
-        };
-    };
-    let head_text = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head_text.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let rest = &raw[split + 4..];
-    let chunked = headers.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    let body = if head {
-        Vec::new()
-    } else if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_vec()
-    };
-    RawResponse {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut rest: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-        let size_text = String::from_utf8_lossy(&rest[..eol]);
-        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-        else {
-            break;
-        };
-        rest = &rest[eol + 2..];
-        if size == 0 || rest.len() < size {
-            out.extend_from_slice(&rest[..size.min(rest.len())]);
-            break;
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = rest.get(size + 2..).unwrap_or(&[]);
-    }
-    out
 }

@@ -17,6 +17,8 @@
 //! - [`client`]: a small reqwest client (`Client`) whose responses always carry the outcome of
 //!   reading the whole body, concurrent blob readers (`Readers`), and a raw HTTP/1.1 request for
 //!   paths that a URL library would normalise.
+//! - [`http1`]: the bytes of a raw HTTP/1.1 request and the one parser of raw responses (the
+//!   end-to-end harness in `tests/e2e/` includes it too).
 //!
 //! Every wait in a test is bounded: by [`bounded`] (a future), [`eventually`] (a condition; a
 //! last resort, e.g. for a background fill that nobody is reading), or a `Gate`.
@@ -29,6 +31,7 @@ pub mod cistern;
 pub mod client;
 pub mod config;
 pub mod data_dir;
+pub mod http1;
 pub mod process;
 pub mod registry;
 

@@ -21,7 +21,9 @@ use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
 };
 use crate::api::route::{self, Route as ApiRoute};
+use crate::cache::ranges::ColdRange;
 use crate::cache::{BlobReader, Cache};
+use crate::config::ColdRanges;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 use crate::upstream::{Route, Routed, Routes, Walk, Want};
@@ -295,12 +297,22 @@ impl App {
             }
             RangeRequest::Partial { start, end } => {
                 let size = source.size().expect("resolved against a size");
-                let reader = BlobReader::new(source, start, Some(end));
+                // A blob not verified yet: with `cold_ranges = "upstream"` the range is sent
+                // without waiting for the whole blob (upstream bytes, not yet verified).
+                let body = if route.cold_ranges == ColdRanges::Upstream && !self.offline {
+                    let cold = self.cache.blobs.cold_ranges();
+                    match cold.serve(route, name, digest, source, (start, end)).await {
+                        ColdRange::Fetched(bytes) => full(bytes),
+                        ColdRange::Reader(reader) => stream_body(reader),
+                    }
+                } else {
+                    stream_body(BlobReader::new(source, start, Some(end)))
+                };
                 Ok(builder
                     .status(StatusCode::PARTIAL_CONTENT)
                     .header(CONTENT_RANGE, content_range(start, end, size))
                     .header(CONTENT_LENGTH, end - start)
-                    .body(stream_body(reader))
+                    .body(body)
                     .expect("valid response"))
             }
             RangeRequest::Full => {

@@ -10,7 +10,7 @@ use super::bad_sources::BadSources;
 use super::client::Upstream;
 use crate::api::registry::{self, Target};
 use crate::clock::Clock;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{ColdRanges, Config, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 use crate::policy::freshness::Policy;
@@ -35,11 +35,15 @@ pub struct Route {
     /// Some upstream logs in, so the route may reach private repositories: `[access]`
     /// opens it to anonymous clients only by a pattern naming its registry.
     pub credentialed: bool,
+    /// How a `Range` request for a blob not cached yet is answered (`cold_ranges`).
+    pub cold_ranges: ColdRanges,
 }
 
 pub struct Routes {
     /// Freshness for routes made on demand (`proxy_any_registry`): the `[cache]` settings.
     default_freshness: Policy,
+    /// `cache.cold_ranges`, for routes made on demand.
+    default_cold_ranges: ColdRanges,
     by_registry: HashMap<String, Arc<Route>>,
     default: Option<Arc<Route>>,
     any_registry: bool,
@@ -97,6 +101,7 @@ impl Routes {
                 tag_upstreams,
                 freshness: r.cache.freshness(),
                 bad_sources: bad_sources.clone(),
+                cold_ranges: r.cache.cold_ranges,
             });
             if r.default {
                 default = Some(route.clone());
@@ -105,6 +110,7 @@ impl Routes {
         }
         Ok(Routes {
             default_freshness: config.cache.freshness(),
+            default_cold_ranges: config.cache.cold_ranges,
             by_registry,
             default,
             any_registry: config.proxy_any_registry,
@@ -199,6 +205,7 @@ impl Routes {
             freshness: self.default_freshness.clone(),
             bad_sources: self.bad_sources.clone(),
             credentialed: false,
+            cold_ranges: self.default_cold_ranges,
         });
         tracing::info!(
             registry,

@@ -144,14 +144,20 @@ pub struct ColdRanges {
 
 impl Default for ColdRanges {
     fn default() -> Self {
-        ColdRanges {
-            running: Arc::new(Semaphore::new(MAX_FETCHES_RUNNING)),
-            counts: RangeCounts::default(),
-        }
+        ColdRanges::new(MAX_FETCHES_RUNNING)
     }
 }
 
 impl ColdRanges {
+    /// At most `max_running` ranged upstream requests at once ([`MAX_FETCHES_RUNNING`] by
+    /// default).
+    pub fn new(max_running: usize) -> ColdRanges {
+        ColdRanges {
+            running: Arc::new(Semaphore::new(max_running)),
+            counts: RangeCounts::default(),
+        }
+    }
+
     /// Answers range `start..end` (inside the blob's size) of `source` without waiting for
     /// the blob's verification. A cached or verified blob is read as usual.
     pub async fn serve(
@@ -309,6 +315,69 @@ async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::fill::Progress;
+    use crate::cache::spill::Followers;
+    use crate::config::Config;
+    use crate::upstream::Routes;
+
+    /// A route whose one upstream is never contacted, and a fill of a 1000-byte blob that has
+    /// written nothing yet.
+    fn route_and_fill() -> (Arc<Route>, RepoName, BlobSource, Arc<FillRanges>) {
+        let config = Config::from_toml("[upstream]\nurl = \"http://127.0.0.1:9\"\n").unwrap();
+        let clock = crate::clock::Clock::manual(std::time::SystemTime::UNIX_EPOCH);
+        let routes = Routes::from_config(&config, &clock).unwrap();
+        let name = RepoName::parse("library/app").unwrap();
+        let route = routes.resolve(None, &name).unwrap().route;
+        let (_, progress) = watch::channel(FillState::Receiving(Progress {
+            file: None,
+            on_disk: 0,
+            spill: None,
+            available: 0,
+            size: Some(1000),
+        }));
+        let ranges = Arc::new(FillRanges::default());
+        let source = BlobSource::Filling {
+            progress,
+            cursor: Arc::new(Followers::default()).join(),
+            size: Some(1000),
+            ranges: ranges.clone(),
+        };
+        (route, name, source, ranges)
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_on_running_fetches_a_range_follows_the_fill() {
+        let (route, name, source, ranges) = route_and_fill();
+        let cold = ColdRanges::new(0);
+        let digest = Digest::of(b"blob");
+        let answer = cold.serve(&route, &name, &digest, source, (10, 20)).await;
+        assert!(matches!(answer, ColdRange::Reader(_)));
+        assert_eq!(cold.counts.followed.load(Relaxed), 1);
+        assert_eq!(cold.counts.fetched.load(Relaxed), 0);
+        assert_eq!(ranges.served(), 1);
+        assert_eq!(ranges.lock().started, 0, "no upstream request was made");
+    }
+
+    #[test]
+    fn only_a_failed_verification_after_served_ranges_is_counted() {
+        let (_, _, _, ranges) = route_and_fill();
+        let cold = ColdRanges::default();
+        let digest = Digest::of(b"blob");
+        let invalid = || Err(Error::new(ErrorKind::UpstreamInvalid, "wrong digest"));
+        cold.fill_ended(&ranges, &digest, &invalid());
+        assert_eq!(
+            cold.counts.failed_after_ranges.load(Relaxed),
+            0,
+            "no range served"
+        );
+        ranges.lock().served = 1;
+        let unavailable = Err(Error::new(ErrorKind::UpstreamUnavailable, "cut"));
+        cold.fill_ended(&ranges, &digest, &unavailable);
+        cold.fill_ended(&ranges, &digest, &Ok(FillState::Connecting));
+        assert_eq!(cold.counts.failed_after_ranges.load(Relaxed), 0);
+        cold.fill_ended(&ranges, &digest, &invalid());
+        assert_eq!(cold.counts.failed_after_ranges.load(Relaxed), 1);
+    }
 
     #[test]
     fn written_bytes_come_from_the_fill() {

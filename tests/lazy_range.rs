@@ -366,3 +366,51 @@ async fn an_upstream_that_ignores_range_sends_the_range_to_the_fill() {
         "a 200 to a Range is no failure of the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_walks_the_route_with_fallback_and_breaker_accounting() {
+    let (blob, digest) = blob_and_digest(SIZE, 8);
+    let gate = Gate::new();
+    // The mirror serves the fill (held at its gate) but fails ranged GETs; the origin serves.
+    let mirror = held_upstream(&blob, &gate, None, Some(Rule::from(Fault::Status(503)))).await;
+    let origin = FakeRegistry::with_blob(REPO, &blob).await;
+    let cistern = TestCistern::builder()
+        .upstream("mirror", at(&mirror.url()))
+        .upstream("origin", at(&origin.url()))
+        .route(default_route("docker.io", &["mirror", "origin"]))
+        .admin()
+        .start()
+        .await;
+    let client = cistern.client();
+    let route = blob_route(REPO, &digest);
+
+    let (first, last) = (3_500_000, 3_500_999);
+    let r = client.get_range(&route, range(first, last)).await;
+    assert_range(
+        &r,
+        &blob[first..=last],
+        first,
+        last,
+        "a range from the origin",
+    );
+    assert_eq!(
+        mirror.blob_range_reads(&digest).len(),
+        1,
+        "the mirror was asked first"
+    );
+    assert_eq!(origin.blob_range_reads(&digest).len(), 1);
+    assert_eq!(
+        origin.blob_gets(&digest),
+        1,
+        "the origin only served the range"
+    );
+    let failures = |name: &str| format!(r#"cistern_upstream_failures_total{{upstream="{name}"}}"#);
+    assert_eq!(
+        cistern.metric(&failures("mirror")).await,
+        1.0,
+        "its 503 counts"
+    );
+    assert_eq!(cistern.metric(&failures("origin")).await, 0.0);
+    gate.open();
+    cistern.get_blob_committed(REPO, &digest).await;
+}

@@ -38,12 +38,13 @@ use crate::upstream::{Outcome, RangeReply, Route, Walk, Want};
 pub const MAX_FETCHES_PER_FILL: usize = 128;
 
 /// Ranged upstream requests running at once, over all blobs: each holds up to
-/// [`MAX_FETCHED_RANGE`] bytes of memory.
-pub const MAX_FETCHES_RUNNING: usize = 64;
+/// [`MAX_FETCHED_RANGE`] bytes of memory, so at most 128 MiB in all.
+pub const MAX_FETCHES_RUNNING: usize = 32;
 
-/// The largest range fetched on its own; a larger one follows the fill (it is read into
-/// memory before it is sent, and the fill brings it at the same speed).
-pub const MAX_FETCHED_RANGE: u64 = 8 << 20;
+/// The largest range fetched on its own (a SOCI span, 4 MiB by default, fits); a larger one
+/// follows the fill: it is read into memory before it is sent, and a range that large is
+/// not what a lazy-pulling client waits for to start a container.
+pub const MAX_FETCHED_RANGE: u64 = 4 << 20;
 
 /// What a fill's ranges share: the fetches running for it, and how many it has made.
 /// Lives in the fill map's entry, so it goes away with the fill.

@@ -9,7 +9,7 @@
 mod support;
 
 use ::cistern::cache::ranges::MAX_FETCHES_PER_FILL;
-use ::cistern::config::ColdRanges;
+use ::cistern::config::{ColdRanges, RouteConfig};
 use http::StatusCode;
 use support::*;
 
@@ -179,7 +179,16 @@ async fn wait_holds_a_cold_range_until_the_blob_verifies() {
     let (blob, digest) = blob_and_digest(SIZE, 3);
     let gate = Gate::new();
     let upstream = held_upstream(&blob, &gate, None, None).await;
-    let cistern = cistern(&upstream, ColdRanges::Wait).await;
+    // Set on the route, over the default of `[cache]`.
+    let cistern = TestCistern::builder()
+        .upstream("origin", at(&upstream.url()))
+        .route(RouteConfig {
+            cold_ranges: Some(ColdRanges::Wait),
+            ..default_route("docker.io", &["origin"])
+        })
+        .start()
+        .await;
+    assert_eq!(cistern.config().cache.cold_ranges, ColdRanges::Upstream);
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
 

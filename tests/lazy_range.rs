@@ -351,10 +351,10 @@ async fn an_upstream_that_ignores_range_sends_the_range_to_the_fill() {
     let (first, last) = (500_000, 500_999);
     let ranged = client.spawn_readers_with(&route, 1, |r| r.header("range", range(first, last)));
     retry_until("the range to follow the fill", || async {
-        let followed = cistern
-            .metric(r#"cistern_cold_ranges_total{source="followed"}"#)
+        let unanswered = cistern
+            .metric("cistern_cold_range_fetches_unanswered_total")
             .await;
-        (followed == 1.0).then_some(())
+        (unanswered == 1.0).then_some(())
     })
     .await;
     gate.open();
@@ -363,6 +363,12 @@ async fn an_upstream_that_ignores_range_sends_the_range_to_the_fill() {
         upstream.blob_range_reads(&digest).len(),
         1,
         "asked once, answered 200"
+    );
+    assert_eq!(
+        cistern
+            .metric(r#"cistern_cold_ranges_total{source="fetched"}"#)
+            .await,
+        1.0
     );
     assert_eq!(
         cistern

@@ -176,7 +176,7 @@ impl Admin {
             |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed) as f64;
         let mut cold_ranges = Family::counter(
             "cistern_cold_ranges_total",
-            "Ranges of blobs not verified yet, answered without waiting for the whole blob (cold_ranges = \"upstream\"), by where their bytes came from: a ranged upstream request (fetched), one shared with another range (joined), the blob's download so far (fill), or the download as it went on, past a bound or when no upstream served the range (followed).",
+            "Ranges of blobs not verified yet, answered without waiting for the whole blob (cold_ranges = \"upstream\"), by how: a ranged upstream request (fetched), one shared with another range (joined), the blob's download so far (fill), or the download as it went on, past a bound (followed).",
         );
         for (how, n) in [
             ("fetched", &cold.fetched),
@@ -208,6 +208,11 @@ impl Admin {
             .value(c.usage.total() as f64),
             requests,
             cold_ranges,
+            Family::counter(
+                "cistern_cold_range_fetches_unanswered_total",
+                "Cold ranges fetched or joined that no upstream served (a 200 to the Range, errors): they followed the blob's download instead.",
+            )
+            .value(load(&cold.unanswered)),
             Family::counter(
                 "cistern_cold_range_blobs_failed_verification_total",
                 "Blobs whose download failed verification (wrong digest or size) after ranges of them had been served unverified.",

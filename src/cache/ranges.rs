@@ -130,8 +130,11 @@ pub struct RangeCounts {
     pub joined: AtomicU64,
     /// Read from the bytes the fill had already written.
     pub from_fill: AtomicU64,
-    /// Sent as the fill wrote them: over a bound, or no upstream served the range.
+    /// Sent as the fill wrote them, over a bound.
     pub followed: AtomicU64,
+    /// Fetched or joined, but no upstream served the range (a 200, errors), so it followed
+    /// the fill after all.
+    pub unanswered: AtomicU64,
     /// Fills that failed verification (wrong digest or size) after ranges of their blob were
     /// served.
     pub failed_after_ranges: AtomicU64,
@@ -179,9 +182,8 @@ impl ColdRanges {
             return ColdRange::Reader(BlobReader::new(source, start, Some(end)));
         };
         let available = match &*progress.borrow() {
-            FillState::Verified(_) | FillState::Complete { .. } => None,
-            // A failed fill: its reader reports the failure.
-            FillState::Failed(_) => Some(u64::MAX),
+            // Verified: read as usual. Failed: the reader reports the failure.
+            FillState::Verified(_) | FillState::Complete { .. } | FillState::Failed(_) => None,
             FillState::Receiving(p) => Some(p.available),
             FillState::Connecting => Some(0),
         };
@@ -253,7 +255,7 @@ impl ColdRanges {
             failed => {
                 let error = failed.and_then(|r| r.err()).map(|e| e.message);
                 tracing::debug!(%digest, %name, start, end, error, "no upstream served the range; following the blob's fill");
-                self.counts.followed.fetch_add(1, Relaxed);
+                self.counts.unanswered.fetch_add(1, Relaxed);
                 ColdRange::Reader(BlobReader::unverified(source, start, end))
             }
         }

@@ -202,7 +202,8 @@ async fn fill_that_fails_aborts_readers_then_refetches(case: FailingFill) {
 async fn range_response_is_held_until_the_whole_blob_verifies() {
     // The range ends long before the fill does, and the upstream is held past it: a range
     // response that is not held back until the digest verifies completes here with bytes
-    // that turn out to be wrong.
+    // that turn out to be wrong. (With `cold_ranges = "wait"`; the default, "upstream",
+    // serves ranges unverified: tests/lazy_range.rs.)
     let (blob, digest) = blob_and_digest(2 * MIB, 8);
     let gate = Gate::new();
     let upstream = FakeRegistry::builder()
@@ -215,7 +216,10 @@ async fn range_response_is_held_until_the_whole_blob_verifies() {
         )
         .start()
         .await;
-    let cistern = TestCistern::start(&upstream).await;
+    let cistern = TestCistern::start_with(&upstream, |c| {
+        c.cache.cold_ranges = ::cistern::config::ColdRanges::Wait;
+    })
+    .await;
     let client = cistern.client();
     let route = blob_route(REPO, &digest);
 

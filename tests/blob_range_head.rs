@@ -2,6 +2,7 @@
 
 mod support;
 
+use ::cistern::config::ColdRanges;
 use http::{Method, StatusCode};
 use support::*;
 
@@ -11,9 +12,17 @@ const SIZE: usize = 1_000_000;
 
 /// A cistern whose upstream has one blob; returns (upstream, cistern, blob, digest).
 async fn setup(seed: u64) -> (FakeRegistry, TestCistern, bytes::Bytes, String) {
+    setup_with(seed, ColdRanges::Upstream).await
+}
+
+/// [`setup`], with `cache.cold_ranges` set to `cold`.
+async fn setup_with(
+    seed: u64,
+    cold: ColdRanges,
+) -> (FakeRegistry, TestCistern, bytes::Bytes, String) {
     let (blob, digest) = blob_and_digest(SIZE, seed);
     let upstream = FakeRegistry::with_blob(REPO, &blob).await;
-    let cistern = TestCistern::start(&upstream).await;
+    let cistern = TestCistern::start_with(&upstream, move |c| c.cache.cold_ranges = cold).await;
     (upstream, cistern, blob, digest)
 }
 
@@ -55,6 +64,7 @@ async fn get_carries_registry_headers_cold_and_warm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_ranges_are_served_partially_from_one_full_fetch() {
+    // With `cold_ranges = "wait"`; the default is tested in tests/lazy_range.rs.
     // (range, first byte, last byte), each on a fresh cistern so every one is cold.
     let cases = [
         ("bytes=100-199", 100, 199),
@@ -63,7 +73,7 @@ async fn cold_ranges_are_served_partially_from_one_full_fetch() {
         ("bytes=0-0", 0, 0),
     ];
     for (seed, (range, first, last)) in (10..).zip(cases) {
-        let (upstream, cistern, blob, digest) = setup(seed).await;
+        let (upstream, cistern, blob, digest) = setup_with(seed, ColdRanges::Wait).await;
         let client = cistern.client();
 
         let r = client.get_range(&blob_route(REPO, &digest), range).await;

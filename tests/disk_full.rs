@@ -36,6 +36,10 @@ impl Confined {
         std::fs::create_dir_all(&data).unwrap();
         let log = root.join("cistern.log");
         let process = ChildCistern::start(upstream, &data, Some(log.clone()), |config| {
+            // Ranges of the blob being filled follow the fill (through its pass-through window
+            // once the disk is full), as they did before cold_ranges.
+            let mut file = std::fs::OpenOptions::new().append(true).open(config).unwrap();
+            std::io::Write::write_all(&mut file, b"[cache]\ncold_ranges = \"wait\"\n").unwrap();
             let mut command = Command::new("unshare");
             command
                 .args(["--mount", "--propagation", "private", "--", "sh", "-c"])

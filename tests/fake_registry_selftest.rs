@@ -412,3 +412,45 @@ async fn basic_auth_scripts_and_a_silent_registry() {
     drop(silent);
     let _ = bounded("the client after the registry went away", pending).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_for_whole_or_ranged_requests_only_and_the_range_read_count() {
+    let (blob, digest) = blob_and_digest(200 * KIB, 30);
+    let path = blob_route(REPO, &digest);
+    let gate = Gate::new();
+    let upstream = FakeRegistry::builder()
+        .blob(REPO, blob.clone())
+        .on_blob(
+            &digest,
+            Fault::GateAt(10 * KIB as u64, gate.clone()).whole_only(),
+        )
+        .on_blob(&digest, Fault::WrongBytes.ranged_only().once())
+        .start()
+        .await;
+    let client = Client::new(upstream.url());
+
+    // The whole GET is held at the gate; ranged GETs pass it by.
+    let whole = client.spawn_readers(&path, 1);
+    gate.wait_reached(1).await;
+    let r = client.get_range(&path, "bytes=100-199").await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    let inverted: Vec<u8> = blob[100..200].iter().map(|b| !b).collect();
+    assert_same_bytes(r.bytes(), &inverted, "the once-rule for ranges");
+    let r = client.get_range(&path, "bytes=100-199").await;
+    assert_same_bytes(r.bytes(), &blob[100..200], "the rule is used up");
+    let r = client.get_range(&path, "bytes=150000-").await;
+    assert_same_bytes(r.bytes(), &blob[150_000..], "an open range");
+    assert_eq!(
+        gate.reached(),
+        1,
+        "ranged GETs never reach the whole GET's gate"
+    );
+
+    gate.open();
+    whole.all_receive(&blob).await;
+    // Closed ranges only: `bytes=a-` is how a fill resumes, not a ranged read.
+    let reads = upstream.blob_range_reads(&digest);
+    assert_eq!(reads.len(), 2);
+    assert_eq!(reads[0].header_values("range"), ["bytes=100-199"]);
+    assert_eq!(upstream.blob_gets(&digest), 4);
+}

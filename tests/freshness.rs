@@ -369,6 +369,7 @@ async fn each_route_keeps_its_own_tag_ttl() {
         stale_while_revalidate: None,
         stale_if_error: None,
         negative_ttl: None,
+        cold_ranges: None,
     };
     let clock = clock();
     let cistern = start(&upstream, &clock, move |c| {

@@ -178,6 +178,21 @@ impl Admin {
         );
         requests.sample(vec![("result", "hit".into())], hits as f64);
         requests.sample(vec![("result", "miss".into())], misses as f64);
+        let cold = &c.blobs.cold_ranges().counts;
+        let load =
+            |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let mut cold_ranges = Family::counter(
+            "cistern_cold_ranges_total",
+            "Ranges of blobs not verified yet, answered without waiting for the whole blob (cold_ranges = \"upstream\"), by how: a ranged upstream request (fetched), one shared with another range (joined), the blob's download so far (fill), or the download as it went on, past a bound (followed).",
+        );
+        for (how, n) in [
+            ("fetched", &cold.fetched),
+            ("joined", &cold.joined),
+            ("fill", &cold.from_fill),
+            ("followed", &cold.followed),
+        ] {
+            cold_ranges.sample(vec![("source", how.into())], load(n));
+        }
         let mut pins = Family::gauge(
             "cistern_pins",
             "Pin patterns: made at run time (admin API, pins.json) or in the config.",
@@ -199,6 +214,17 @@ impl Admin {
             )
             .value(c.usage.total() as f64),
             requests,
+            cold_ranges,
+            Family::counter(
+                "cistern_cold_range_fetches_unanswered_total",
+                "Cold ranges fetched or joined that no upstream served (a 200 to the Range, errors): they followed the blob's download instead.",
+            )
+            .value(load(&cold.unanswered)),
+            Family::counter(
+                "cistern_cold_range_blobs_failed_verification_total",
+                "Blobs whose download failed verification (wrong digest or size) after ranges of them had been served unverified.",
+            )
+            .value(load(&cold.failed_after_ranges)),
             Family::gauge("cistern_fills_running", "Blob downloads under way.")
                 .value(c.blobs.running_fills() as f64),
             Family::counter(

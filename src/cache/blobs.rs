@@ -37,6 +37,7 @@ use super::blocking;
 use super::evict::{ReadGuard, Usage};
 use super::fill::{self, CommitGate, Detach, FillContext, FillGuard, FillState, Progress};
 use super::fill_limit::FillLimits;
+use super::ranges::{ColdRanges, FillRanges};
 use super::spill::{Cursor, Followers};
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
@@ -67,6 +68,8 @@ pub struct BlobCache {
     clock: Clock,
     /// The cap on fills started at once, per client address and in total.
     limits: FillLimits,
+    /// Ranged upstream requests for ranges of blobs being filled (`cold_ranges`).
+    cold_ranges: Arc<ColdRanges>,
 }
 
 /// A fill in the map: its progress, and its readers (each joins under the map's lock).
@@ -76,6 +79,8 @@ struct RunningFill {
     gate: Arc<CommitGate>,
     /// Where it fetches from: its failure before any byte binds only requests for the same.
     source: FillSource,
+    /// Its ranges served before verification, and the ranged fetches running for it.
+    ranges: Arc<FillRanges>,
 }
 
 /// The route (by registry) and repository a fill fetches through.
@@ -105,6 +110,8 @@ pub enum BlobSource {
         progress: watch::Receiver<FillState>,
         cursor: Cursor,
         size: Option<u64>,
+        /// What the fill's ranges share (`cold_ranges = "upstream"`).
+        ranges: Arc<FillRanges>,
     },
 }
 
@@ -124,6 +131,7 @@ impl BlobSource {
             mut progress,
             cursor,
             size: None,
+            ranges,
         } = self
         else {
             return Ok(self);
@@ -138,6 +146,7 @@ impl BlobSource {
             progress,
             cursor,
             size: Some(size),
+            ranges,
         })
     }
 }
@@ -170,6 +179,7 @@ enum Joined {
         progress: watch::Receiver<FillState>,
         cursor: Cursor,
         foreign: bool,
+        ranges: Arc<FillRanges>,
     },
     Committed(Arc<File>, u64),
     /// A fill left the map since the caller's disk lookup: it may have committed the blob.
@@ -203,6 +213,7 @@ impl BlobCache {
             hits: Default::default(),
             misses: Default::default(),
             clock,
+            cold_ranges: Arc::default(),
         }
     }
 
@@ -251,13 +262,14 @@ impl BlobCache {
                 counted = true;
             }
             let seen = (rechecks < MAX_RECHECKS).then_some(seen);
-            let (mut progress, cursor, foreign) =
+            let (mut progress, cursor, foreign, ranges) =
                 match self.join_or_start(route, name, digest, client, seen)? {
                     Joined::Fill {
                         progress,
                         cursor,
                         foreign,
-                    } => (progress, cursor, foreign),
+                        ranges,
+                    } => (progress, cursor, foreign, ranges),
                     Joined::Recheck => {
                         rechecks += 1;
                         continue;
@@ -285,6 +297,7 @@ impl BlobCache {
                         progress,
                         cursor,
                         size,
+                        ranges,
                     });
                 }
                 // Another route's upstreams failed (a 404 there, an outage): ours may have it.
@@ -351,6 +364,7 @@ impl BlobCache {
                 progress,
                 cursor,
                 foreign: running.source != source,
+                ranges: running.ranges.clone(),
             });
         }
         // A fill may have committed and left the map since the caller's disk lookup: if any
@@ -371,10 +385,12 @@ impl BlobCache {
             followers: Arc::default(),
             gate: Arc::default(),
             source,
+            ranges: Arc::default(),
         };
         let (rx, cursor) = running.subscribe();
         let followers = running.followers.clone();
         let gate = running.gate.clone();
+        let ranges = running.ranges.clone();
         fills.insert(digest.clone(), running);
         drop(fills);
 
@@ -406,6 +422,7 @@ impl BlobCache {
         let token = self.cancel.child_token();
         let name = name.clone();
         let digest = digest.clone();
+        let (cold_ranges, fill_ranges) = (self.cold_ranges.clone(), ranges.clone());
         tracing::debug!(%digest, %name, "starting cache fill");
         self.tracker.spawn(async move {
             let outcome = tokio::select! {
@@ -422,6 +439,7 @@ impl BlobCache {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%digest, %name, error = %e, "cache fill failed"),
             }
+            cold_ranges.fill_ended(&fill_ranges, &digest, &outcome);
             // The upstream download is over: the slot is free for the next one, before the fill
             // leaves the map (so once `running_fills` says it has gone, so has its slot).
             drop(slot);
@@ -431,7 +449,13 @@ impl BlobCache {
             progress: rx,
             cursor,
             foreign: false,
+            ranges,
         })
+    }
+
+    /// Ranges of blobs being filled, answered without waiting for verification.
+    pub fn cold_ranges(&self) -> &ColdRanges {
+        &self.cold_ranges
     }
 
     /// (blob GETs served from the cache, blob GETs that needed the upstream).

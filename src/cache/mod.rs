@@ -7,6 +7,7 @@ pub mod fill;
 pub mod fill_limit;
 pub mod manifests;
 pub mod open;
+pub mod ranges;
 pub mod reader;
 pub mod refs;
 pub mod singleflight;

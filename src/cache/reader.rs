@@ -8,6 +8,10 @@
 //!   stall), the reader returns an error, which makes hyper abort the connection; with
 //!   `Content-Length` set, the client sees a short body and an error. No client ever gets a
 //!   complete body that did not verify.
+//! - The one exception, chosen per route (`cold_ranges = "upstream"`): a range of a blob not
+//!   cached yet may be read from the fill without waiting for verification
+//!   ([`BlobReader::unverified`]); it ends as soon as its bytes are read, and carries the
+//!   upstream's bytes, not checked against the digest. Whole-blob responses never do this.
 //! - **A short body is always an error.** A reader never ends cleanly before its end offset.
 //! - Memory per client is one chunk of [`CHUNK`] bytes in flight (plus, only while a fill
 //!   passes through memory after a disk failure, its share of that fill's bounded window).
@@ -38,6 +42,9 @@ pub struct BlobReader {
     /// Where the bytes are, as last seen.
     data: Option<Progress>,
     verified: bool,
+    /// Whether the response's final byte waits for the blob's verification (every response
+    /// but an unverified range).
+    withhold_last: bool,
     /// Next offset to read.
     pos: u64,
     /// The response's final byte, read but held back until the blob is verified.
@@ -50,6 +57,23 @@ pub struct BlobReader {
 impl BlobReader {
     /// A reader for `start..end` of the blob (`end` `None` = to the end of the blob).
     pub fn new(source: BlobSource, start: u64, end: Option<u64>) -> BlobReader {
+        BlobReader::with_withholding(source, start, end, true)
+    }
+
+    /// A reader for `start..end` of a blob that may still be filling, which sends the bytes
+    /// as the fill writes them and ends once it has sent `end`, without waiting for the blob
+    /// to be verified: for `cold_ranges = "upstream"`, never for a whole blob. It still fails
+    /// if the fill fails before it has read its bytes.
+    pub fn unverified(source: BlobSource, start: u64, end: u64) -> BlobReader {
+        BlobReader::with_withholding(source, start, Some(end), false)
+    }
+
+    fn with_withholding(
+        source: BlobSource,
+        start: u64,
+        end: Option<u64>,
+        withhold_last: bool,
+    ) -> BlobReader {
         match source {
             BlobSource::Cached { file, size, guard } => BlobReader {
                 _guard: Some(guard),
@@ -57,6 +81,7 @@ impl BlobReader {
                 cursor: None,
                 data: Some(Progress::committed(file, size)),
                 verified: true,
+                withhold_last,
                 pos: start,
                 held: None,
                 end: Some(end.unwrap_or(size)),
@@ -65,6 +90,7 @@ impl BlobReader {
                 progress,
                 cursor,
                 size,
+                ..
             } => {
                 // The window must keep bytes from `start` on for us; nothing below.
                 let _ = cursor.advance(start);
@@ -74,6 +100,7 @@ impl BlobReader {
                     cursor: Some(cursor),
                     data: None,
                     verified: false,
+                    withhold_last,
                     pos: start,
                     held: None,
                     end: end.or(size),
@@ -86,6 +113,13 @@ impl BlobReader {
     /// completed (the caller must abort the response).
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
         loop {
+            // An unverified range is done once its bytes are out, whatever the fill does next.
+            if !self.withhold_last
+                && let Some(end) = self.end
+                && self.pos >= end
+            {
+                return None;
+            }
             if let Err(e) = self.observe() {
                 return Some(Err(e));
             }
@@ -168,7 +202,7 @@ impl BlobReader {
     /// Until the blob is verified, a chunk that reaches the response's end (or, with the end
     /// unknown, the bytes available so far) keeps its final byte back.
     fn hold_back_last(&mut self, mut chunk: Bytes) -> Bytes {
-        if self.verified {
+        if self.verified || !self.withhold_last {
             return chunk;
         }
         let reaches_end = match self.end {

@@ -24,7 +24,7 @@ mod validate;
 pub use load::ConfigError;
 pub use routes::ResolvedRoute;
 pub use schema::{
-    AccessConfig, AdminConfig, CacheConfig, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
+    AccessConfig, AdminConfig, CacheConfig, ColdRanges, Config, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
     DEFAULT_UPSTREAM, LogConfig, LogFormat, RouteConfig, TagRule, TlsConfig, UpstreamConfig,
 };
 pub use summary::{AccessSummary, RouteSummary, SET, Summary, UpstreamSummary};

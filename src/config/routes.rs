@@ -16,6 +16,7 @@ impl RouteConfig {
                 .unwrap_or(global.stale_while_revalidate),
             stale_if_error: self.stale_if_error.unwrap_or(global.stale_if_error),
             negative_ttl: self.negative_ttl.unwrap_or(global.negative_ttl),
+            cold_ranges: self.cold_ranges.unwrap_or(global.cold_ranges),
             ..global.clone()
         }
     }
@@ -146,5 +147,18 @@ mod tests {
         assert_eq!(routes[1].cache.tag_ttl, Duration::from_secs(3600));
         assert_eq!(routes[1].cache.tag_rules[0].pattern, "latest");
         assert_eq!(routes[1].cache.stale_if_error, c.cache.stale_if_error);
+    }
+
+    #[test]
+    fn routes_override_cold_ranges() {
+        use crate::config::ColdRanges;
+        let text = TWO_ROUTES.replace(
+            "upstreams = [\"ghcr\"]",
+            "upstreams = [\"ghcr\"]\ncold_ranges = \"wait\"",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let routes = c.resolved_routes();
+        assert_eq!(routes[0].cache.cold_ranges, ColdRanges::Upstream);
+        assert_eq!(routes[1].cache.cold_ranges, ColdRanges::Wait);
     }
 }

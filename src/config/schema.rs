@@ -111,6 +111,10 @@ pub struct RouteConfig {
     pub stale_if_error: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     pub negative_ttl: Option<Duration>,
+    /// How a `Range` request for a blob not cached yet is answered on this registry; defaults
+    /// to `cache.cold_ranges`.
+    #[serde(default)]
+    pub cold_ranges: Option<ColdRanges>,
 }
 
 /// `Debug` is written by hand below, so that no log line or dump shows the password.
@@ -216,6 +220,25 @@ pub struct CacheConfig {
     /// Most blob downloads from the upstreams running at once, for all clients together;
     /// over it, 429 with `Retry-After`. 0: no cap.
     pub max_fills: usize,
+    /// How a `Range` request for a blob not cached yet is answered (each route may override
+    /// it): from a ranged upstream request at once, or after the whole blob is verified.
+    pub cold_ranges: ColdRanges,
+}
+
+/// How a `Range` request for a blob that is not cached yet is answered.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ColdRanges {
+    /// From a ranged upstream request (or from the bytes the blob's download has already
+    /// written), without waiting for the whole blob: the upstream's bytes, not yet checked
+    /// against the digest, as every registry serving a range sends them. Lazy-pulling
+    /// snapshotters (eStargz, SOCI, Nydus) check their chunks themselves. The whole blob is
+    /// still downloaded once and cached only once verified.
+    #[default]
+    Upstream,
+    /// After the whole blob has been downloaded and verified (the last byte of the range is
+    /// held back until then), as for whole-blob responses.
+    Wait,
 }
 
 /// A TTL for the tags matching a glob pattern (`*` any run of characters, `?` any one).
@@ -340,6 +363,7 @@ impl Default for CacheConfig {
             pinned_digests: Vec::new(),
             max_fills_per_client: 32,
             max_fills: 256,
+            cold_ranges: ColdRanges::Upstream,
         }
     }
 }
@@ -360,6 +384,17 @@ mod tests {
     #[test]
     fn empty_file_is_the_default() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn cold_ranges_parse_and_bad_values_are_named() {
+        let c = Config::from_toml("[cache]\ncold_ranges = \"wait\"\n").unwrap();
+        assert_eq!(c.cache.cold_ranges, ColdRanges::Wait);
+        assert_eq!(Config::default().cache.cold_ranges, ColdRanges::Upstream);
+        let e = Config::from_toml("[cache]\ncold_ranges = \"later\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cold_ranges") && e.contains("upstream"), "{e}");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
 };
 use crate::api::route::{self, Route as ApiRoute};
+use crate::cache::ranges::ColdRange;
 use crate::cache::{BlobReader, Cache};
+use crate::config::ColdRanges;
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::{Digest, Reference, RepoName, media_types};
 use crate::upstream::{Route, Routed, Routes, Walk, Want};
@@ -293,13 +295,23 @@ impl App {
                 format!("range is outside blob {digest} of {size} bytes"),
             )),
             (RangeRequest::Partial { start, end }, Some(size)) => {
-                let reader = BlobReader::new(source, start, Some(end));
+                // A blob not verified yet: with `cold_ranges = "upstream"` the range is sent
+                // without waiting for the whole blob (upstream bytes, not yet verified).
+                let body = if route.cold_ranges == ColdRanges::Upstream && !self.offline {
+                    let cold = self.cache.blobs.cold_ranges();
+                    match cold.serve(route, name, digest, source, (start, end)).await {
+                        ColdRange::Fetched(bytes) => full(bytes),
+                        ColdRange::Reader(reader) => stream_body(reader),
+                    }
+                } else {
+                    stream_body(BlobReader::new(source, start, Some(end)))
+                };
                 built(
                     builder
                         .status(StatusCode::PARTIAL_CONTENT)
                         .header(CONTENT_RANGE, content_range(start, end, size))
                         .header(CONTENT_LENGTH, end - start)
-                        .body(stream_body(reader)),
+                        .body(body),
                 )
             }
             _ => {

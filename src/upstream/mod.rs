@@ -21,6 +21,6 @@ mod transport;
 
 pub use bad_sources::BadSources;
 pub use client::{Upstream, UpstreamStats};
-pub use registry_api::{BlobResponse, ManifestHead, UpstreamManifest};
+pub use registry_api::{BlobResponse, ManifestHead, RangeReply, UpstreamManifest};
 pub use routes::{Route, Routed, Routes};
 pub use select::{Outcome, Walk, Want};

@@ -20,7 +20,7 @@ use super::client::Upstream;
 use super::routes::Route;
 use super::transport::http_client;
 use crate::clock::Clock;
-use crate::config::UpstreamConfig;
+use crate::config::{ColdRanges, UpstreamConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::policy::freshness::Policy;
 
@@ -33,6 +33,8 @@ pub(super) struct OnDemand {
     http: reqwest::Client,
     /// Freshness for these routes: the `[cache]` settings.
     freshness: Policy,
+    /// `cache.cold_ranges`, for these routes.
+    cold_ranges: ColdRanges,
     bad_sources: Arc<BadSources>,
     /// The server's clock, for the upstreams' breakers and tokens.
     clock: Clock,
@@ -42,21 +44,30 @@ pub(super) struct OnDemand {
 impl OnDemand {
     pub(super) fn new(
         freshness: Policy,
+        cold_ranges: ColdRanges,
         bad_sources: Arc<BadSources>,
         clock: Clock,
     ) -> anyhow::Result<OnDemand> {
-        OnDemand::with_capacity(MAX_ON_DEMAND_ROUTES, freshness, bad_sources, clock)
+        OnDemand::with_capacity(
+            MAX_ON_DEMAND_ROUTES,
+            freshness,
+            cold_ranges,
+            bad_sources,
+            clock,
+        )
     }
 
     fn with_capacity(
         capacity: usize,
         freshness: Policy,
+        cold_ranges: ColdRanges,
         bad_sources: Arc<BadSources>,
         clock: Clock,
     ) -> anyhow::Result<OnDemand> {
         Ok(OnDemand {
             http: http_client("proxy_any_registry", &UpstreamConfig::default())?,
             freshness,
+            cold_ranges,
             bad_sources,
             clock,
             routes: Mutex::new(Recent::new(capacity)),
@@ -126,6 +137,7 @@ impl OnDemand {
             freshness: self.freshness.clone(),
             bad_sources: self.bad_sources.clone(),
             credentialed: false,
+            cold_ranges: self.cold_ranges,
         })
     }
 
@@ -251,6 +263,7 @@ mod tests {
         OnDemand::with_capacity(
             capacity,
             Config::default().cache.freshness(),
+            Config::default().cache.cold_ranges,
             Arc::new(BadSources::new()),
             Clock::system(),
         )

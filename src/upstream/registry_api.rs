@@ -31,6 +31,14 @@ pub struct BlobResponse {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// What an upstream answered to a ranged read of a blob.
+pub enum RangeReply {
+    /// A 206 with exactly the bytes asked for, read whole.
+    Bytes(Bytes),
+    /// A 200: the upstream ignores `Range` and sent the whole blob, which was not read.
+    WholeBlob,
+}
+
 /// A manifest fetched with GET: exact bytes plus the headers that describe them.
 pub struct UpstreamManifest {
     pub bytes: Bytes,
@@ -100,6 +108,79 @@ impl Upstream {
                     skip: 0,
                     permit,
                 })
+            }
+            _ => Err(self.status_error(resp, Object::Blob, &what).await),
+        }
+    }
+
+    /// Reads bytes `start..end` of a blob of `size` bytes with `Range: bytes={start}-{end-1}`.
+    /// The 206's `Content-Range` must name exactly those bytes (and the same size, if it names
+    /// one), and its body is read whole (at most `end - start` bytes, each wait for bytes
+    /// bounded by `idle_timeout`). A 200 is [`RangeReply::WholeBlob`], its body left unread.
+    pub async fn get_blob_range(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        (start, end): (u64, u64),
+        size: u64,
+    ) -> Result<RangeReply> {
+        let last = end
+            .checked_sub(1)
+            .filter(|&last| last >= start && end <= size);
+        let Some(last) = last else {
+            return Err(Error::internal(format!(
+                "blob {digest}: range {start}..{end} is not inside its {size} bytes"
+            )));
+        };
+        let what = format!("GET (range {start}-{last}) blob {digest} of {name}");
+        let url = self.transport.url(&format!("v2/{name}/blobs/{digest}"))?;
+        let (resp, _permit) = self
+            .send(
+                name,
+                &|| {
+                    self.transport
+                        .http()
+                        .get(url.clone())
+                        .header("Range", format!("bytes={start}-{last}"))
+                },
+                &what,
+            )
+            .await?;
+        match resp.status() {
+            // Dropping the response closes its connection without reading the blob.
+            StatusCode::OK => Ok(RangeReply::WholeBlob),
+            StatusCode::PARTIAL_CONTENT => {
+                let answered = reply::answered_range(resp.headers(), start, last);
+                let fits = answered.is_some_and(|total| total.is_none_or(|t| t == size));
+                if !fits {
+                    return Err(Error::new(
+                        ErrorKind::UpstreamInvalid,
+                        format!(
+                            "{what}: upstream {} answered with Content-Range {:?}, not bytes {start}-{last}/{size}",
+                            self.name(),
+                            reply::content_range_text(resp.headers())
+                        ),
+                    ));
+                }
+                let want = end - start;
+                let bytes = self.read_answer(resp, want, &what).await?;
+                let got = bytes.as_ref().map_or(want + 1, |b| b.len() as u64);
+                self.received_blob_bytes(got.min(want));
+                match bytes {
+                    Some(bytes) if got == want => Ok(RangeReply::Bytes(bytes)),
+                    _ => Err(Error::new(
+                        ErrorKind::UpstreamInvalid,
+                        format!(
+                            "{what}: upstream {} sent a body of {} bytes for a range of {want}",
+                            self.name(),
+                            if got > want {
+                                "more".to_string()
+                            } else {
+                                got.to_string()
+                            }
+                        ),
+                    )),
+                }
             }
             _ => Err(self.status_error(resp, Object::Blob, &what).await),
         }

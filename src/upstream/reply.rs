@@ -104,6 +104,20 @@ pub fn resumed_at(h: &HeaderMap, from: u64) -> Option<Option<u64>> {
     }
 }
 
+/// A 206 that answered `Range: bytes={first}-{last}`: `Some(total)` (the blob's size, if the
+/// upstream names it) when its `Content-Range` names exactly those bytes; `None` otherwise
+/// (other bytes, or a missing or malformed header).
+pub fn answered_range(h: &HeaderMap, first: u64, last: u64) -> Option<Option<u64>> {
+    match ContentRange::parse(content_range_text(h))? {
+        ContentRange::Bytes {
+            first: f,
+            last: l,
+            total,
+        } if f == first && l == last => Some(total),
+        _ => None,
+    }
+}
+
 /// The total size a 206's `Content-Range` names.
 pub fn range_total(h: &HeaderMap) -> Option<u64> {
     ContentRange::parse(content_range_text(h))?.total()
@@ -231,6 +245,13 @@ mod tests {
             assert_eq!(resumed_at(&h, 100), None, "{bad}");
         }
         assert_eq!(resumed_at(&HeaderMap::new(), 100), None);
+        let h = headers(&[("content-range", "bytes 100-199/200")]);
+        assert_eq!(answered_range(&h, 100, 199), Some(Some(200)));
+        assert_eq!(answered_range(&h, 100, 150), None, "ends elsewhere");
+        assert_eq!(answered_range(&h, 0, 199), None, "starts elsewhere");
+        let h = headers(&[("content-range", "bytes 100-199/*")]);
+        assert_eq!(answered_range(&h, 100, 199), Some(None));
+        assert_eq!(answered_range(&HeaderMap::new(), 100, 199), None);
         assert_eq!(content_range_text(&HeaderMap::new()), "");
         assert_eq!(range_total(&HeaderMap::new()), None);
     }

@@ -12,7 +12,7 @@ use super::client::Upstream;
 use super::on_demand::OnDemand;
 use crate::api::registry::{self, Target};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{ColdRanges, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::oci::RepoName;
 use crate::policy::freshness::Policy;
@@ -33,6 +33,8 @@ pub struct Route {
     /// Some upstream logs in, so the route may reach private repositories: `[access]`
     /// opens it to anonymous clients only by a pattern naming its registry.
     pub credentialed: bool,
+    /// How a `Range` request for a blob not cached yet is answered (`cold_ranges`).
+    pub cold_ranges: ColdRanges,
 }
 
 pub struct Routes {
@@ -90,6 +92,7 @@ impl Routes {
                 tag_upstreams,
                 freshness: r.cache.freshness(),
                 bad_sources: bad_sources.clone(),
+                cold_ranges: r.cache.cold_ranges,
             });
             if r.default {
                 default = Some(route.clone());
@@ -99,6 +102,7 @@ impl Routes {
         let on_demand = if config.proxy_any_registry {
             Some(OnDemand::new(
                 config.cache.freshness(),
+                config.cache.cold_ranges,
                 bad_sources,
                 clock.clone(),
             )?)

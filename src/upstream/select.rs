@@ -24,6 +24,10 @@
 //!   ([`Walk::take_body`]); each is tried at most once per walk; bytes that fail the digest
 //!   are blamed on every upstream that contributed some.
 //! - **The error the client gets** when no upstream answered ([`Walk::into_error`]).
+//! - **Ranged reads of a blob not cached yet** (`cold_ranges = "upstream"`) walk as a blob's
+//!   bytes do ([`Want::Blob`]); an upstream that answers the `Range` with the whole blob (200)
+//!   serves no ranges ([`Outcome::NoRanges`]): the next is tried, and its breaker is told
+//!   nothing, as the upstream is alive and its body was never read.
 //!
 //! A new upstream policy (a rollout cohort, an OCI-layout upstream, a bucket) belongs here:
 //! a new [`Want`] or a new rule in [`order`], a new [`Outcome`] and what [`Walk::record`]
@@ -70,6 +74,10 @@ pub enum Outcome {
     Cut { at: u64, error: Error },
     /// Our own failure (disk, internal) while trying it: another upstream cannot fix that.
     Ours(Error),
+    /// It answered a ranged read with the whole blob (200): it serves no ranges. Not a
+    /// failure of the upstream (it answered, and we did not read the body), nor a success;
+    /// the next upstream is tried.
+    NoRanges(Error),
 }
 
 impl From<Error> for Outcome {
@@ -162,13 +170,18 @@ impl<'a> Walk<'a> {
     ///   a 404, a 429, a 401/403 or a reply we cannot use is not a failure of the upstream.
     /// - `Cut { at }`: a failure for the breaker; listed; the next upstream resumes at `at`.
     /// - `Ours`: `Err`, at once: another upstream cannot fix our own failure.
+    /// - `NoRanges`: listed; try the next upstream. The breaker hears nothing: the upstream is
+    ///   alive, but its answer (the whole blob, unread) proves nothing either way.
     pub fn record(&mut self, upstream: &'a Upstream, outcome: Outcome) -> Result<()> {
         match outcome {
             Outcome::Answered => {
                 upstream.record_success();
                 Ok(())
             }
-            Outcome::NotFound(e) | Outcome::RateLimited(e) | Outcome::Unavailable(e) => {
+            Outcome::NotFound(e)
+            | Outcome::RateLimited(e)
+            | Outcome::Unavailable(e)
+            | Outcome::NoRanges(e) => {
                 self.push(upstream, e);
                 Ok(())
             }

@@ -342,6 +342,21 @@ impl TestCistern {
             .await
     }
 
+    /// The value of one series of `/metrics` (`name` or `name{label="v"}`, as rendered), 0
+    /// if it is not there (the builder asked for [`CisternBuilder::admin`]).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let r = self.admin(Method::GET, "/metrics").await;
+        assert_eq!(r.status, http::StatusCode::OK, "{}", r.body_text());
+        r.body_text()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(name, _)| *name == series)
+            .map_or(0.0, |(_, v)| {
+                v.parse().expect("a sample's value is a number")
+            })
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

@@ -362,3 +362,39 @@ fn our_own_failure_ends_the_walk() {
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Storage);
 }
+
+#[test]
+fn an_upstream_without_ranges_is_passed_over_without_a_breaker_event() {
+    let route = route();
+    let d = digest();
+    let mut walk = Walk::new(&route, Want::Blob(&d));
+    let mirror = walk.next().unwrap();
+    let no_ranges = err(ErrorKind::UpstreamInvalid, "mirror: 200 to a Range");
+    walk.record(mirror, Outcome::NoRanges(no_ranges)).unwrap();
+    assert_eq!(
+        mirror.stats().failures,
+        0,
+        "an upstream without ranges is alive"
+    );
+    assert!(!mirror.stats().circuit_open);
+    let origin = walk.next().unwrap();
+    assert_eq!(origin.name(), "origin");
+    walk.record(origin, Outcome::Answered).unwrap();
+    assert!(walk.next().is_none());
+
+    // With no upstream serving ranges, the summary lists each.
+    let mut walk = Walk::new(&route, Want::Blob(&d));
+    while let Some(u) = walk.next() {
+        let e = err(
+            ErrorKind::UpstreamInvalid,
+            &format!("{}: no ranges", u.name()),
+        );
+        walk.record(u, Outcome::NoRanges(e)).unwrap();
+    }
+    let e = walk.into_error("GET blob range");
+    assert!(
+        e.message.contains("mirror: no ranges") && e.message.contains("origin: no ranges"),
+        "{}",
+        e.message
+    );
+}

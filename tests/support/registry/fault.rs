@@ -58,6 +58,16 @@ impl Fault {
         Rule::from(self).and(other)
     }
 
+    /// A rule for requests without `Range` only (a fill's whole-blob GET).
+    pub fn whole_only(self) -> Rule {
+        Rule::from(self).whole_only()
+    }
+
+    /// A rule for requests with `Range` only.
+    pub fn ranged_only(self) -> Rule {
+        Rule::from(self).ranged_only()
+    }
+
     fn applies_to(&self, method: &Method) -> bool {
         match self {
             Fault::Status(_) | Fault::RateLimited(_) | Fault::NoAnswer | Fault::RedirectTo(_) => {
@@ -75,6 +85,8 @@ pub struct Rule {
     faults: Vec<Fault>,
     /// `None`: forever.
     pub(super) remaining: Option<usize>,
+    /// `Some(true)`: only requests with `Range`; `Some(false)`: only those without.
+    ranged: Option<bool>,
 }
 
 impl Rule {
@@ -87,15 +99,30 @@ impl Rule {
         self.times(1)
     }
 
+    /// Applies only to requests without `Range` (a fill's whole-blob GET).
+    pub fn whole_only(mut self) -> Rule {
+        self.ranged = Some(false);
+        self
+    }
+
+    /// Applies only to requests with `Range`.
+    pub fn ranged_only(mut self) -> Rule {
+        self.ranged = Some(true);
+        self
+    }
+
     pub fn times(mut self, n: usize) -> Rule {
         self.remaining = Some(n);
         self
     }
 
     /// A rule applies to a method only if every one of its faults does (a HEAD has no body to
-    /// cut, a GET has no missing HEAD length).
-    pub(super) fn applies_to(&self, method: &Method) -> bool {
-        self.remaining != Some(0) && self.faults.iter().all(|f| f.applies_to(method))
+    /// cut, a GET has no missing HEAD length), and to a request with (`ranged`) or without
+    /// `Range` as [`Rule::ranged_only`] or [`Rule::whole_only`] say.
+    pub(super) fn applies_to(&self, method: &Method, ranged: bool) -> bool {
+        self.remaining != Some(0)
+            && self.ranged.is_none_or(|r| r == ranged)
+            && self.faults.iter().all(|f| f.applies_to(method))
     }
 
     /// The answer that replaces the content, if one of the faults is such an answer.
@@ -122,6 +149,7 @@ impl From<Fault> for Rule {
         Rule {
             faults: vec![fault],
             remaining: None,
+            ranged: None,
         }
     }
 }

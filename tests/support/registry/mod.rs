@@ -19,7 +19,8 @@
 //!
 //! Faults are attached to a blob (by digest) or a manifest (by the reference the request uses:
 //! tag or digest) as a [`Rule`]: one or more [`Fault`]s applied together, forever or to the
-//! next N matching requests. Each request consumes at most one rule: the first one, in the
+//! next N matching requests, to requests with or without `Range` only if asked
+//! ([`Rule::ranged_only`], [`Rule::whole_only`]). Each request consumes at most one rule: the first one, in the
 //! order they were added, that applies to its method and has uses left. A rule for every
 //! request ([`FakeRegistryBuilder::on_every_request`]) can answer anything: a status, a 429
 //! with `Retry-After`, a redirect, or no answer at all.
@@ -233,12 +234,12 @@ impl State {
         self.repos.entry(name.to_string()).or_default()
     }
 
-    /// Consumes one use of the first rule for `target` that applies to `method`.
-    fn take_rule(&mut self, target: &Target, method: &Method) -> Option<Rule> {
-        let (_, rule) = self
-            .rules
-            .iter_mut()
-            .find(|(t, rule)| (t == target || *t == Target::Any) && rule.applies_to(method))?;
+    /// Consumes one use of the first rule for `target` that applies to `method` (with `Range`
+    /// if `ranged`).
+    fn take_rule(&mut self, target: &Target, method: &Method, ranged: bool) -> Option<Rule> {
+        let (_, rule) = self.rules.iter_mut().find(|(t, rule)| {
+            (t == target || *t == Target::Any) && rule.applies_to(method, ranged)
+        })?;
         if let Some(n) = &mut rule.remaining {
             *n -= 1;
         }
@@ -536,6 +537,21 @@ impl FakeRegistry {
         self.requests_for(Kind::Blob, digest)
             .into_iter()
             .filter(|s| s.method == Method::GET)
+            .collect()
+    }
+
+    /// GETs of this blob for a closed range (`Range: bytes=a-b`, as ranged reads send; a
+    /// fill's resume asks `bytes=a-`), oldest first.
+    pub fn blob_range_reads(&self, digest: &str) -> Vec<Seen> {
+        self.blob_get_requests(digest)
+            .into_iter()
+            .filter(|s| {
+                let range = s.header("range").unwrap_or_default();
+                range
+                    .strip_prefix("bytes=")
+                    .and_then(|r| r.split_once('-'))
+                    .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+            })
             .collect()
     }
 

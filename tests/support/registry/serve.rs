@@ -153,7 +153,8 @@ async fn handle(
         Route::Manifest { reference, .. } => Target::Manifest(reference.clone()),
         _ => Target::Any,
     };
-    let rule = shared.lock().take_rule(&target, &method);
+    let ranged = req.headers().contains_key(header::RANGE);
+    let rule = shared.lock().take_rule(&target, &method, ranged);
     if let Some(rule) = &rule
         && let Some(answer) = rule.answer()
     {

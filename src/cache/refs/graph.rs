@@ -97,6 +97,44 @@ impl Graph {
         self.manifests.insert(digest, refs).is_none()
     }
 
+    /// Records a manifest the start-up load read, unless it is indexed already (stored while
+    /// the load ran: the same digest has the same references). True if it was added.
+    pub fn add_manifest_if_absent(&mut self, digest: Digest, refs: References) -> bool {
+        match self.manifests.entry(digest) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(refs);
+                true
+            }
+        }
+    }
+
+    /// Records a tag answer the start-up load read, unless one was recorded for that tag and
+    /// Accept class while the load ran: that one is newer than the file the load read. True
+    /// if it was added.
+    pub fn set_tag_if_absent(
+        &mut self,
+        key: RepoKey,
+        tag: &str,
+        accept: &str,
+        digest: Digest,
+    ) -> bool {
+        let per_accept = self
+            .repos
+            .entry(key)
+            .or_default()
+            .tags
+            .entry(tag.to_string())
+            .or_default();
+        match per_accept.entry(accept.to_string()) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(digest);
+                true
+            }
+        }
+    }
+
     /// Records what a tag resolved to for an Accept class. True if that changed anything.
     pub fn set_tag(&mut self, key: RepoKey, tag: &str, accept: &str, digest: Digest) -> bool {
         let per_accept = self
@@ -518,6 +556,25 @@ mod tests {
         assert!(!g.set_tag(key("library/a"), "1", "oci", d("ix")));
         assert!(g.set_tag(key("library/a"), "1", "oci", d("img1")));
         assert!(g.needs_link(&key("library/a"), &d("img2")));
+    }
+
+    #[test]
+    fn what_the_load_reads_never_overrides_a_live_record() {
+        let mut g = sample();
+        // A live answer for library/a:1 names imgb; the load read an older record naming ix.
+        assert!(g.set_tag(key("library/a"), "1", "oci", d("imgb")));
+        assert!(!g.set_tag_if_absent(key("library/a"), "1", "oci", d("ix")));
+        // Another class of the same tag, and another tag, are the load's to fill.
+        assert!(g.set_tag_if_absent(key("library/a"), "1", "docker", d("ix")));
+        assert!(g.set_tag_if_absent(key("library/a"), "2", "oci", d("ix")));
+        assert_eq!(g.root_counts(), (3, 1), "tags a:1, a:2, b:1; one link");
+        let plan = g.plan_purge(&Target::Tag(key("library/a"), "1".into()), &[]);
+        assert!(plan.keep_manifests.contains(&d("ix")), "a:2 still names ix");
+        // A manifest stored live is not replaced by the load's copy (nor counted twice).
+        assert!(!g.add_manifest_if_absent(d("imgb"), References::default()));
+        assert_eq!(g.manifest_count(), 5);
+        assert!(g.pinned(&pins(&["docker.io/library/b"])).contains(&d("b1")));
+        assert!(g.add_manifest_if_absent(d("new"), References::default()));
     }
 
     #[test]

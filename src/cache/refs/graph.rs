@@ -2,6 +2,7 @@
 //! plans. Pure: no IO, no locks; `RefIndex` keeps one behind a lock and feeds it from disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::oci::Digest;
 use crate::oci::references::References;
@@ -38,10 +39,16 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// One tag's answers: (Accept class key, manifest) for each class asked, a handful at most.
+/// A list, not a map: a map allocates a node of eleven slots for the one or two answers a tag
+/// has, and with a hundred thousand tags that was most of the index's memory. The class keys
+/// are shared (`Graph::classes`): there are only a few.
+type Answers = Vec<(Arc<str>, Digest)>;
+
 #[derive(Debug, Default, Clone)]
 struct Roots {
-    /// tag → Accept class key → digest (one tag may name different manifests per class).
-    tags: BTreeMap<String, BTreeMap<String, Digest>>,
+    /// tag → its answers (one tag may name different manifests per class).
+    tags: BTreeMap<String, Answers>,
     /// Manifests pulled by digest that no tag reached at the time.
     links: BTreeSet<Digest>,
 }
@@ -51,6 +58,8 @@ struct Roots {
 pub struct Graph {
     manifests: HashMap<Digest, References>,
     repos: BTreeMap<RepoKey, Roots>,
+    /// The Accept class keys seen, each stored once.
+    classes: HashSet<Arc<str>>,
 }
 
 /// What is pinned: blobs and manifests reached from pins, and digest globs checked one by one.
@@ -119,32 +128,53 @@ impl Graph {
         accept: &str,
         digest: Digest,
     ) -> bool {
-        let per_accept = self
-            .repos
-            .entry(key)
-            .or_default()
-            .tags
-            .entry(tag.to_string())
-            .or_default();
-        match per_accept.entry(accept.to_string()) {
-            std::collections::btree_map::Entry::Occupied(_) => false,
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(digest);
-                true
-            }
-        }
+        self.put_answer(key, tag, accept, digest, false)
     }
 
     /// Records what a tag resolved to for an Accept class. True if that changed anything.
     pub fn set_tag(&mut self, key: RepoKey, tag: &str, accept: &str, digest: Digest) -> bool {
-        let per_accept = self
+        self.put_answer(key, tag, accept, digest, true)
+    }
+
+    /// The shared copy of an Accept class key.
+    fn class(&mut self, accept: &str) -> Arc<str> {
+        if let Some(c) = self.classes.get(accept) {
+            return c.clone();
+        }
+        let c: Arc<str> = Arc::from(accept);
+        self.classes.insert(c.clone());
+        c
+    }
+
+    /// Gives a tag an answer for a class, or (`replace`) a new one. True if that changed
+    /// anything.
+    fn put_answer(
+        &mut self,
+        key: RepoKey,
+        tag: &str,
+        accept: &str,
+        digest: Digest,
+        replace: bool,
+    ) -> bool {
+        let class = self.class(accept);
+        let answers = self
             .repos
             .entry(key)
             .or_default()
             .tags
             .entry(tag.to_string())
             .or_default();
-        per_accept.insert(accept.to_string(), digest.clone()) != Some(digest)
+        match answers.iter_mut().find(|(c, _)| **c == *accept) {
+            Some((_, d)) if replace && *d != digest => {
+                *d = digest;
+                true
+            }
+            Some(_) => false,
+            None => {
+                answers.push((class, digest));
+                true
+            }
+        }
     }
 
     /// Records a link. True if it is new.
@@ -161,7 +191,11 @@ impl Graph {
         if roots.links.contains(digest) {
             return false;
         }
-        let starts = roots.tags.values().flat_map(|a| a.values()).cloned();
+        let starts = roots
+            .tags
+            .values()
+            .flat_map(|a| a.iter().map(|(_, d)| d))
+            .cloned();
         !self.reaches(starts, digest)
     }
 
@@ -234,10 +268,10 @@ impl Graph {
                     !repo_skipped
                         && !matches!(skip, Some(Target::Tag(k, t)) if k == key && t == *tag)
                 })
-                .flat_map(move |(tag, per_accept)| {
-                    per_accept
-                        .values()
-                        .map(move |d| (key, Some(tag.as_str()), d))
+                .flat_map(move |(tag, answers)| {
+                    answers
+                        .iter()
+                        .map(move |(_, d)| (key, Some(tag.as_str()), d))
                 });
             let links = roots
                 .links
@@ -312,10 +346,10 @@ impl Graph {
             return plan;
         };
         let mut starts = Vec::new();
-        for (tag, per_accept) in &roots.tags {
+        for (tag, answers) in &roots.tags {
             if only_tag.is_none_or(|t| t == tag) {
                 plan.tags.push((key.clone(), tag.clone()));
-                starts.extend(per_accept.values().cloned());
+                starts.extend(answers.iter().map(|(_, d)| d.clone()));
             }
         }
         if only_tag.is_none() {

@@ -20,7 +20,8 @@
 //!   the start; the ends of the blob scan and of the reference index's load), the blob
 //!   index's own estimate of its size (`Usage::index_bytes`), and the growth of the process's
 //!   resident memory while `Usage::load` built the blob index and `RefIndex::load` the
-//!   reference index (Linux; 0 elsewhere), each divided by the number of blobs.
+//!   reference index (Linux, after `malloc_trim` as the server does once a burst is over;
+//!   0 elsewhere), each divided by the number of blobs.
 //!
 //! Inputs: `CISTERN_BENCH_BLOBS` one-byte-ish blobs (default 100,000 under `cargo bench`,
 //! 1,000 in the smoke test that `cargo test --all-targets` runs), `CISTERN_BENCH_MANIFESTS`
@@ -162,8 +163,16 @@ fn write_sharded(under: &Path, digest: &Digest, content: &[u8]) {
     std::fs::write(&path, content).expect("write file");
 }
 
-/// The process's resident memory in bytes (Linux; 0 where `/proc` is missing).
+/// The process's resident memory in bytes (Linux; 0 where `/proc` is missing), after giving
+/// freed heap back to the kernel as the server does once a burst is over
+/// (`server::heap::trim_when_settled`): what a load only borrowed (file listings, records
+/// read) does not count as what the index holds.
 fn rss_bytes() -> usize {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())

@@ -100,10 +100,18 @@ impl PurgePlan {
     }
 }
 
+/// References without the spare capacity their parsing left: the index keeps one per stored
+/// manifest for as long as the process runs.
+fn compact(mut refs: References) -> References {
+    refs.blobs.shrink_to_fit();
+    refs.manifests.shrink_to_fit();
+    refs
+}
+
 impl Graph {
     /// Records a stored manifest's references. True if it is new to the index.
     pub fn add_manifest(&mut self, digest: Digest, refs: References) -> bool {
-        self.manifests.insert(digest, refs).is_none()
+        self.manifests.insert(digest, compact(refs)).is_none()
     }
 
     /// Records a manifest the start-up load read, unless it is indexed already (stored while
@@ -112,7 +120,7 @@ impl Graph {
         match self.manifests.entry(digest) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(refs);
+                v.insert(compact(refs));
                 true
             }
         }

@@ -34,7 +34,9 @@
 //! record and nothing reaches an upstream.
 //!
 //! A cold start after a reboot also reads the inodes from disk; drop the caches
-//! (`echo 3 > /proc/sys/vm/drop_caches`, as root) before a run to see that case.
+//! (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root) before a run to see that case: the
+//! one-shot start runs first, so it is the cold one (add a filter that matches no benchmark,
+//! e.g. `-- --bench none`, to run only it).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -279,8 +281,10 @@ fn bench_startup(c: &mut Criterion) {
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
 
-    // The index's memory first, while the process is fresh (memory freed by a start before
-    // would be reused and hide the growth), then one start measured end to end.
+    // One start measured end to end first, so that with the page cache dropped before the
+    // run it starts cold; then the indexes' memory, each built alone (`rss_bytes` gives the
+    // start's freed heap back first, so reusing it does not hide the growth).
+    let s = runtime.block_on(start_once(&config, &probe));
     let before = rss_bytes();
     let store = DiskStore::open(&dir.path).expect("open the store");
     let usage = Usage::new(None);
@@ -293,7 +297,6 @@ fn bench_startup(c: &mut Criterion) {
     let refs_rss_growth = rss_bytes().saturating_sub(before);
     assert_eq!(refs.counts().0, manifests, "every manifest indexed");
     drop((usage, refs, store));
-    let s = runtime.block_on(start_once(&config, &probe));
     eprintln!(
         "startup: blobs={n} manifests={manifests} tags={tags} first_blob_hit={:?} \
          first_tag_hit={:?} blobs_loaded={:?} refs_loaded={:?} index_bytes_per_blob={} \

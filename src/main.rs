@@ -277,9 +277,9 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
     }
     let answer = runtime.block_on(async {
         let cache = Cache::open(&config, Clock::system(), FillTasks::default()).await?;
-        // On a stopped cache, answer as a server would once started up: with every blob
-        // indexed.
-        cache.usage.loaded().await;
+        // On a stopped cache, answer as a server would once started up: with every blob and
+        // the whole reference graph indexed.
+        cache.loaded().await?;
         let answer = admin::Admin::new(Arc::new(cache)).apply(&op).await?;
         anyhow::Ok(answer)
     })?;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::cache::refs::LoadGate;
 use crate::cache::{self, Cache, FillTasks};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -31,6 +32,7 @@ pub struct ServerBuilder {
     config: Config,
     clock: Clock,
     admin_listener: Option<TcpListener>,
+    load_gate: LoadGate,
 }
 
 impl ServerBuilder {
@@ -49,6 +51,14 @@ impl ServerBuilder {
         self
     }
 
+    /// Holds the reference index's start-up load at `gate` until the caller opens it, after
+    /// it has read the files and before it merges them: tests make records during a load
+    /// deterministically. Without one the load runs through.
+    pub fn reference_load_gate(mut self, gate: LoadGate) -> ServerBuilder {
+        self.load_gate = gate;
+        self
+    }
+
     /// Validates the config, reads the files it names (admin token, TLS certificate, upstream
     /// secrets), opens the cache (taking its lock) and indexes it. Every failure here names
     /// what is wrong, and nothing is served yet.
@@ -57,6 +67,7 @@ impl ServerBuilder {
             config,
             clock,
             admin_listener,
+            load_gate,
         } = self;
         let Prepared {
             admin_token,
@@ -80,7 +91,7 @@ impl ServerBuilder {
             cancel_fills: CancellationToken::new(),
         };
         let (fill_tracker, cancel_fills) = (fills.fills.clone(), fills.cancel_fills.clone());
-        let cache = Arc::new(Cache::open(&config, clock, fills).await?);
+        let cache = Arc::new(Cache::open_with_gate(&config, clock, fills, load_gate).await?);
         Ok(Server {
             config,
             cache,
@@ -148,6 +159,7 @@ impl Server {
             config,
             clock: Clock::system(),
             admin_listener: None,
+            load_gate: LoadGate::default(),
         }
     }
 
@@ -199,6 +211,7 @@ impl Server {
             routes = %describe_routes(&config),
             data_dir = %config.data_dir.display(),
             blob_index = if cache.usage.is_loading() { "loading" } else { "loaded" },
+            reference_index = if cache.manifests.index().is_loaded() { "loaded" } else { "loading" },
             "cistern serving"
         );
         let admin_loop = admin.map(|(admin_listener, token)| {
@@ -233,9 +246,9 @@ impl Server {
         }
 
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining responses and fills");
-        // A start-up scan still running stops after its current shard; it holds the store
+        // Start-up loads still running stop after their current batch; they hold the store
         // (and the data directory's lock) until then.
-        cache.usage.stop_loading();
+        cache.stop_loading();
         stop_eviction.cancel();
         let _ = eviction.await;
         let _ = metadata_eviction.await;
@@ -258,8 +271,7 @@ impl Server {
             connections.wait().await;
             fills.wait().await;
         }
-        cache.usage.loaded().await;
-        cache.metadata.loaded().await;
+        cache.settled().await;
         tracing::info!("stopped");
         Ok(())
     }

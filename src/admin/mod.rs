@@ -43,18 +43,19 @@ impl Admin {
             Op::Pins => Ok(self.pins()),
             Op::Pin(p) => self.set_pin(p.clone(), true).await,
             Op::Unpin(p) => self.set_pin(p.clone(), false).await,
-            // Purges wait for the start-up scan of the blobs (see cache::evict::usage): they
-            // answer with, and leave, an index that knows every blob.
+            // Purges wait for the start-up loads (see cache::evict::usage and cache::refs):
+            // they answer with, and leave, indexes that know every blob, manifest and root.
+            // A load cut short by a shutdown makes them fail.
             Op::PurgeBlob(d) => {
-                self.cache.usage.loaded().await;
+                self.cache.loaded().await?;
                 self.purge_blob(d).await
             }
             Op::PurgeManifest(d) => {
-                self.cache.usage.loaded().await;
+                self.cache.loaded().await?;
                 self.purge_manifest(d).await
             }
             Op::Purge(t) => {
-                self.cache.usage.loaded().await;
+                self.cache.loaded().await?;
                 self.purge(t).await
             }
         }
@@ -84,8 +85,10 @@ impl Admin {
             "manifests_indexed": manifests,
             "tags": tags,
             "links": links,
-            // Start-up: `blobs` and `blob_bytes` count what is indexed so far.
+            // Start-up: `blobs` and `blob_bytes` count what is indexed so far; so do
+            // `manifests_indexed`, `tags` and `links` while the reference index loads.
             "blob_index_loading": c.usage.is_loading(),
+            "reference_index_loading": !c.manifests.index().is_loaded(),
             "blobs_scanned": c.usage.scanned(),
             "blob_index_bytes": c.usage.index_bytes(),
             // The metadata budget (cache.max_metadata_size): manifests, tag records, links.

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::evict::{Budget, MetaUsage, Usage};
 use super::fill_limit::FillLimits;
-use super::refs::RefIndex;
+use super::refs::{self, LoadGate, RefIndex};
 use super::{BlobCache, ManifestCache};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -41,11 +41,22 @@ pub struct FillTasks {
 }
 
 impl Cache {
-    /// Opens the cache at `config.data_dir` (taking its lock: one process per cache), starts
-    /// indexing the committed blobs in the background (`usage.loaded()` says when that is
-    /// done), indexes the stored manifests, tag records and links, and reads the pins
-    /// (`cache.pins` and `pins.json`). Blocking work runs on the blocking pool.
+    /// Opens the cache at `config.data_dir` (taking its lock: one process per cache), reads
+    /// the pins (`cache.pins` and `pins.json`), and starts indexing the committed blobs and
+    /// the stored manifests, tag records and links in the background ([`Cache::loaded`] says
+    /// when both are done). Blocking work runs on the blocking pool.
     pub async fn open(config: &Config, clock: Clock, tasks: FillTasks) -> anyhow::Result<Cache> {
+        Cache::open_with_gate(config, clock, tasks, LoadGate::default()).await
+    }
+
+    /// [`Cache::open`], with the reference index's load held at `gate` until it is opened
+    /// (tests make records during a load with it).
+    pub async fn open_with_gate(
+        config: &Config,
+        clock: Clock,
+        tasks: FillTasks,
+        gate: LoadGate,
+    ) -> anyhow::Result<Cache> {
         let data_dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || DiskStore::open(&data_dir))
             .await?
@@ -100,23 +111,17 @@ impl Cache {
             });
         }
         // Which manifests each repository and tag names, and what each manifest references:
-        // rebuilt from the files at every start (see cache::refs).
-        let started = std::time::Instant::now();
-        let index = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || RefIndex::load(&store))
-                .await?
-                .context("indexing the cached manifests")?
-        };
-        let index = Arc::new(index);
-        let (manifests, tags, links) = index.counts();
-        tracing::info!(manifests, tags, links, elapsed = ?started.elapsed(), "reference index built");
+        // rebuilt from the files at every start (see cache::refs), in the background too.
+        // Records made meanwhile go into it at once and win over the files the load reads;
+        // what needs the whole graph waits for it (eviction, purges, link decisions).
+        let index = Arc::new(RefIndex::loading());
         usage.attach_index(index.clone());
         let metadata = MetaUsage::new(
             watermarks(config.cache.max_metadata_size.as_u64()),
             clock.clone(),
         );
         count_metadata(&metadata, &store);
+        tokio::spawn(refs::load_in_background(index.clone(), store.clone(), gate));
 
         Ok(Cache {
             blobs: BlobCache::new(
@@ -174,6 +179,31 @@ fn count_metadata(metadata: &Arc<MetaUsage>, store: &Arc<DiskStore>) {
             ),
         }
     });
+}
+
+impl Cache {
+    /// Waits until the start-up indexes are complete: every committed blob, the metadata
+    /// count, and the reference graph. An error if the reference index's load ended without completing
+    /// (a shutdown, or a directory it could not read).
+    pub async fn loaded(&self) -> crate::error::Result<()> {
+        self.usage.loaded().await;
+        self.metadata.loaded().await;
+        self.manifests.index().loaded().await
+    }
+
+    /// Asks both start-up loads to stop early (shutdown).
+    pub fn stop_loading(&self) {
+        self.usage.stop_loading();
+        self.manifests.index().stop_loading();
+    }
+
+    /// Waits until both start-up loads have ended, complete or not: they let go of the store
+    /// (and the data directory's lock) before.
+    pub async fn settled(&self) {
+        self.usage.loaded().await;
+        self.metadata.loaded().await;
+        self.manifests.index().settled().await;
+    }
 }
 
 /// The run-time pins in `pins.json`. Digests, as written by earlier versions, are pins too;

@@ -14,6 +14,8 @@
 //!     .start()
 //!     .await;
 //! let cistern = cistern.restart().await;                     // same config, same DataDir
+//! let gate = LoadGate::closed();                              // the reference index's load,
+//! let cistern = cistern.restart_held(&gate).await;           //   held until gate.open()
 //! let data = cistern.shutdown().await;                       // re-raises run's error or panic
 //! ```
 
@@ -21,6 +23,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cistern::Config;
+use cistern::cache::refs::LoadGate;
 use cistern::clock::Clock;
 use cistern::config::{RouteConfig, UpstreamConfig};
 use http::Method;
@@ -50,6 +53,7 @@ pub struct CisternBuilder {
     tweaks: Vec<Tweak>,
     clock: Option<Clock>,
     admin: bool,
+    load_gate: LoadGate,
 }
 
 impl CisternBuilder {
@@ -113,13 +117,20 @@ impl CisternBuilder {
         self
     }
 
+    /// Holds the reference index's start-up load at `gate` (after it read the files, before
+    /// it merges them) until the test opens it: requests made meanwhile meet a loading index.
+    pub fn reference_load_gate(mut self, gate: &LoadGate) -> Self {
+        self.load_gate = gate.clone();
+        self
+    }
+
     /// HTTPS on the registry listener, with the certificate in `tests/data/tls/`.
     pub fn tls(self) -> Self {
         self.config(super::config::with_tls)
     }
 
     /// The config this builder describes, over `data`, listening on `listen`.
-    fn resolve(self, data: &DataDir) -> (Config, Option<Clock>, bool) {
+    fn resolve(self, data: &DataDir) -> (Config, Option<Clock>, bool, LoadGate) {
         // Without any upstream, a closed port: not Docker Hub, the default.
         let upstream = match (self.upstream_url, self.routes.is_empty()) {
             (Some(url), _) => Some(url),
@@ -138,14 +149,14 @@ impl CisternBuilder {
         for tweak in self.tweaks {
             tweak(&mut config);
         }
-        (config, self.clock, self.admin)
+        (config, self.clock, self.admin, self.load_gate)
     }
 
     /// Starts cistern; fails the test if it does not start.
     pub async fn start(mut self) -> TestCistern {
         let data = self.data.take().unwrap_or_default();
-        let (config, clock, admin) = self.resolve(&data);
-        match TestCistern::launch(data, config, clock, admin).await {
+        let (config, clock, admin, gate) = self.resolve(&data);
+        match TestCistern::launch(data, config, clock, admin, gate).await {
             Ok(cistern) => cistern,
             Err(e) => panic!("cistern did not start: {e:#}"),
         }
@@ -154,8 +165,8 @@ impl CisternBuilder {
     /// Starts cistern where the start must fail; returns the error, as text.
     pub async fn start_error(mut self) -> String {
         let data = self.data.take().unwrap_or_default();
-        let (config, clock, admin) = self.resolve(&data);
-        match TestCistern::launch(data, config, clock, admin).await {
+        let (config, clock, admin, gate) = self.resolve(&data);
+        match TestCistern::launch(data, config, clock, admin, gate).await {
             Ok(_) => panic!("cistern started where it must refuse to"),
             Err(e) => e.to_string(),
         }
@@ -243,6 +254,7 @@ impl TestCistern {
         mut config: Config,
         clock: Option<Clock>,
         admin: bool,
+        gate: LoadGate,
     ) -> anyhow::Result<TestCistern> {
         super::init();
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -258,7 +270,15 @@ impl TestCistern {
             .as_ref()
             .map(|l| l.local_addr().expect("local addr"));
         let stop = CancellationToken::new();
-        let task = spawn_server(&config, clock.clone(), admin_listener, listener, &stop).await?;
+        let task = spawn_server(
+            &config,
+            clock.clone(),
+            admin_listener,
+            gate,
+            listener,
+            &stop,
+        )
+        .await?;
         Ok(TestCistern {
             addr,
             admin_addr,
@@ -273,11 +293,17 @@ impl TestCistern {
     /// Shuts down (see [`TestCistern::shutdown`]) and starts again over the same data
     /// directory, with the same config, clock and admin API, on new ports.
     pub async fn restart(self) -> TestCistern {
+        self.restart_held(&LoadGate::default()).await
+    }
+
+    /// [`TestCistern::restart`], with the reference index's load held at `gate` until the
+    /// test opens it (see [`CisternBuilder::reference_load_gate`]).
+    pub async fn restart_held(self, gate: &LoadGate) -> TestCistern {
         let config = self.config.clone();
         let clock = self.clock.clone();
         let admin = self.admin_addr.is_some();
         let data = self.shutdown().await;
-        match TestCistern::launch(data, config, clock, admin).await {
+        match TestCistern::launch(data, config, clock, admin, gate.clone()).await {
             Ok(cistern) => cistern,
             Err(e) => panic!("cistern did not start again: {e:#}"),
         }
@@ -399,10 +425,11 @@ async fn spawn_server(
     config: &Config,
     clock: Option<Clock>,
     admin: Option<TcpListener>,
+    gate: LoadGate,
     listener: TcpListener,
     stop: &CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let mut server = cistern::Server::builder(config.clone());
+    let mut server = cistern::Server::builder(config.clone()).reference_load_gate(gate);
     if let Some(clock) = clock {
         server = server.clock(clock);
     }

@@ -20,10 +20,17 @@ pub async fn run_metadata(
     store: Arc<DiskStore>,
     stop: CancellationToken,
 ) {
-    // No pass until the start-up count is merged: too low a total, and entries missing.
+    // No pass until the start-up count is merged (too low a total, entries missing) and the
+    // reference graph is complete: on a partial graph every manifest would look unreferenced.
+    // A graph whose load ended incomplete never allows a pass (until a restart rebuilds it).
     tokio::select! {
         () = stop.cancelled() => return,
-        () = meta.loaded() => {}
+        () = async {
+            meta.loaded().await;
+            if index.loaded().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => {}
     }
     loop {
         let pass = {
@@ -67,6 +74,9 @@ pub fn trim_once(
     usage: &Usage,
     store: &DiskStore,
 ) -> (u64, u64) {
+    if !index.is_loaded() {
+        return (0, 0);
+    }
     let groups = meta.take_victims(index, &usage.all_pins());
     let (mut count, mut bytes) = (0, 0);
     for group in &groups {

@@ -12,11 +12,12 @@ use crate::storage::DiskStore;
 /// used down to the low watermark.
 pub async fn run(usage: Arc<Usage>, store: Arc<DiskStore>, stop: CancellationToken) {
     // No pass until the start-up scan is merged: an index without the blobs not yet scanned
-    // holds only the recently used ones (the ones LRU keeps) and too low a total. A wake-up
-    // asked for meanwhile is kept by `Notify`, and the scan's end asks again if need be.
+    // holds only the recently used ones (the ones LRU keeps) and too low a total. Nor until
+    // the reference graph is loaded: the pinned set needs all of it. A wake-up asked for
+    // meanwhile is kept by `Notify`, and the scan's end asks again if need be.
     tokio::select! {
         () = stop.cancelled() => return,
-        () = usage.loaded() => {}
+        () = usage.ready_to_evict() => {}
     }
     loop {
         tokio::select! {

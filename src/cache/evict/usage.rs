@@ -331,6 +331,24 @@ impl Usage {
         let _ = rx.wait_for(|done| *done).await;
     }
 
+    /// Is the reference graph complete? Until it is, the pinned set may miss what a tag or
+    /// repository pin reaches through a root not loaded yet, so no blob may go.
+    fn references_loaded(&self) -> bool {
+        self.index.get().is_none_or(|i| i.is_loaded())
+    }
+
+    /// Waits until eviction may run: the start-up scan merged and the reference graph
+    /// complete. If the graph's load ended incomplete (a directory it could not read), never:
+    /// nothing is evicted that cannot be proven unpinned.
+    pub async fn ready_to_evict(&self) {
+        self.loaded().await;
+        if let Some(index) = self.index.get()
+            && index.loaded().await.is_err()
+        {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Is the start-up scan still running?
     pub fn is_loading(&self) -> bool {
         !*self.loaded.borrow()
@@ -583,14 +601,15 @@ impl Usage {
     }
 
     /// Picks blobs to remove and takes them out of the index (so no new reader is promised
-    /// them). The caller deletes the files. Nothing while the start-up scan runs (the
-    /// eviction task waits for it; this is the second line of that defence).
+    /// them). The caller deletes the files. Nothing while the start-up scan or the reference
+    /// graph's load runs (the eviction task waits for both; this is the second line of that
+    /// defence).
     ///
     /// The `Usage` lock is held only to copy the unread entries out and, at the end, to take
     /// the victims out; sorting and the pinned set happen outside it, so hits and commits are
     /// not stalled by a pass.
     pub(super) fn take_victims(&self) -> Vec<(Digest, u64)> {
-        if self.is_loading() {
+        if self.is_loading() || !self.references_loaded() {
             return Vec::new();
         }
         let wanted = self.room_wanted.swap(0, Ordering::Relaxed);
@@ -749,6 +768,17 @@ mod tests {
         usage.committed(&Digest::of(b"more"), 10);
         let victims: Vec<Digest> = usage.take_victims().into_iter().map(|(d, _)| d).collect();
         assert!(victims.contains(&read), "once read, it may go: {victims:?}");
+    }
+
+    #[test]
+    fn no_victims_while_the_reference_graph_loads() {
+        // Until the graph is whole, a tag or repository pin may reach any blob.
+        for (index, victims) in [(RefIndex::loading(), 0), (RefIndex::default(), 1)] {
+            let usage = Usage::new(Some(Budget { high: 5, low: 0 }));
+            usage.attach_index(Arc::new(index));
+            usage.committed(&Digest::of(b"a"), 10);
+            assert_eq!(usage.take_victims().len(), victims);
+        }
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!   repository whose roots do not reach it, once an upstream HEAD of it by digest in that
 //!   repository answered. A client naming made-up repositories cannot make links or index
 //!   roots: they are bounded by what exists upstream.
+//! - Whether a repository's roots reach a manifest is decided on the whole reference graph:
+//!   while it loads at start, a check waits for it before asking upstream, and a link claimed
+//!   meanwhile is held by the index and written when the load ends, if still needed.
 //! - Confirmations run in the background, off the client's path, at most `MAX_CHECKS` at a
 //!   time and one per (repository, manifest); a hit that finds them all busy is not linked,
 //!   and a later pull tries again. A check that fails or finds nothing links nothing. Offline,
@@ -117,10 +120,12 @@ impl Inner {
         accept: &[String],
     ) {
         let key = repo_key(route, name);
-        if self.offline || !self.index.needs_link(&key, digest) {
+        // While the reference index loads, whether the repository's roots reach the manifest
+        // is not known yet (`None`): the check decides once it is, before asking upstream.
+        if self.offline || self.index.needs_link(&key, digest) == Some(false) {
             return;
         }
-        let Some(claim) = LinkChecks::claim(self, (key, digest.clone())) else {
+        let Some(claim) = LinkChecks::claim(self, (key.clone(), digest.clone())) else {
             tracing::debug!(%name, %digest, "too many link checks running; not linked this time");
             return;
         };
@@ -133,6 +138,14 @@ impl Inner {
         );
         tokio::spawn(async move {
             let _claim = claim;
+            if this.index.needs_link(&key, &digest).is_none() {
+                // A load cut short (shutdown) decides nothing.
+                if this.index.loaded().await.is_err()
+                    || this.index.needs_link(&key, &digest) != Some(true)
+                {
+                    return;
+                }
+            }
             let reference = Reference::Digest(digest.clone());
             let what = format!("manifest {name}@{digest}");
             let found = Walk::new(&route, Want::ByDigest)

@@ -180,6 +180,8 @@ impl ManifestCache {
         pins: &[Pin],
     ) -> Result<(PurgePlan, PurgeReport)> {
         let inner = &self.inner;
+        // The plan needs every root and manifest: wait for the start-up load.
+        inner.index.loaded().await?;
         let _one_at_a_time = inner.purging.lock().await;
         let plan = inner.index.plan_purge(target, pins);
         if !plan.found() {

@@ -2,6 +2,7 @@
 //! plans. Pure: no IO, no locks; `RefIndex` keeps one behind a lock and feeds it from disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::oci::Digest;
 use crate::oci::references::References;
@@ -38,10 +39,16 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// One tag's answers: (Accept class key, manifest) for each class asked, a handful at most.
+/// A list, not a map: a map allocates a node of eleven slots for the one or two answers a tag
+/// has, and with a hundred thousand tags that was most of the index's memory. The class keys
+/// are shared (`Graph::classes`): there are only a few.
+type Answers = Vec<(Arc<str>, Digest)>;
+
 #[derive(Debug, Default, Clone)]
 pub(super) struct Roots {
-    /// tag → Accept class key → digest (one tag may name different manifests per class).
-    pub(super) tags: BTreeMap<String, BTreeMap<String, Digest>>,
+    /// tag → its answers (one tag may name different manifests per class).
+    pub(super) tags: BTreeMap<String, Answers>,
     /// Manifests pulled by digest that no tag reached at the time.
     pub(super) links: BTreeSet<Digest>,
 }
@@ -51,6 +58,8 @@ pub(super) struct Roots {
 pub struct Graph {
     pub(super) manifests: HashMap<Digest, References>,
     pub(super) repos: BTreeMap<RepoKey, Roots>,
+    /// The Accept class keys seen, each stored once.
+    classes: HashSet<Arc<str>>,
 }
 
 /// What is pinned: blobs and manifests reached from pins, and digest globs checked one by one.
@@ -91,22 +100,89 @@ impl PurgePlan {
     }
 }
 
+/// References without the spare capacity their parsing left: the index keeps one per stored
+/// manifest for as long as the process runs.
+fn compact(mut refs: References) -> References {
+    refs.blobs.shrink_to_fit();
+    refs.manifests.shrink_to_fit();
+    refs
+}
+
 impl Graph {
     /// Records a stored manifest's references. True if it is new to the index.
     pub fn add_manifest(&mut self, digest: Digest, refs: References) -> bool {
-        self.manifests.insert(digest, refs).is_none()
+        self.manifests.insert(digest, compact(refs)).is_none()
+    }
+
+    /// Records a manifest the start-up load read, unless it is indexed already (stored while
+    /// the load ran: the same digest has the same references). True if it was added.
+    pub fn add_manifest_if_absent(&mut self, digest: Digest, refs: References) -> bool {
+        match self.manifests.entry(digest) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(compact(refs));
+                true
+            }
+        }
+    }
+
+    /// Records a tag answer the start-up load read, unless one was recorded for that tag and
+    /// Accept class while the load ran: that one is newer than the file the load read. True
+    /// if it was added.
+    pub fn set_tag_if_absent(
+        &mut self,
+        key: RepoKey,
+        tag: &str,
+        accept: &str,
+        digest: Digest,
+    ) -> bool {
+        self.put_answer(key, tag, accept, digest, false)
     }
 
     /// Records what a tag resolved to for an Accept class. True if that changed anything.
     pub fn set_tag(&mut self, key: RepoKey, tag: &str, accept: &str, digest: Digest) -> bool {
-        let per_accept = self
+        self.put_answer(key, tag, accept, digest, true)
+    }
+
+    /// The shared copy of an Accept class key.
+    fn class(&mut self, accept: &str) -> Arc<str> {
+        if let Some(c) = self.classes.get(accept) {
+            return c.clone();
+        }
+        let c: Arc<str> = Arc::from(accept);
+        self.classes.insert(c.clone());
+        c
+    }
+
+    /// Gives a tag an answer for a class, or (`replace`) a new one. True if that changed
+    /// anything.
+    fn put_answer(
+        &mut self,
+        key: RepoKey,
+        tag: &str,
+        accept: &str,
+        digest: Digest,
+        replace: bool,
+    ) -> bool {
+        let class = self.class(accept);
+        let answers = self
             .repos
             .entry(key)
             .or_default()
             .tags
             .entry(tag.to_string())
             .or_default();
-        per_accept.insert(accept.to_string(), digest.clone()) != Some(digest)
+        match answers.iter_mut().find(|(c, _)| **c == *accept) {
+            Some((_, d)) if replace && *d != digest => {
+                *d = digest;
+                true
+            }
+            Some(_) => false,
+            None => {
+                answers.push((class, digest));
+                true
+            }
+        }
     }
 
     /// Records a link. True if it is new.
@@ -123,7 +199,11 @@ impl Graph {
         if roots.links.contains(digest) {
             return false;
         }
-        let starts = roots.tags.values().flat_map(|a| a.values()).cloned();
+        let starts = roots
+            .tags
+            .values()
+            .flat_map(|a| a.iter().map(|(_, d)| d))
+            .cloned();
         !self.reaches(starts, digest)
     }
 
@@ -196,10 +276,10 @@ impl Graph {
                     !repo_skipped
                         && !matches!(skip, Some(Target::Tag(k, t)) if k == key && t == *tag)
                 })
-                .flat_map(move |(tag, per_accept)| {
-                    per_accept
-                        .values()
-                        .map(move |d| (key, Some(tag.as_str()), d))
+                .flat_map(move |(tag, answers)| {
+                    answers
+                        .iter()
+                        .map(move |(_, d)| (key, Some(tag.as_str()), d))
                 });
             let links = roots
                 .links
@@ -274,10 +354,10 @@ impl Graph {
             return plan;
         };
         let mut starts = Vec::new();
-        for (tag, per_accept) in &roots.tags {
+        for (tag, answers) in &roots.tags {
             if only_tag.is_none_or(|t| t == tag) {
                 plan.tags.push((key.clone(), tag.clone()));
-                starts.extend(per_accept.values().cloned());
+                starts.extend(answers.iter().map(|(_, d)| d.clone()));
             }
         }
         if only_tag.is_none() {
@@ -518,6 +598,25 @@ mod tests {
         assert!(!g.set_tag(key("library/a"), "1", "oci", d("ix")));
         assert!(g.set_tag(key("library/a"), "1", "oci", d("img1")));
         assert!(g.needs_link(&key("library/a"), &d("img2")));
+    }
+
+    #[test]
+    fn what_the_load_reads_never_overrides_a_live_record() {
+        let mut g = sample();
+        // A live answer for library/a:1 names imgb; the load read an older record naming ix.
+        assert!(g.set_tag(key("library/a"), "1", "oci", d("imgb")));
+        assert!(!g.set_tag_if_absent(key("library/a"), "1", "oci", d("ix")));
+        // Another class of the same tag, and another tag, are the load's to fill.
+        assert!(g.set_tag_if_absent(key("library/a"), "1", "docker", d("ix")));
+        assert!(g.set_tag_if_absent(key("library/a"), "2", "oci", d("ix")));
+        assert_eq!(g.root_counts(), (3, 1), "tags a:1, a:2, b:1; one link");
+        let plan = g.plan_purge(&Target::Tag(key("library/a"), "1".into()), &[]);
+        assert!(plan.keep_manifests.contains(&d("ix")), "a:2 still names ix");
+        // A manifest stored live is not replaced by the load's copy (nor counted twice).
+        assert!(!g.add_manifest_if_absent(d("imgb"), References::default()));
+        assert_eq!(g.manifest_count(), 5);
+        assert!(g.pinned(&pins(&["docker.io/library/b"])).contains(&d("b1")));
+        assert!(g.add_manifest_if_absent(d("new"), References::default()));
     }
 
     #[test]

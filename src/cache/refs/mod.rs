@@ -11,14 +11,23 @@
 //! The files are the source of truth, as everywhere in cistern: tag records (`storage::tags`),
 //! links (`storage::links`, manifests pulled by digest that no tag of their repository
 //! reaches) and the stored manifests themselves. [`RefIndex::load`] rebuilds the index from
-//! them at start (about 10k manifests per second on one core: see ARCHITECTURE), and the
-//! manifest cache keeps it current as it stores manifests and records tags and links. Nothing
-//! else is persisted, so there is no second store to reconcile after a crash.
+//! them at start, in the background while the server serves (`load`), and the manifest cache
+//! keeps it current as it stores manifests and records tags and links. Nothing else is
+//! persisted, so there is no second store to reconcile after a crash.
 //!
 //! - `graph`: [`Graph`], pure (no IO): the roots, the references, reachability, the pinned set
 //!   ([`Pinned`]) and the purge plan ([`PurgePlan`]).
-//! - `index`: [`RefIndex`] wraps the graph in a lock, loads it from disk at start and keeps it
-//!   current.
+//! - `index`: [`RefIndex`] wraps the graph in a lock, keeps it current, and merges what the
+//!   load reads under what was recorded while it ran (the newer record wins; nothing lost or
+//!   counted twice).
+//! - `load`: the load from disk at start, in the background ([`load_in_background`]), with a
+//!   [`LoadGate`] tests hold it at.
+//!
+//! Start-up invariants: hits on blobs and manifests, and tag answers, need no graph and never
+//! wait for the load. What needs the whole graph waits for [`RefIndex::loaded`] or is
+//! deferred: eviction skips its passes until then, purges by repository or tag wait, links
+//! claimed meanwhile are decided (and written) when the load ends. A load cut short by a
+//! shutdown leaves the index incomplete, and those waits fail; the next start rebuilds it.
 //! - `purge`: carries a purge plan out on disk ([`execute`]) and reports what went.
 //! - `trim`: what the metadata budget removes, in what order ([`Graph::plan_trim`]), pure.
 //!
@@ -44,10 +53,12 @@
 
 mod graph;
 mod index;
+mod load;
 mod purge;
 mod trim;
 
 pub use graph::{Graph, Pinned, PurgePlan, RepoKey, Target};
-pub use index::{RefIndex, references_or_warn};
+pub use index::{LoadState, RefIndex, references_or_warn};
+pub use load::{LoadGate, load_in_background};
 pub use purge::{Amounts, PurgeReport, execute};
 pub use trim::{MetaItem, MetaKey, TrimGroup};

@@ -197,7 +197,7 @@ impl Graph {
                 .repos
                 .get(repo)
                 .and_then(|r| r.tags.get(tag))
-                .map(|per_class| per_class.values().cloned().collect())
+                .map(|answers| answers.iter().map(|(_, d)| d.clone()).collect())
                 .unwrap_or_default(),
             MetaKey::Link(_, d) => vec![d.clone()],
         }

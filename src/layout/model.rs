@@ -12,6 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::api::registry::{canonical_registry, looks_like_registry, upstream_name};
+use crate::oci::name::check_registry;
 use crate::oci::{Digest, RepoName, Tag, media_types};
 use crate::storage::TagRecord;
 
@@ -72,6 +73,7 @@ impl ImageRef {
                 "{s}: names no registry and the config has no default route"
             ));
         }
+        check_registry(&registry).map_err(|e| format!("{s}: registry {registry:?}: {e}"))?;
         let repository = RepoName::parse(repository).map_err(|e| format!("{s}: {e}"))?;
         let repository = upstream_name(&registry, &repository).map_err(|e| e.message)?;
         Ok(ImageRef {
@@ -307,6 +309,8 @@ mod tests {
             "alpine@sha256:abc",
             "alpine@md5:0123",
             "docker.io/library/alpine:",
+            "bad_host.io/app:1",
+            "a.io:port/app:1",
         ] {
             let e = ImageRef::parse(bad, "docker.io").unwrap_err();
             assert!(e.starts_with(bad.trim()), "{bad:?}: {e}");

@@ -334,3 +334,20 @@ async fn missing_or_damaged_content_fails_naming_it_and_writes_nothing() {
     assert!(text(&run).contains(&child), "{}", text(&run));
     assert_no_output(&out);
 }
+
+#[tokio::test]
+async fn a_cache_a_server_is_using_is_refused() {
+    let registry = FakeRegistry::builder().start().await;
+    let cistern = TestCistern::start(&registry).await;
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("layout");
+    let run = export(
+        cistern.data(),
+        &dest,
+        &["docker.io/library/app:1".to_string()],
+    );
+    assert!(!run.status.success());
+    assert!(text(&run).contains("in use"), "{}", text(&run));
+    assert_no_output(&dest);
+    cistern.shutdown().await;
+}

@@ -42,6 +42,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod layout;
 pub mod oci;
 pub mod policy;
 pub mod run;

@@ -60,6 +60,29 @@ enum Command {
     /// Cache administration: against a running server's admin API (--url, or [admin] listen
     /// in --config), or directly on a stopped cache directory (--data-dir).
     Admin(AdminArgs),
+    /// Write images from a stopped cache as an OCI image layout: a directory, or a tar of one
+    /// when OUT ends in .tar (read by `skopeo copy oci:OUT:TAG`, `podman pull oci-archive:…`).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// TOML config file: its data_dir, and its default route's registry for references that
+    /// name none.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The stopped cache's data directory (overrides the config's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The layout to write; it must not exist yet. A name ending in .tar writes a tar.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// A file of references, one a line (# starts a comment).
+    #[arg(long = "file", short = 'f')]
+    list: Option<PathBuf>,
+    /// Images: registry/repository:tag or registry/repository@sha256:… (no registry: the
+    /// default route's, docker.io without a config).
+    refs: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -140,6 +163,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify(args),
         Command::Admin(args) => admin(args).map(|()| ExitCode::SUCCESS),
+        Command::Export(args) => export(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -285,6 +309,52 @@ fn admin(args: AdminArgs) -> anyhow::Result<()> {
     })?;
     print_out(&answer.to_string())?;
     Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let default_registry = config
+        .resolved_routes()
+        .into_iter()
+        .find(|r| r.default)
+        .map(|r| r.registry)
+        .unwrap_or_default();
+    let mut refs = args.refs;
+    if let Some(list) = &args.list {
+        let text =
+            std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+        refs.extend(cistern::layout::parse_list(&text));
+    }
+    if refs.is_empty() {
+        anyhow::bail!("name at least one image (REF... or -f LIST)");
+    }
+    let images = refs
+        .iter()
+        .map(|r| cistern::layout::ImageRef::parse(r, &default_registry))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    if !config.data_dir.is_dir() {
+        anyhow::bail!("data_dir {} does not exist", config.data_dir.display());
+    }
+    // Opening takes the cache's lock, as `verify` and `admin --data-dir` do: a cache a running
+    // server is filling is refused, not read half-written.
+    let store = cistern::storage::DiskStore::open(&config.data_dir)
+        .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
+    let report = cistern::layout::export(&store, &images, &args.output)?;
+    print_out(&format!(
+        "{}: {} images, {} manifests and {} blobs ({})",
+        args.output.display(),
+        report.images,
+        report.manifests,
+        report.blobs,
+        bytesize::ByteSize::b(report.bytes)
+    ))
 }
 
 impl AdminAction {

@@ -27,8 +27,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("clock", &["clock"]),
     // TOML → validated settings; turns keys into `policy` values.
     ("config", &["config"]),
-    // The disk layout, and talking to upstream registries.
-    ("storage/upstream", &["storage", "upstream"]),
+    // The disk layout, talking to upstream registries, and OCI image layouts (read and
+    // written from the store; a layout may later serve as an upstream).
+    ("storage/upstream", &["storage", "upstream", "layout"]),
     // Fills, readers, manifests, eviction: uses storage and walks upstreams.
     ("cache", &["cache"]),
     // Cache administration (stats, pins, purges) as a library service.

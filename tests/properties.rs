@@ -10,6 +10,7 @@ use cistern::api::headers::{
 };
 use cistern::api::registry::{canonical_registry, target, upstream_name};
 use cistern::api::route::{parse_query, route};
+use cistern::layout::{self, ImageRef};
 use cistern::oci::name::check_registry;
 use cistern::oci::{Digest, Reference, RepoName, Tag, references};
 use cistern::policy::access::Pattern;
@@ -134,6 +135,8 @@ proptest! {
     fn manifests_of_any_shape_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), json in json_like()) {
         let _ = references::parse(&bytes);
         let _ = references::parse(json.as_bytes());
+        let _ = layout::model::contents(&bytes);
+        let _ = layout::model::contents(json.as_bytes());
     }
 
     #[test]
@@ -145,6 +148,16 @@ proptest! {
         let _ = Pattern::parse(&s);
         let _ = Htpasswd::parse(&s);
         let _ = Htpasswd::parse(&format!("{s}\n{s}:{s}"));
+    }
+
+    #[test]
+    fn image_references_and_lists_never_panic_and_print_back(s in wire_text()) {
+        if let Ok(image) = ImageRef::parse(&s, "docker.io") {
+            // What `index.json` records as the full name names the same image again.
+            prop_assert_eq!(ImageRef::parse(&image.to_string(), "ghcr.io").unwrap(), image);
+        }
+        let _ = layout::parse_list(&s);
+        let _ = layout::parse_list(&format!("{s}\n# {s}\n{s} # x"));
     }
 
     #[test]

@@ -155,6 +155,17 @@ impl Skopeo {
         run_ok(&mut self.copy_to_dir_cmd(reference, dest, &[]), LIMIT, ctx);
     }
 
+    /// `skopeo copy --all SOURCE dir:DEST` from a local transport (`oci:LAYOUT:NAME`,
+    /// `oci-archive:TAR:NAME`): its output, whatever the outcome.
+    #[allow(dead_code)] // used by tests/e2e_export.rs, not by every test crate
+    pub fn try_copy_local_to_dir(&self, source: &str, dest: &Path) -> Output {
+        let mut c = self.cmd("copy");
+        c.args(["--all", "--retry-times", "0"]);
+        c.arg(source);
+        c.arg(format!("dir:{}", dest.display()));
+        run(&mut c, LIMIT)
+    }
+
     /// The same copy, expected to fail: its output, whatever the outcome.
     pub fn try_copy_to_dir(&self, reference: &str, dest: &Path) -> Output {
         self.try_copy_to_dir_with(reference, dest, &[])

@@ -36,7 +36,7 @@
 //! A cold start after a reboot also reads the inodes from disk; drop the caches
 //! (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root) before a run to see that case: the
 //! one-shot start runs first, so it is the cold one (add a filter that matches no benchmark,
-//! e.g. `-- --bench none`, to run only it).
+//! e.g. `-- nomatch`, to run only it).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};

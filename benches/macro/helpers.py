@@ -13,6 +13,8 @@
                                             memory first (best of 3; hashlib is OpenSSL's,
                                             SHA-NI where the CPU has it)
     helpers.py report RESULTS.tsv           the results table (Markdown) from run.sh's samples
+    helpers.py report-pair DEFAULT.tsv TUNED.tsv
+                                            both tables of a --tuned run, default settings first
 
 Every network wait has a timeout; nothing here runs unbounded.
 """
@@ -213,10 +215,21 @@ def report(path):
     conns = first(rows, "param_wrk_conns", "all") or "?"
 
     row(
-        f"warm {blob} MiB blob GET, 1 client: wall time vs nginx serving the file",
-        "≤ 1.05×",
-        ratio_cells("warm_blob_s", "static_blob_s", "nginx-static", " s", secs, lambda r: r <= 1.05),
+        f"warm {blob} MiB blob GET, 1 client: wall time vs nginx serving the file (medians)",
+        "≤ 1.00×",
+        ratio_cells("warm_blob_s", "static_blob_s", "nginx-static", " s", secs, lambda r: r <= 1.00),
     )
+    # The spread is what users notice: the slowest round against nginx's median.
+    cells = []
+    static = median(rows, "static_blob_s", "nginx-static")
+    for key, _ in SERVERS:
+        vals = [float(v) for v in rows.get(("warm_blob_s", key), [])]
+        if not vals or not static:
+            cells.append("n/a")
+            continue
+        r = max(vals) / static
+        cells.append(f"{fmt_ratio(r)}{verdict(r <= 1.00)} ({max(vals):.3f} vs {static:.3f} s)")
+    row(f"the same, slowest of {len(rows.get(('static_blob_s', 'nginx-static'), []))} rounds", "≤ 1.00×", cells)
     row(
         f"warm manifest-by-digest GET req/s (wrk, {conns} connections) vs nginx serving the file",
         "≥ 0.6×",
@@ -265,6 +278,11 @@ def report(path):
                 + (f", medians of {n} rounds)" if n > 1 else ")")
             )
     row("that cold burst's wall time vs the same burst once cached", "≤ 1.05×", cells)
+    row(
+        f"{burst_n} concurrent warm GETs of one {burst_mib} MiB blob vs the same burst from nginx serving the file",
+        "≤ 1.05×",
+        ratio_cells("burst_warm_s", "burst_static_s", "nginx-static", " s", secs, lambda r: r <= 1.05),
+    )
     cells = []
     for key, _ in SERVERS:
         vals = [float(v) for v in rows.get(("join_ttfb_s", key), [])]
@@ -292,7 +310,19 @@ def report(path):
         mib = float(v) / 1024
         cells.append(f"{mib:.1f} MiB{verdict(mib <= 20)} ({ok} complete in {float(secs_):.0f} s)")
     row(f"peak RSS while {big_n} clients stream one cold {big_mib} MiB blob", "≤ 20 MiB", cells)
-    print("\n".join(out))
+    return "\n".join(out)
+
+
+def report_pair(default_path, tuned_path):
+    return "\n".join([
+        "Default settings (nothing about the kernel or the VM changed):",
+        "",
+        report(default_path),
+        "",
+        "Tuned (free page reporting held off, memory touched before the sections that fill caches):",
+        "",
+        report(tuned_path),
+    ])
 
 
 def main():
@@ -303,7 +333,8 @@ def main():
      "join": lambda: join(*args),
      "rss": lambda: rss(*args),
      "hashtime": lambda: hashtime(*args),
-     "report": lambda: report(*args)}[cmd]()
+     "report": lambda: print(report(*args)),
+     "report-pair": lambda: print(report_pair(*args))}[cmd]()
 
 
 if __name__ == "__main__":

@@ -316,6 +316,24 @@ async fn truncated_or_hostile_tars_are_refused() {
         .unwrap();
     std::fs::write(&link, builder.into_inner().unwrap()).unwrap();
     assert_refused(&data, &link, &[], &["index.json", "Symlink"]);
+
+    // Links outside the layout's own files are never read: `docker save` adds its legacy
+    // `<id>/layer.tar` as links into `blobs/`. The layout beside them imports.
+    let saved = dir.path().join("saved.tar");
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.append_dir_all(".", e.layout()).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    let hex = sha256_digest(&e.blobs[6]);
+    let target = format!("../blobs/sha256/{}", hex.strip_prefix("sha256:").unwrap());
+    builder
+        .append_link(&mut header, "0123abcd/layer.tar", &target)
+        .unwrap();
+    std::fs::write(&saved, builder.into_inner().unwrap()).unwrap();
+    let run = import(&data, &saved, &[]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(text(&run).contains("2 images (1 tags)"), "{}", text(&run));
 }
 
 /// A layout as `skopeo copy … oci:DIR:1.0` writes it: the image named by its tag alone, here

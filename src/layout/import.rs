@@ -19,9 +19,10 @@
 //! (names, duplicates) is checked before the first blob is copied.
 //!
 //! A tar is never unpacked: a first pass reads its headers only (seeking over the contents),
-//! refusing any entry that is not a regular file or a directory, any path that is absolute or
-//! climbs with `..`, and an archive that ends early; then each blob is read where it lies in
-//! the tar, as from a directory.
+//! refusing any path that is absolute or climbs with `..`, any entry among the layout's own
+//! files (`oci-layout`, `index.json`, `blobs/…`) that is not a regular file or a directory,
+//! and an archive that ends early; then each blob is read where it lies in the tar, as from a
+//! directory.
 //!
 //! Records are written with the store's own functions (`write_manifest`, `write_tag`,
 //! `write_link`), the ones the cache uses for what it fetches, so a server started on the cache
@@ -465,10 +466,12 @@ impl Layout {
     }
 }
 
-/// The first pass over a tar: where each regular file's bytes lie. Contents are skipped by
-/// seeking, not read. Refused: entries other than regular files and directories (links,
-/// devices: a layout has none, and following one could read outside the archive), paths that
-/// are absolute or contain `..`, and an archive shorter than its headers say.
+/// The first pass over a tar: where each of the layout's files lies. Contents are skipped by
+/// seeking, not read. Refused: paths that are absolute or contain `..`, a layout file that is
+/// not a regular file (a link or a device: a layout has none, and following one could read
+/// outside the archive), and an archive shorter than its headers say. Entries outside the
+/// layout's own names are never read, whatever they are: `docker save` adds its legacy
+/// `<id>/layer.tar` as symbolic links into `blobs/`.
 fn index_tar(file: &File, len: u64) -> anyhow::Result<HashMap<String, (u64, u64)>> {
     let mut archive = tar::Archive::new(file);
     let mut files = HashMap::new();
@@ -490,7 +493,8 @@ fn index_tar(file: &File, len: u64) -> anyhow::Result<HashMap<String, (u64, u64)
             );
         }
         end = end.max(data_end.div_ceil(512).saturating_mul(512));
-        if kind.is_dir() || kind.is_pax_global_extensions() {
+        let ours = name == "oci-layout" || name == "index.json" || name.starts_with("blobs/");
+        if !ours || kind.is_dir() || kind.is_pax_global_extensions() {
             continue;
         }
         if !(kind.is_file() || kind.is_contiguous()) {

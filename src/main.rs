@@ -63,6 +63,28 @@ enum Command {
     /// Write images from a stopped cache as an OCI image layout: a directory, or a tar of one
     /// when OUT ends in .tar (read by `skopeo copy oci:OUT:TAG`, `podman pull oci-archive:…`).
     Export(ExportArgs),
+    /// Read an OCI image layout (a directory, or a tar of one when IN ends in .tar) into a
+    /// stopped cache, verifying every blob and manifest, and record the tags it names.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// TOML config file: its data_dir and cache.max_manifest_size.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The stopped cache's data directory (overrides the config's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The registry of images whose names in the layout carry none.
+    #[arg(long, default_value = "docker.io")]
+    registry: String,
+    /// The repository prefix of names that carry no registry (`app:1` with `--prefix team` is
+    /// `<registry>/team/app:1`); for a layout naming images by tag alone, the repository.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// The layout: a directory, or a tar of one (a name ending in .tar).
+    input: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +186,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify(args),
         Command::Admin(args) => admin(args).map(|()| ExitCode::SUCCESS),
         Command::Export(args) => export(args).map(|()| ExitCode::SUCCESS),
+        Command::Import(args) => import(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -354,6 +377,44 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
         report.manifests,
         report.blobs,
         bytesize::ByteSize::b(report.bytes)
+    ))
+}
+
+fn import(args: ImportArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if !config.data_dir.is_dir() {
+        anyhow::bail!("data_dir {} does not exist", config.data_dir.display());
+    }
+    // Opening takes the cache's lock: a cache a running server is using is refused.
+    let store = cistern::storage::DiskStore::open(&config.data_dir)
+        .with_context(|| format!("opening the cache at {}", config.data_dir.display()))?;
+    let options = cistern::layout::ImportOptions {
+        registry: args.registry,
+        prefix: args.prefix,
+        max_manifest_size: config.cache.max_manifest_size.as_u64(),
+    };
+    let report = cistern::layout::import(&store, &args.input, &options)
+        .with_context(|| format!("importing {}", args.input.display()))?;
+    for note in &report.unnamed {
+        print_out(&format!("note: {note}"))?;
+    }
+    print_out(&format!(
+        "{}: {} images ({} tags); {} manifests and {} blobs ({}) imported, {} manifests and {} blobs ({}) already cached",
+        args.input.display(),
+        report.images,
+        report.tags,
+        report.manifests,
+        report.blobs,
+        bytesize::ByteSize::b(report.blob_bytes),
+        report.manifests_cached,
+        report.blobs_cached,
+        bytesize::ByteSize::b(report.cached_bytes),
     ))
 }
 

@@ -161,6 +161,41 @@ proptest! {
     }
 
     #[test]
+    fn layout_indexes_and_imported_names_never_panic_and_round_trip(
+        bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        json in json_like(),
+        s in wire_text(),
+        prefix in proptest::option::of(wire_text()),
+    ) {
+        let _ = layout::model::parse_index(&bytes);
+        let _ = layout::model::parse_index(json.as_bytes());
+        let top = layout::model::Needed {
+            digest: Digest::of(s.as_bytes()),
+            size: None,
+            media_type: None,
+        };
+        for key in [layout::model::REF_NAME, layout::model::FULL_NAME] {
+            let entry = layout::model::LayoutEntry {
+                top: top.clone(),
+                annotations: [(key.to_string(), s.clone())].into(),
+            };
+            let _ = layout::model::imported_name(&entry, "registry.test", prefix.as_deref());
+        }
+        if let Ok(image) = ImageRef::parse(&s, "docker.io") {
+            // What export writes in index.json, import reads back as the same image.
+            let entry = layout::model::Entry {
+                image: image.clone(),
+                media_type: "application/vnd.oci.image.index.v1+json".into(),
+                digest: image.digest.clone().unwrap_or_else(|| Digest::of(b"top")),
+                size: 1,
+            };
+            let parsed = layout::model::parse_index(&layout::model::index_json(&[entry])).unwrap();
+            let back = layout::model::imported_name(&parsed[0], "elsewhere.test", prefix.as_deref());
+            prop_assert_eq!(back.unwrap(), Some(image));
+        }
+    }
+
+    #[test]
     fn configs_never_panic(s in config_like()) {
         if let Ok(config) = cistern::Config::from_toml(&s) {
             let _ = config.summary().to_string();

@@ -20,12 +20,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 
+use super::hashing::{CHUNK, Hashing};
 use super::model::{self, Entry, ImageRef};
 use crate::oci::{Digest, DigestVerifier};
 use crate::storage::DiskStore;
-
-/// Read size when copying a blob: large reads, few syscalls.
-const CHUNK: usize = 256 * 1024;
 
 /// What an export wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -129,7 +127,7 @@ fn plan(store: &DiskStore, images: &[ImageRef]) -> anyhow::Result<(Vec<Entry>, V
             let contents =
                 model::contents(&bytes).map_err(|e| anyhow!("{image}: manifest {digest}: {e}"))?;
             items.push(Item::Manifest(digest, bytes));
-            for blob in contents.blobs {
+            for blob in contents.blobs.into_iter().map(|n| n.digest) {
                 if !seen.insert(blob.clone()) {
                     continue;
                 }
@@ -140,7 +138,7 @@ fn plan(store: &DiskStore, images: &[ImageRef]) -> anyhow::Result<(Vec<Entry>, V
                 items.push(Item::Blob { digest: blob, size });
             }
             for child in contents.manifests.into_iter().rev() {
-                pending.push((child, None));
+                pending.push((child.digest, None));
             }
         }
     }
@@ -208,20 +206,6 @@ fn copy_blob(
         );
     }
     Ok(())
-}
-
-/// A reader that hashes what passes through it.
-struct Hashing<R> {
-    inner: R,
-    verifier: DigestVerifier,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.verifier.update(buf.get(..n).unwrap_or_default());
-        Ok(n)
-    }
 }
 
 fn write_dir(

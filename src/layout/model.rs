@@ -3,8 +3,12 @@
 //! - [`ImageRef`]: `registry/repo:tag` or `registry/repo@sha256:…` as a user writes it, with
 //!   Docker's naming rules (no registry: the default route's; Docker Hub's `library/`).
 //! - [`newest_tag_record`]: which recorded tag answer names the image to export.
-//! - [`contents`]: what a manifest needs in a layout (child manifests, blobs).
+//! - [`contents`]: what a manifest needs in a layout (child manifests, blobs), with the sizes
+//!   and media types its descriptors state.
 //! - [`ref_names`] and [`index_json`]: how `index.json` names each image, and its bytes.
+//! - For import: [`parse_index`] (a layout's `index.json`), [`imported_name`] (the image an
+//!   entry of it names) and [`tag_accept_keys`] (the Accept classes an imported tag is
+//!   recorded for).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +16,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::api::registry::{canonical_registry, looks_like_registry, upstream_name};
+use crate::oci::media_types::{AcceptClass, DEFAULT_ACCEPT};
 use crate::oci::name::check_registry;
 use crate::oci::{Digest, RepoName, Tag, media_types};
 use crate::storage::TagRecord;
@@ -127,14 +132,29 @@ pub fn newest_tag_record(records: &[TagRecord]) -> Option<&TagRecord> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
     /// Child manifests (an index's or manifest list's `manifests[]`), in document order.
-    pub manifests: Vec<Digest>,
+    pub manifests: Vec<Needed>,
     /// Config, layers (or an artifact's blobs, a schema 1 manifest's `fsLayers`), in order.
-    pub blobs: Vec<Digest>,
+    pub blobs: Vec<Needed>,
+}
+
+/// One descriptor of a manifest: the content it names and what it says of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Needed {
+    pub digest: Digest,
+    /// The descriptor's `size` (a schema 1 `fsLayers` entry has none).
+    pub size: Option<u64>,
+    /// The descriptor's `mediaType`, if it has one.
+    pub media_type: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Descriptor {
     digest: String,
+    size: Option<u64>,
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -153,33 +173,48 @@ struct Document {
     fs_layers: Option<Vec<Schema1Layer>>,
 }
 
+/// A descriptor's digest, parsed: a digest cistern cannot hold (another algorithm, or not a
+/// digest) is an error naming it.
+fn needed(digest: &str, size: Option<u64>, media_type: Option<&String>) -> Result<Needed, String> {
+    Ok(Needed {
+        digest: Digest::parse(digest).map_err(|e| e.to_string())?,
+        size,
+        media_type: media_type.cloned(),
+    })
+}
+
 /// The child manifests and blobs a manifest's bytes reference, each once. Unlike the cache's
 /// reference graph (`oci::references`), a `subject` is not followed: a signature's layout does
-/// not need the image it signs. A digest that cistern cannot hold (another algorithm, or not a
-/// digest) is an error naming it: a layout without that content would be incomplete.
+/// not need the image it signs. A digest that cistern cannot hold is an error naming it: a
+/// layout without that content would be incomplete.
 pub fn contents(bytes: &[u8]) -> Result<Contents, String> {
     let doc: Document =
         serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-    let parse = |list: &mut Vec<Digest>, d: &str| -> Result<(), String> {
-        let d = Digest::parse(d).map_err(|e| e.to_string())?;
-        if !list.contains(&d) {
-            list.push(d);
+    let push = |list: &mut Vec<Needed>, n: Needed| {
+        if !list.iter().any(|o| o.digest == n.digest) {
+            list.push(n);
         }
-        Ok(())
     };
     let mut out = Contents::default();
     for d in doc.manifests.iter().flatten() {
-        parse(&mut out.manifests, &d.digest)?;
+        push(
+            &mut out.manifests,
+            needed(&d.digest, d.size, d.media_type.as_ref())?,
+        );
     }
-    let blobs = doc
+    let descriptors = doc
         .config
         .iter()
         .chain(doc.layers.iter().flatten())
-        .chain(doc.blobs.iter().flatten())
-        .map(|d| d.digest.as_str())
-        .chain(doc.fs_layers.iter().flatten().map(|l| l.blob_sum.as_str()));
-    for d in blobs {
-        parse(&mut out.blobs, d)?;
+        .chain(doc.blobs.iter().flatten());
+    for d in descriptors {
+        push(
+            &mut out.blobs,
+            needed(&d.digest, d.size, d.media_type.as_ref())?,
+        );
+    }
+    for l in doc.fs_layers.iter().flatten() {
+        push(&mut out.blobs, needed(&l.blob_sum, None, None)?);
     }
     Ok(out)
 }
@@ -253,6 +288,107 @@ pub fn index_json(entries: &[Entry]) -> Vec<u8> {
     // Serializing plain strings and numbers cannot fail; were it to, an empty index would
     // be written and the reader would find no image, never a wrong one.
     serde_json::to_vec(&index).unwrap_or_default()
+}
+
+/// One image named by a layout's `index.json`: its top manifest's descriptor and annotations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutEntry {
+    pub top: Needed,
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct LayoutIndex {
+    manifests: Vec<Descriptor>,
+}
+
+/// The entries of a layout's `index.json`, in order. Every entry is an image to import (an
+/// image manifest, or an index whose children are walked).
+pub fn parse_index(bytes: &[u8]) -> Result<Vec<LayoutEntry>, String> {
+    let index: LayoutIndex = serde_json::from_slice(bytes)
+        .map_err(|e| format!("index.json is not an OCI index: {e}"))?;
+    index
+        .manifests
+        .into_iter()
+        .map(|d| {
+            let top = needed(&d.digest, d.size, d.media_type.as_ref())
+                .map_err(|e| format!("index.json: {e}"))?;
+            Ok(LayoutEntry {
+                top,
+                annotations: d.annotations,
+            })
+        })
+        .collect()
+}
+
+/// The image an entry of a layout's `index.json` names, to record its tag under; `None` if it
+/// names none (its content is imported, reachable by digest only).
+///
+/// The full reference ([`FULL_NAME`], written by cistern export, containerd, BuildKit) wins;
+/// else [`REF_NAME`], a tag (skopeo's `oci:DIR:TAG`) or a reference. A reference that names no
+/// registry is on `registry`, under `prefix` if given (`team/app:1` with prefix `mirror` is
+/// `<registry>/mirror/team/app:1`); a bare tag needs `prefix`, which is then the whole
+/// repository. A digest in the name must be the entry's own.
+pub fn imported_name(
+    entry: &LayoutEntry,
+    registry: &str,
+    prefix: Option<&str>,
+) -> Result<Option<ImageRef>, String> {
+    let (name, bare_tag) = match (
+        entry.annotations.get(FULL_NAME),
+        entry.annotations.get(REF_NAME),
+    ) {
+        (Some(full), _) => (full.trim(), false),
+        (None, Some(r)) => {
+            let r = r.trim();
+            (r, !r.contains(['/', ':', '@']))
+        }
+        (None, None) => return Ok(None),
+    };
+    let joined = |rest: &str| match prefix {
+        Some(p) => format!("{registry}/{}/{rest}", p.trim_matches('/')),
+        None => format!("{registry}/{rest}"),
+    };
+    let reference = if bare_tag {
+        let Some(p) = prefix else {
+            return Err(format!(
+                "index.json names {} only by the tag {name:?}: give --prefix REPOSITORY to say which repository it belongs to",
+                entry.top.digest
+            ));
+        };
+        format!("{registry}/{}:{name}", p.trim_matches('/'))
+    } else {
+        match name.split_once('/') {
+            Some((first, _)) if looks_like_registry(first) => name.to_string(),
+            _ => joined(name),
+        }
+    };
+    let image = ImageRef::parse(&reference, registry)
+        .map_err(|e| format!("index.json names {}: {e}", entry.top.digest))?;
+    if let Some(d) = &image.digest
+        && *d != entry.top.digest
+    {
+        return Err(format!(
+            "index.json names {} as {image}, another digest",
+            entry.top.digest
+        ));
+    }
+    Ok(Some(image))
+}
+
+/// The Accept classes an imported tag is recorded for: the default class (Docker, containerd,
+/// podman) and the class of every known type (skopeo, `*/*`), each if it accepts the
+/// manifest's media type. Online, a client of another class asks upstream as for any tag it
+/// has no answer for; offline, any record whose type the client accepts is served.
+pub fn tag_accept_keys(media_type: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    for class in [AcceptClass::of(&DEFAULT_ACCEPT), AcceptClass::of(&["*/*"])] {
+        let key = class.key();
+        if class.media_types().iter().any(|t| t == media_type) && !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 #[cfg(test)]
@@ -359,6 +495,10 @@ mod tests {
         );
     }
 
+    fn digests(list: &[Needed]) -> Vec<Digest> {
+        list.iter().map(|n| n.digest.clone()).collect()
+    }
+
     #[test]
     fn contents_of_each_kind_of_manifest() {
         let (c, l1, l2) = (Digest::of(b"c"), Digest::of(b"1"), Digest::of(b"2"));
@@ -369,18 +509,20 @@ mod tests {
             Digest::of(b"signed")
         );
         let got = contents(image.as_bytes()).unwrap();
-        assert_eq!(got.blobs, [c.clone(), l1.clone(), l2.clone()]);
+        assert_eq!(digests(&got.blobs), [c.clone(), l1.clone(), l2.clone()]);
+        assert_eq!(got.blobs[0].size, Some(1));
+        assert_eq!(got.blobs[1].size, None);
         assert!(got.manifests.is_empty(), "a subject is not exported");
 
         let index = format!(
             r#"{{"manifests":[{{"digest":"{l1}","platform":{{"os":"linux"}}}},{{"digest":"{l2}"}}]}}"#
         );
         let got = contents(index.as_bytes()).unwrap();
-        assert_eq!(got.manifests, [l1.clone(), l2]);
+        assert_eq!(digests(&got.manifests), [l1.clone(), l2]);
         assert!(got.blobs.is_empty());
 
         let schema1 = format!(r#"{{"fsLayers":[{{"blobSum":"{l1}"}}]}}"#);
-        assert_eq!(contents(schema1.as_bytes()).unwrap().blobs, [l1]);
+        assert_eq!(digests(&contents(schema1.as_bytes()).unwrap().blobs), [l1]);
 
         let e = contents(br#"{"layers":[{"digest":"sha512:abcd"}]}"#).unwrap_err();
         assert!(e.contains("sha512"), "{e}");
@@ -435,5 +577,103 @@ mod tests {
         assert_eq!(empty["manifests"], serde_json::json!([]));
         let layout: serde_json::Value = serde_json::from_slice(OCI_LAYOUT).unwrap();
         assert_eq!(layout["imageLayoutVersion"], "1.0.0");
+    }
+
+    fn entry(annotations: &[(&str, &str)]) -> LayoutEntry {
+        LayoutEntry {
+            top: Needed {
+                digest: Digest::of(b"top"),
+                size: Some(3),
+                media_type: Some(media_types::OCI_MANIFEST.into()),
+            },
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn name(annotations: &[(&str, &str)], prefix: Option<&str>) -> Result<Option<String>, String> {
+        imported_name(&entry(annotations), "registry.test:5000", prefix)
+            .map(|i| i.map(|i| i.to_string()))
+    }
+
+    #[test]
+    fn imported_names_prefer_the_full_reference_and_place_short_ones() {
+        let full = name(
+            &[
+                (FULL_NAME, "docker.io/library/alpine:3.20"),
+                (REF_NAME, "3.20"),
+            ],
+            Some("ignored"),
+        );
+        assert_eq!(full.unwrap().unwrap(), "docker.io/library/alpine:3.20");
+        // A reference with a registry of its own stays there.
+        let r = name(&[(REF_NAME, "ghcr.io/org/app:1")], Some("mirror"));
+        assert_eq!(r.unwrap().unwrap(), "ghcr.io/org/app:1");
+        // Without one: --registry, under --prefix.
+        let r = name(&[(REF_NAME, "team/app:1")], Some("mirror"));
+        assert_eq!(r.unwrap().unwrap(), "registry.test:5000/mirror/team/app:1");
+        let r = name(&[(REF_NAME, "app:1")], None);
+        assert_eq!(r.unwrap().unwrap(), "registry.test:5000/app:1");
+        // Docker Hub's rule applies to docker.io.
+        let hub = imported_name(&entry(&[(REF_NAME, "alpine:3")]), "docker.io", None);
+        assert_eq!(
+            hub.unwrap().unwrap().to_string(),
+            "docker.io/library/alpine:3"
+        );
+        // A bare tag: the prefix is the repository; without one, refused naming the entry.
+        let r = name(&[(REF_NAME, "1.0")], Some("/team/app/"));
+        assert_eq!(r.unwrap().unwrap(), "registry.test:5000/team/app:1.0");
+        let e = name(&[(REF_NAME, "latest")], None).unwrap_err();
+        assert!(
+            e.contains("--prefix") && e.contains(&Digest::of(b"top").to_string()),
+            "{e}"
+        );
+        // No name: content only.
+        assert_eq!(name(&[("other", "x")], None).unwrap(), None);
+        // A digest in the name must be the entry's.
+        let own = format!("ghcr.io/org/app@{}", Digest::of(b"top"));
+        assert_eq!(name(&[(FULL_NAME, &own)], None).unwrap().unwrap(), own);
+        let other = format!("ghcr.io/org/app@{}", Digest::of(b"else"));
+        assert!(name(&[(FULL_NAME, &other)], None).is_err());
+        // Bad names are refused.
+        assert!(name(&[(REF_NAME, "Bad/Name:1")], None).is_err());
+        assert!(name(&[(REF_NAME, "../etc:1")], None).is_err());
+    }
+
+    #[test]
+    fn an_index_json_round_trips_through_parse_index() {
+        let d = Digest::of(b"manifest");
+        let entries = [Entry {
+            image: image("alpine:3.20"),
+            media_type: media_types::OCI_INDEX.into(),
+            digest: d.clone(),
+            size: 8,
+        }];
+        let parsed = parse_index(&index_json(&entries)).unwrap();
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].top.digest, d);
+        assert_eq!(parsed[0].top.size, Some(8));
+        let back = imported_name(&parsed[0], "elsewhere.test", None).unwrap();
+        assert_eq!(back, Some(image("alpine:3.20")));
+        assert!(parse_index(b"{}").is_err());
+        assert!(parse_index(br#"{"manifests":[{"digest":"sha256:short"}]}"#).is_err());
+    }
+
+    #[test]
+    fn imported_tags_are_recorded_for_the_classes_that_accept_them() {
+        let default = AcceptClass::of(&DEFAULT_ACCEPT).key();
+        let all = AcceptClass::of(&["*/*"]).key();
+        assert_eq!(
+            tag_accept_keys(media_types::OCI_INDEX),
+            [default.clone(), all.clone()]
+        );
+        assert_eq!(
+            tag_accept_keys(media_types::DOCKER_MANIFEST_V2),
+            [default, all.clone()]
+        );
+        assert_eq!(tag_accept_keys(media_types::DOCKER_MANIFEST_V1), [all]);
+        assert!(tag_accept_keys("application/x-unknown").is_empty());
     }
 }

@@ -150,6 +150,29 @@ impl Skopeo {
         c
     }
 
+    /// `skopeo copy --all --preserve-digests --src-tls-verify=false docker://REF
+    /// oci:LAYOUT:NAME`: an OCI image layout as skopeo writes one, the image named `NAME`.
+    #[allow(dead_code)] // used by tests/e2e_import.rs, not by every test crate
+    pub fn copy_to_layout(
+        &self,
+        reference: &str,
+        layout: &Path,
+        name: &str,
+        ctx: &dyn Fn() -> String,
+    ) {
+        let mut c = self.cmd("copy");
+        c.args([
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--retry-times",
+            "0",
+        ]);
+        c.arg(format!("docker://{reference}"));
+        c.arg(format!("oci:{}:{name}", layout.display()));
+        run_ok(&mut c, LIMIT, ctx);
+    }
+
     /// `skopeo copy --all --src-tls-verify=false docker://REF dir:DEST`.
     pub fn copy_to_dir(&self, reference: &str, dest: &Path, ctx: &dyn Fn() -> String) {
         run_ok(&mut self.copy_to_dir_cmd(reference, dest, &[]), LIMIT, ctx);

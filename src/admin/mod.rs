@@ -196,6 +196,11 @@ impl Admin {
         ] {
             cold_ranges.sample(vec![("source", how.into())], load(n));
         }
+        let zero_copy = Family::counter(
+            "cistern_blob_bytes_sent_zero_copy_total",
+            "Bytes of cached blobs sent to clients by sendfile from the cached file (plain HTTP/1 connections), without a copy through cistern's memory.",
+        )
+        .value(crate::storage::mapped::sent_bytes() as f64);
         let mut pins = Family::gauge(
             "cistern_pins",
             "Pin patterns: made at run time (admin API, pins.json) or in the config.",
@@ -218,6 +223,7 @@ impl Admin {
             .value(c.usage.total() as f64),
             requests,
             cold_ranges,
+            zero_copy,
             Family::counter(
                 "cistern_cold_range_fetches_unanswered_total",
                 "Cold ranges fetched or joined that no upstream served (a 200 to the Range, errors): they followed the blob's download instead.",

@@ -19,6 +19,7 @@
 //!   gone) affects no one else.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -27,10 +28,15 @@ use super::blobs::BlobSource;
 use super::fill::{FillState, Progress};
 use super::spill::Cursor;
 use crate::error::{Error, Result};
+use crate::storage::mapped::MappedFile;
 
 /// Bytes per read. Large enough to keep syscall and task overhead small, small enough that
 /// fifty clients on one cold blob stay within a few MiB.
 pub const CHUNK: usize = 64 * 1024;
+
+/// Bytes per chunk when chunks are mapped ([`BlobReader::zero_copy`]): they cost no memory
+/// (the socket takes the file's pages), so they can be large, which saves wake-ups.
+pub const MAPPED_CHUNK: usize = 1024 * 1024;
 
 pub struct BlobReader {
     /// Keeps the blob from eviction until the response is done.
@@ -52,6 +58,16 @@ pub struct BlobReader {
     /// End of the response (exclusive). `None`: the blob's end, not yet known (an upstream
     /// that sent no length).
     end: Option<u64>,
+    /// Verified bytes are sent as chunks of a mapping of the file ([`BlobReader::zero_copy`]).
+    zero_copy: ZeroCopy,
+}
+
+/// Whether, and how far, a reader sends mapped chunks.
+enum ZeroCopy {
+    Off,
+    /// Wanted; the file is mapped at the first verified read.
+    Wanted,
+    Mapped(Arc<MappedFile>),
 }
 
 impl BlobReader {
@@ -85,6 +101,7 @@ impl BlobReader {
                 pos: start,
                 held: None,
                 end: Some(end.unwrap_or(size)),
+                zero_copy: ZeroCopy::Off,
             },
             BlobSource::Filling {
                 progress,
@@ -104,9 +121,19 @@ impl BlobReader {
                     pos: start,
                     held: None,
                     end: end.or(size),
+                    zero_copy: ZeroCopy::Off,
                 }
             }
         }
+    }
+
+    /// Sends the verified bytes as chunks that map the blob's file instead of copies of it,
+    /// for a connection that hands such chunks to the socket by `sendfile`
+    /// (`server::zero_copy`). Bytes read before the blob is verified (while following a
+    /// fill) are read as usual: only a verified file is complete and never written again.
+    pub fn zero_copy(mut self) -> BlobReader {
+        self.zero_copy = ZeroCopy::Wanted;
+        self
     }
 
     /// The next chunk; `None` at the end of the response, `Err` if the blob cannot be
@@ -218,14 +245,17 @@ impl BlobReader {
     /// Reads the next chunk below `limit`, from the file or from the pass-through window, and
     /// moves the cursor past it.
     async fn read(&mut self, limit: u64) -> Result<Bytes> {
+        let mapped = self.mapped_chunk(limit);
         // `limit` is above `pos` only once `observe` has seen data.
         let data = self
             .data
             .as_ref()
             .ok_or_else(|| Error::internal("a readable range has no data"))?;
-        let len = ((limit - self.pos) as usize).min(CHUNK);
         let pos = self.pos;
-        let buf = if pos < data.on_disk {
+        let len = ((limit - self.pos) as usize).min(CHUNK);
+        let buf = if let Some(chunk) = mapped {
+            chunk
+        } else if pos < data.on_disk {
             let file = data
                 .file
                 .clone()
@@ -258,6 +288,39 @@ impl BlobReader {
             return Err(dropped());
         }
         Ok(buf)
+    }
+}
+
+impl BlobReader {
+    /// The next chunk below `limit` as a slice of the mapped file, when this reader sends
+    /// mapped chunks and the blob is verified and on disk. `None`: read it as usual (also
+    /// when the file cannot be mapped, which is then not tried again).
+    fn mapped_chunk(&mut self, limit: u64) -> Option<Bytes> {
+        if matches!(self.zero_copy, ZeroCopy::Off) || !self.verified {
+            return None;
+        }
+        let data = self.data.as_ref()?;
+        if limit > data.on_disk || data.spill.is_some() {
+            return None;
+        }
+        if let ZeroCopy::Wanted = self.zero_copy {
+            let file = data.file.clone()?;
+            match MappedFile::map(file, data.on_disk) {
+                Ok(map) => self.zero_copy = ZeroCopy::Mapped(map),
+                Err(e) => {
+                    tracing::debug!(error = %e, "mapping a cached blob failed; reading it instead");
+                    self.zero_copy = ZeroCopy::Off;
+                    return None;
+                }
+            }
+        }
+        let ZeroCopy::Mapped(map) = &self.zero_copy else {
+            return None;
+        };
+        let len = usize::try_from(limit - self.pos)
+            .unwrap_or(MAPPED_CHUNK)
+            .min(MAPPED_CHUNK);
+        map.slice(self.pos, len)
     }
 }
 

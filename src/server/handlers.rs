@@ -16,6 +16,7 @@ use hyper::body::{Frame, Incoming};
 
 use super::Peer;
 use super::access::AccessGate;
+use super::zero_copy::ZeroCopy;
 use crate::api::errors;
 use crate::api::headers::{
     self, ByteRange, RangeRequest, content_range, merged_accept, unsatisfied_range,
@@ -169,8 +170,16 @@ impl App {
                         .and_then(|v| v.to_str().ok())
                         .and_then(headers::parse_range);
                     let client = req.extensions().get::<Peer>().map(|p| p.0.ip());
-                    self.blob_get(&routed.route, &routed.name, &digest, range, client)
-                        .await
+                    let zero_copy = req.extensions().get::<ZeroCopy>().is_some();
+                    self.blob_get(
+                        &routed.route,
+                        &routed.name,
+                        &digest,
+                        range,
+                        client,
+                        zero_copy,
+                    )
+                    .await
                 }
             }
             ApiRoute::TagsList { name, .. } => {
@@ -271,7 +280,16 @@ impl App {
         digest: &Digest,
         range: Option<ByteRange>,
         client: Option<std::net::IpAddr>,
+        zero_copy: bool,
     ) -> Result<Response<Body>> {
+        // Mapped chunks, sent by sendfile, where the connection can (`server::zero_copy`).
+        let reader = |reader: BlobReader| {
+            if zero_copy {
+                reader.zero_copy()
+            } else {
+                reader
+            }
+        };
         let mut source = if self.offline {
             let cached = self.cache.blobs.open_cached(digest).await?;
             cached.ok_or_else(|| offline_blob_miss(digest))?
@@ -301,10 +319,10 @@ impl App {
                     let cold = self.cache.blobs.cold_ranges();
                     match cold.serve(route, name, digest, source, (start, end)).await {
                         ColdRange::Fetched(bytes) => full(bytes),
-                        ColdRange::Reader(reader) => stream_body(reader),
+                        ColdRange::Reader(r) => stream_body(reader(r)),
                     }
                 } else {
-                    stream_body(BlobReader::new(source, start, Some(end)))
+                    stream_body(reader(BlobReader::new(source, start, Some(end))))
                 };
                 built(
                     builder
@@ -319,8 +337,7 @@ impl App {
                 if let Some(size) = size {
                     b = b.header(CONTENT_LENGTH, size);
                 }
-                let reader = BlobReader::new(source, 0, None);
-                built(b.body(stream_body(reader)))
+                built(b.body(stream_body(reader(BlobReader::new(source, 0, None)))))
             }
         }
     }

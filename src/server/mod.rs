@@ -7,6 +7,7 @@ pub mod admin;
 pub mod handlers;
 pub mod heap;
 pub mod tls;
+pub mod zero_copy;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub async fn accept_loop<S: Service>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Body chunks go to the socket as the buffers they are (no copy into hyper's own
+        // buffer), which is what lets `zero_copy` see a mapped chunk and send it by sendfile.
+        .writev(true)
         // hyper keeps polling a body while less than this is queued for the socket (default
         // ~400 KiB): with 64 KiB chunks this keeps about one queued per connection, which is
         // what bounds memory with many clients on one blob. It also caps request headers,
@@ -99,7 +103,10 @@ pub async fn accept_loop<S: Service>(
         let tls = tls.clone();
         connections.spawn(async move {
             match tls {
-                None => serve_connection(stream, peer, app, builder, shutdown, abort).await,
+                None => {
+                    let stream = zero_copy::ZeroCopyStream::new(stream);
+                    serve_connection(stream, peer, true, app, builder, shutdown, abort).await;
+                }
                 Some(tls) => {
                     // Bounded like the request head: a client that connects and says nothing
                     // does not hold a task.
@@ -109,7 +116,8 @@ pub async fn accept_loop<S: Service>(
                     };
                     match handshake {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, peer, app, builder, shutdown, abort).await;
+                            serve_connection(stream, peer, false, app, builder, shutdown, abort)
+                                .await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -121,10 +129,12 @@ pub async fn accept_loop<S: Service>(
 }
 
 /// Serves one connection (plain or TLS) until it closes, or until shutdown: then in-flight
-/// responses may finish until `abort`.
+/// responses may finish until `abort`. `zero_copy`: the stream is a
+/// [`zero_copy::ZeroCopyStream`], so HTTP/1 responses on it may carry mapped chunks.
 async fn serve_connection<S: Service, IO>(
     io: IO,
     peer: std::net::SocketAddr,
+    zero_copy: bool,
     app: Arc<S>,
     builder: auto::Builder<TokioExecutor>,
     shutdown: CancellationToken,
@@ -136,6 +146,11 @@ async fn serve_connection<S: Service, IO>(
         let end = activity::request_started();
         let app = app.clone();
         req.extensions_mut().insert(Peer(peer));
+        // HTTP/2 (h2c) copies every body byte into its frames: mapped chunks would only be
+        // read through the mapping there.
+        if zero_copy && req.version() < hyper::Version::HTTP_2 {
+            req.extensions_mut().insert(zero_copy::ZeroCopy);
+        }
         async move {
             let response = app.handle(req).await.map(|body| {
                 body.map_frame(move |frame| {

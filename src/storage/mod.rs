@@ -2,6 +2,7 @@
 
 pub mod disk;
 pub mod links;
+pub mod mapped;
 pub mod metadata;
 pub mod tags;
 
